@@ -1,0 +1,257 @@
+"""Configs for training sweeps of SAEs, sweep expansion and grouping.
+
+The dataclasses, their defaults and the sweep semantics follow `saev`'s, so a
+sweep file written for `saev` gives the same configs, with the same seeds, here.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import tomllib
+import typing
+from collections.abc import Iterator
+from typing import Literal
+
+
+class InputError(ValueError):
+    """Something the user gave us is wrong. The message is one line naming the file, key or value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLoad:
+    """How to turn a directory of activation shards into examples."""
+
+    shard_root: str = os.path.join(".", "shards")
+    """Directory with `metadata.json` and `acts*.bin` shards, as written by saev."""
+    patches: Literal["cls", "patches", "meanpool"] = "patches"
+    """Which tokens an example is made of: the [CLS] token, one patch token, or the mean of the patch tokens."""
+    layer: int | Literal["all", "meanpool"] = -2
+    """Which recorded layer (a value in `metadata.layers`), every layer (`all`), or their mean (`meanpool`)."""
+    clamp: float = 1e5
+    """Clamp activations to [-clamp, clamp] before anything else."""
+    n_random_samples: int = 2**19
+    """How many random examples estimate the mean and the norm scale."""
+    scale_mean: bool | str = True
+    """Subtract the mean activation: estimate it (True), don't (False), or load it from this file."""
+    scale_norm: bool | str = True
+    """Scale so the mean L2 norm of an example is sqrt(d_vit): estimate (True), don't (False), or load from this file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseAutoencoder:
+    """One SAE's architecture and its regularisation."""
+
+    d_vit: int = 1024
+    """Width of the ViT activations."""
+    exp_factor: int = 16
+    """Expansion factor: the SAE has d_vit * exp_factor features."""
+    sparsity_coeff: float = 4e-4
+    """Weight of the L1 penalty on the feature activations."""
+    n_reinit_samples: int = 1024 * 16 * 32
+    """How many examples' mean initialises b_dec; 0 keeps it at zero."""
+    ghost_grads: bool = False
+    """Ghost gradients; not implemented (as in saev), so True is an error."""
+    remove_parallel_grads: bool = True
+    """Remove the component of each decoder row's gradient along that row."""
+    normalize_w_dec: bool = True
+    """Rescale each decoder row to unit norm before every step."""
+    seed: int = 0
+    """Seed of the SAE's weight initialisation."""
+
+    @property
+    def d_sae(self) -> int:
+        return self.d_vit * self.exp_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+    """A training run: data, SAE, optimisation, logging and checkpoints."""
+
+    data: DataLoad = dataclasses.field(default_factory=DataLoad)
+    """Which activations to train on."""
+    n_workers: int = 32
+    """Reader threads of the data loader (saev: DataLoader workers)."""
+    n_patches: int = 100_000_000
+    """Train until more than this many examples have been seen."""
+    sae: SparseAutoencoder = dataclasses.field(default_factory=SparseAutoencoder)
+    """The SAE."""
+    n_sparsity_warmup: int = 0
+    """Steps over which the sparsity coefficient rises linearly from 0; 0 means no warm-up."""
+    lr: float = 4e-4
+    """Adam learning rate."""
+    n_lr_warmup: int = 500
+    """Steps over which the learning rate rises linearly from 0; 0 means no warm-up."""
+    sae_batch_size: int = 1024 * 16
+    """Examples per step (shared by every SAE of a group)."""
+    track: bool = True
+    """Log to wandb; False sets wandb's mode to disabled."""
+    wandb_project: str = "saev"
+    """The wandb project."""
+    tag: str = ""
+    """A tag for the wandb runs."""
+    log_every: int = 25
+    """Log training metrics every this many steps."""
+    ckpt_path: str = os.path.join(".", "checkpoints")
+    """Where `<run id>/sae.safetensors`, `cfg.json` and `metrics.json` go."""
+    device: str = "auto"
+    """JAX platform to train on: auto (JAX's default), cpu, gpu (or cuda) or tpu."""
+    seed: int = 42
+    """Seed of everything but the SAE weights (data order)."""
+    slurm: bool = False
+    """Accepted for saev sweep files; saev_jax runs where it is started."""
+    slurm_acct: str = ""
+    """Accepted for saev sweep files."""
+    log_to: str = os.path.join(".", "logs")
+    """Accepted for saev sweep files."""
+
+
+CANNOT_PARALLELIZE = frozenset({
+    "data", "n_workers", "n_patches", "sae_batch_size", "track", "wandb_project", "tag",
+    "log_every", "ckpt_path", "device", "slurm", "slurm_acct", "log_to",
+    "sae.exp_factor", "sae.d_vit",
+})  # fmt: skip
+
+
+def to_dict(cfg) -> dict[str, object]:
+    """A config as plain JSON-ready data."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, dct: dict[str, object], *, where: str = "config"):
+    """Builds `cls` (a config dataclass) from plain data, as `to_dict` writes it.
+
+    Raises InputError naming `where` and the key for a key that names no field.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in dct.items():
+        if key not in fields:
+            raise InputError(f"{where}: unknown key '{key}' (not a field of {cls.__name__})")
+        sub = _SUBCONFIGS.get((cls, key))
+        if sub:
+            if not isinstance(value, dict):
+                raise InputError(f"{where}: '{key}' must be a table, got {value!r}")
+            kwargs[key] = from_dict(sub, value, where=f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(fields[key], value, where)
+    return cls(**kwargs)
+
+
+_SUBCONFIGS = {(Train, "data"): DataLoad, (Train, "sae"): SparseAutoencoder}
+
+
+def _coerce(field: dataclasses.Field, value: object, where: str) -> object:
+    # TOML writes `lr = 1` as an int; a float field takes it as a float.
+    if field.type is float and type(value) is int:
+        return float(value)
+    if field.type in (int, float, bool, str) and type(value) is not field.type:
+        raise InputError(f"{where}: {field.name} = {value!r} must be {field.type.__name__}")
+    return value
+
+
+def expand(sweep: dict[str, object]) -> Iterator[dict[str, object]]:
+    """The Cartesian product of every list in `sweep`, nested tables expanded in place.
+
+    Keys vary in file order, the first slowest and the last fastest; a nested table
+    counts as one key at its position. `sweep` is not modified.
+    """
+    if not sweep:
+        yield {}
+        return
+    *rest, (key, value) = sweep.items()
+    if isinstance(value, list):
+        values = value
+    elif isinstance(value, dict):
+        values = list(expand(value))
+    else:
+        values = [value]
+    for head in expand(dict(rest)):
+        for v in values:
+            yield {**head, key: v}
+
+
+def grid(base: Train, sweep: dict[str, object]) -> list[Train]:
+    """Every config of a sweep, in saev's order and with saev's seeds.
+
+    The d-th config gets `seed = base.seed + d` (the sweep's `seed`, if it sets one,
+    replaces `base.seed`); when the sweep sets any `[sae]` key, also
+    `sae.seed = (sweep's sae.seed or base.sae.seed) + seed_base + d`.
+    Raises InputError naming any key that names no config field.
+    """
+    cfgs = []
+    for d, dct in enumerate(expand(sweep)):
+        dct = dict(dct)
+        seed = dct.pop("seed", base.seed)
+        sae_dct = dict(dct.pop("sae", None) or {})
+        data_dct = dct.pop("data", None) or {}
+        for table, value in (("sae", sae_dct), ("data", data_dct)):
+            if not isinstance(value, dict):
+                raise InputError(f"sweep: '{table}' must be a table, got {value!r}")
+        if sae_dct:
+            sae_dct["seed"] = sae_dct.get("seed", base.sae.seed) + seed + d
+        merged = to_dict(base) | dct
+        merged["sae"] = to_dict(base.sae) | sae_dct
+        merged["data"] = to_dict(base.data) | data_dct
+        merged["seed"] = seed + d
+        cfgs.append(from_dict(Train, merged, where="sweep"))
+    return cfgs
+
+
+def load_sweep(fpath: str | pathlib.Path) -> dict[str, object]:
+    """Reads a TOML sweep file; InputError naming the file if it is missing or invalid."""
+    try:
+        with open(fpath, "rb") as fd:
+            return tomllib.load(fd)
+    except FileNotFoundError:
+        raise InputError(f"{fpath}: sweep file not found") from None
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{fpath}: invalid TOML: {err}") from None
+
+
+def _canonical(cfg: Train, key: str) -> str:
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return json.dumps(obj, sort_keys=True)
+
+
+def group_key(cfg: Train) -> tuple[str, ...]:
+    """What must be equal for two configs to share one vmapped stack."""
+    return tuple(_canonical(cfg, key) for key in sorted(CANNOT_PARALLELIZE))
+
+
+def split_cfgs(cfgs: list[Train]) -> list[list[Train]]:
+    """Groups configs that can train as one stack: equal on every key in CANNOT_PARALLELIZE.
+
+    Groups come in first-seen order; each group's configs in input order.
+    """
+    groups: dict[tuple[str, ...], list[Train]] = {}
+    for cfg in cfgs:
+        groups.setdefault(group_key(cfg), []).append(cfg)
+    return list(groups.values())
+
+
+def validate(cfg: Train) -> None:
+    """Checks values no sweep expansion can catch; InputError naming the key and value."""
+    checks = [
+        (cfg.sae.ghost_grads, "sae.ghost_grads", "ghost gradients are not implemented (nor in saev)"),
+        (cfg.sae.d_vit <= 0, "sae.d_vit", "must be positive"),
+        (cfg.sae.exp_factor <= 0, "sae.exp_factor", "must be positive"),
+        (cfg.sae_batch_size <= 0, "sae_batch_size", "must be positive"),
+        (cfg.n_patches <= 0, "n_patches", "must be positive"),
+        (cfg.log_every <= 0, "log_every", "must be positive"),
+        (cfg.lr < 0, "lr", "must not be negative"),
+        (cfg.n_lr_warmup < 0, "n_lr_warmup", "must not be negative"),
+        (cfg.n_sparsity_warmup < 0, "n_sparsity_warmup", "must not be negative"),
+        (cfg.sae.sparsity_coeff < 0, "sae.sparsity_coeff", "must not be negative"),
+        (cfg.sae.n_reinit_samples < 0, "sae.n_reinit_samples", "must not be negative"),
+        (cfg.data.patches not in typing.get_args(DataLoad.__annotations__["patches"]), "data.patches", "must be cls, patches or meanpool"),
+        (isinstance(cfg.data.layer, str) and cfg.data.layer not in ("all", "meanpool"), "data.layer", "must be an int, 'all' or 'meanpool'"),
+    ]  # fmt: skip
+    for bad, key, why in checks:
+        if bad:
+            value = _canonical(cfg, key)
+            raise InputError(f"{key} = {value}: {why}")
