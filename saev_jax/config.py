@@ -98,6 +98,8 @@ class Train:
     """JAX platform to train on: auto (JAX's default), cpu, gpu (or cuda) or tpu."""
     seed: int = 42
     """Seed of everything but the SAE weights (data order)."""
+    precision: Literal["float32", "bfloat16"] = "float32"
+    """Matmul precision: bfloat16 multiplies in bf16 with float32 accumulation; parameters and Adam state stay float32."""
     slurm: bool = False
     """Accepted for saev sweep files; saev_jax runs where it is started."""
     slurm_acct: str = ""
@@ -109,7 +111,7 @@ class Train:
 CANNOT_PARALLELIZE = frozenset({
     "data", "n_workers", "n_patches", "sae_batch_size", "track", "wandb_project", "tag",
     "log_every", "ckpt_path", "device", "slurm", "slurm_acct", "log_to",
-    "sae.exp_factor", "sae.d_vit",
+    "sae.exp_factor", "sae.d_vit", "precision",
 })  # fmt: skip
 
 
@@ -234,6 +236,16 @@ def split_cfgs(cfgs: list[Train]) -> list[list[Train]]:
     return list(groups.values())
 
 
+def check_groupable(cfgs: list[Train]) -> None:
+    """InputError naming the keys on which `cfgs` differ, if they cannot share one stack."""
+    differing = sorted(key for key in CANNOT_PARALLELIZE if len({_canonical(c, key) for c in cfgs}) > 1)
+    if differing:
+        raise InputError(
+            f"{len(cfgs)} configs cannot train as one stack: they differ on {', '.join(differing)} "
+            "(use split_cfgs to group them)"
+        )
+
+
 def validate(cfg: Train) -> None:
     """Checks values no sweep expansion can catch; InputError naming the key and value."""
     checks = [
@@ -248,6 +260,7 @@ def validate(cfg: Train) -> None:
         (cfg.n_sparsity_warmup < 0, "n_sparsity_warmup", "must not be negative"),
         (cfg.sae.sparsity_coeff < 0, "sae.sparsity_coeff", "must not be negative"),
         (cfg.sae.n_reinit_samples < 0, "sae.n_reinit_samples", "must not be negative"),
+        (cfg.precision not in ("float32", "bfloat16"), "precision", "must be float32 or bfloat16"),
         (cfg.data.patches not in typing.get_args(DataLoad.__annotations__["patches"]), "data.patches", "must be cls, patches or meanpool"),
         (isinstance(cfg.data.layer, str) and cfg.data.layer not in ("all", "meanpool"), "data.layer", "must be an int, 'all' or 'meanpool'"),
     ]  # fmt: skip

@@ -1,0 +1,33 @@
+# Quickstart: `make demo` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_SHARDS := data/demo
+
+.PHONY: demo test test-all clean
+
+# torch only loads data: the CPU build (on this machine's disk) is the right one here.
+# GPU/TPU users: see README ("Installing for GPU or TPU").
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(DEMO_SHARDS)/metadata.json: | $(STAMP)
+	$(PY) -m saev_jax.synthetic --out $(DEMO_SHARDS) --d-vit 64 --n-features 512 --n-imgs 4096 --n-patches-per-img 64 --layers -2 -1 --seed 0
+
+demo: $(STAMP) $(DEMO_SHARDS)/metadata.json
+	rm -rf checkpoints/demo
+	$(PY) -m saev_jax.train sweeps/demo.toml
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data/demo checkpoints/demo
