@@ -272,6 +272,7 @@ def cli(argv: list[str] | None = None) -> list[str]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)  # Not its backend probing at INFO.
     try:
         run_ids = cli()
     except config.InputError as err:

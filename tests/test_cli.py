@@ -1,0 +1,150 @@
+"""`python -m saev_jax.train` end to end on a tiny synthetic shard set, and its bad-input errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from saev_jax import config, data, synthetic, train
+from saev_jax import sae as sae_lib
+
+D = 16
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory) -> pathlib.Path:
+    root = tmp_path_factory.mktemp("shards")
+    synthetic.write_shards(root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=96, n_patches_per_img=8, n_patches_per_shard=640))
+    return root
+
+
+def write_sweep(tmp_path: pathlib.Path, shard_root: pathlib.Path, extra: str = "") -> pathlib.Path:
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(
+        f"""
+n_patches = 3000
+sae_batch_size = 256
+log_every = 4
+track = false
+n_lr_warmup = 3
+ckpt_path = "{tmp_path / "ckpt"}"
+n_workers = 1
+{extra}
+
+[data]
+shard_root = "{shard_root}"
+layer = -1
+n_random_samples = 512
+
+[sae]
+d_vit = {D}
+exp_factor = 2
+sparsity_coeff = [1e-3, 1e-2]
+n_reinit_samples = 300
+"""
+    )
+    return sweep
+
+
+def test_cli_end_to_end(tmp_path, shard_root):
+    ids = train.cli([str(write_sweep(tmp_path, shard_root)), "--lr", "3e-3"])
+    assert len(ids) == len(set(ids)) == 2
+    ckpt = tmp_path / "ckpt"
+    for run_id, coeff in zip(ids, [1e-3, 1e-2]):
+        dpath = ckpt / run_id
+        cfg = sae_lib.load_cfg(dpath)
+        # The flag sets the base; the sweep's lists make the grid.
+        assert cfg.lr == 3e-3 and cfg.sae.sparsity_coeff == coeff and cfg.data.shard_root == str(shard_root)
+        sae = sae_lib.load(dpath)
+        assert sae.W_enc.shape == (D, 2 * D) and sae.W_dec.shape == (2 * D, D)
+        metrics = json.loads((dpath / "metrics.json").read_text())
+        for key in ("l0", "l1", "mse", "n_dead", "n_almost_dead", "n_dense"):
+            assert np.isfinite(metrics[key]), key
+        assert 0 < metrics["l0"] <= 2 * D and metrics["mse"] > 0
+    # Nothing but the checkpoints (and, maybe, the end-of-sweep summary) is left in ckpt_path.
+    assert {p.name for p in ckpt.iterdir()} - {"summary.csv"} == set(ids)
+
+
+def test_b_dec_is_the_mean_of_a_seeded_permutation(shard_root):
+    cfg = config.Train(data=config.DataLoad(shard_root=str(shard_root), layer=-1, n_random_samples=256), sae=config.SparseAutoencoder(d_vit=D, exp_factor=2))
+    cfgs = [
+        config.grid(cfg, {"sae": {"n_reinit_samples": n, "seed": 5}})[0] for n in (100, 0, 37)
+    ]
+    acts = data.Activations(cfg.data)
+    pre = data.make_preprocess(acts, cfg.data)
+    saes = train.init_b_dec(sae_lib.make_saes([c.sae for c in cfgs]), cfgs, acts, pre)
+    perm = np.random.default_rng(cfgs[0].sae.seed).permutation(len(acts))
+    x = np.asarray(pre(acts.read(perm[:100])), np.float64)
+    np.testing.assert_allclose(saes.b_dec[0], x.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(saes.b_dec[1], 0.0)
+    np.testing.assert_allclose(saes.b_dec[2], x[:37].mean(axis=0), rtol=1e-5, atol=1e-6)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "saev_jax.train", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_input_exits_with_one_line(tmp_path, shard_root):
+    sweep = write_sweep(tmp_path, shard_root, extra="learning_rate = 1.0")
+    result = run_cli(str(sweep))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: sweep: unknown key 'learning_rate' (not a field of Train)"
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_dir", "does-not-exist"),
+        ("bad_layer", "layer"),
+        ("bad_d_vit", "d_vit"),
+        ("no_metadata", "metadata.json"),
+        ("bad_metadata", "metadata.json"),
+    ],
+)
+def test_bad_data_is_caught_before_anything_is_written(tmp_path, shard_root, case, match):
+    root = str(shard_root)
+    sweep_extra, sae_d_vit, layer = "", D, -1
+    if case == "missing_dir":
+        root = str(tmp_path / "does-not-exist")
+    elif case == "bad_layer":
+        layer = 7
+    elif case == "bad_d_vit":
+        sae_d_vit = D * 2
+    elif case in ("no_metadata", "bad_metadata"):
+        fake = tmp_path / "fake"
+        fake.mkdir()
+        if case == "bad_metadata":
+            (fake / "metadata.json").write_text("{not json")
+        root = str(fake)
+    sweep = write_sweep(tmp_path, pathlib.Path(root), sweep_extra).read_text()
+    sweep = sweep.replace(f"d_vit = {D}", f"d_vit = {sae_d_vit}").replace("layer = -1", f"layer = {layer}")
+    (tmp_path / "sweep.toml").write_text(sweep)
+    with pytest.raises(config.InputError, match=match):
+        train.cli([str(tmp_path / "sweep.toml")])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_second_group_bad_data_fails_before_first_group_trains(tmp_path, shard_root):
+    sweep = write_sweep(tmp_path, shard_root).read_text().replace("layer = -1", "layer = [-1, 9]")
+    (tmp_path / "sweep.toml").write_text(sweep)
+    with pytest.raises(config.InputError, match="9"):
+        train.cli([str(tmp_path / "sweep.toml")])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_ungroupable_configs_name_the_keys(shard_root):
+    a = config.Train(data=config.DataLoad(shard_root=str(shard_root), layer=-1), sae=config.SparseAutoencoder(d_vit=D))
+    b = config.grid(a, {"sae_batch_size": 8, "sae": {"exp_factor": 2}})[0]
+    with pytest.raises(config.InputError, match="sae.exp_factor, sae_batch_size"):
+        train.open_group([a, b])
+
+
+def test_cli_help_documents_fields():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for text in ("--data.shard-root", "--sae.sparsity-coeff", "Adam learning rate", "--n-patches"):
+        assert text in result.stdout, text
