@@ -1,0 +1,354 @@
+"""One live wandb run per group of SAEs, the others journaled to disk and replayed.
+
+wandb keeps one run live per process, so (as in saev) the first config of a group logs
+to a live run and the others' metrics are replayed into their own runs at `finish()`.
+saev held that queue in memory and lost it when the process died. Here every run's
+metrics are appended to a journal file under `queue_dpath` as they are logged — the
+live run's too, because wandb's offline writer loses what it buffered when the process
+is killed — so `python -m saev_jax.replay DIR` can replay what a killed run left.
+
+Journal format: one file per run, `<queue_dpath>/<run id>.queue.jsonl`, UTF-8 JSON Lines,
+each line flushed as it is written:
+
+    {"format": "saev_jax.wandb_queue/1", "id": "...", "project": "...", "config": {...},
+     "tags": [...], "mode": "online", "live": false, "group": "<live id>", "index": 1,
+     "created": 1795705575.9}
+    {"step": 0, "metrics": {"losses/mse": 0.5, "eval/freqs": {"_type": "table", ...}}}
+    ...
+    {"exit_code": 0}
+
+The last line is written by `finish()`; a journal without it was left by a process that
+died, and its run is replayed as failed (exit code 1). A torn last line (the process
+died while writing it) is ignored. Metric values are JSON numbers (NaN and Infinity
+written as Python's `json` writes them), strings, booleans, or tagged objects:
+`{"_type": "table", "columns": [...], "data": [[...], ...]}`,
+`{"_type": "histogram", "values": [...], "bins": [...]}`, and
+`{"_type": "image", "path": "<run id>.media/000000.png", "caption": ...}`, the path
+(relative to the journal's directory) of a copy of the image file made when it was logged.
+"""
+
+import dataclasses
+import json
+import logging
+import operator
+import pathlib
+import secrets
+import shutil
+import string
+import time
+
+import numpy as np
+import wandb
+
+from . import config
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "saev_jax.wandb_queue/1"
+"""The `format` field of a journal's header line."""
+SUFFIX = ".queue.jsonl"
+"""A journal's file name is its run id followed by this."""
+
+_ID_CHARS = string.ascii_lowercase + string.digits
+
+
+def make_id() -> str:
+    """A fresh wandb run id: 8 random base-36 characters, as wandb makes them."""
+    return "".join(secrets.choice(_ID_CHARS) for _ in range(8))
+
+
+class ParallelWandbRun:
+    """Logs one group of configs to wandb: the first live, the rest journaled and replayed.
+
+    `ids` holds one run id per config, fixed here, so checkpoint directories named by id
+    are known before training starts. Unless `mode` is "disabled", every run's metrics
+    are journaled under `queue_dpath` as they are logged (see the module docstring), so
+    nothing is lost if the process dies before `finish()`. As a context manager, leaving
+    the block calls `finish()` — with exit code 1 if the block raised, whose exception
+    then propagates.
+
+    Args:
+        project: The wandb project of every run.
+        cfgs: One config per run, attached to it; the first one's run is live.
+        mode: wandb's mode ("online", "offline" or "disabled"); disabled writes no journal.
+        tags: Tags of every run (empty strings dropped); queued runs also get "queued".
+        queue_dpath: Where the journals go; created when needed, removed by `finish()` if left empty.
+    """
+
+    def __init__(
+        self, project: str, cfgs: list[config.Train], mode: str, tags: list[str], queue_dpath: pathlib.Path
+    ):
+        if not cfgs:
+            raise ValueError("ParallelWandbRun needs at least one config")
+        self.project = project
+        self.mode = mode
+        # wandb rejects empty tags, and `Train.tag` is "" by default.
+        self.tags = [tag for tag in tags if tag]
+        self.queue_dpath = pathlib.Path(queue_dpath)
+        self.ids: tuple[str, ...] = tuple(make_id() for _ in cfgs)
+        self._finished = False
+        self._live_run = wandb.init(
+            project=project, id=self.ids[0], config=config.to_dict(cfgs[0]), mode=mode, tags=self.tags
+        )
+        self._journals: list[_Journal] = []
+        if mode == "disabled":
+            return
+        created = time.time()
+        try:
+            for index, (run_id, cfg) in enumerate(zip(self.ids, cfgs)):
+                header = {
+                    "format": FORMAT, "id": run_id, "project": project, "config": config.to_dict(cfg),
+                    "tags": self.tags, "mode": mode, "live": index == 0, "group": self.ids[0],
+                    "index": index, "created": created,
+                }  # fmt: skip
+                self._journals.append(_Journal(self.queue_dpath / f"{run_id}{SUFFIX}", header))
+        except BaseException:
+            self._live_run.finish(exit_code=1)
+            raise
+
+    def log(self, metrics: list[dict[str, object]], *, step: int) -> None:
+        """Logs `metrics[i]` for config i at `step`: live for the first, journaled for all.
+
+        Values may be Python or NumPy scalars (numbers, booleans, strings), `wandb.Table`,
+        `wandb.Histogram`, or `wandb.Image` backed by a local file (the file is copied
+        into the queue directory). Anything else raises TypeError before anything of
+        this call is logged.
+        """
+        if self._finished:
+            raise RuntimeError("ParallelWandbRun.log() called after finish()")
+        if len(metrics) != len(self.ids):
+            raise ValueError(f"log() got {len(metrics)} metric dicts for {len(self.ids)} configs")
+        step = operator.index(step)
+        if self._journals:
+            entries = [_encode_metrics(m, j.copy_media, i) for i, (j, m) in enumerate(zip(self._journals, metrics))]
+            for journal, entry in zip(self._journals, entries):
+                journal.write({"step": step, "metrics": entry})
+        else:
+            # Disabled: nothing is written, but bad values fail just the same.
+            for i, m in enumerate(metrics):
+                _encode_metrics(m, None, i)
+        self._live_run.log(dict(metrics[0]), step=step)
+
+    def finish(self, exit_code: int = 0) -> list[str]:
+        """Finishes the live run, replays the others into their own runs; returns every id.
+
+        Ids come in config order, the live run's first. The queued runs get their own
+        config, the tags plus "queued", and `exit_code`. Each journal is removed once
+        its run has finished. Calling `finish()` again does nothing and returns the ids.
+        """
+        if self._finished:
+            return list(self.ids)
+        self._finished = True
+        for journal in self._journals:
+            journal.close(exit_code)
+        self._live_run.finish(exit_code=exit_code)
+        if self._journals:
+            live, *queued = self._journals
+            remove_journal(live.fpath)
+            try:
+                for journal in queued:
+                    replay_file(journal.fpath)
+            except BaseException:
+                logger.error(
+                    "Replaying the queued wandb runs failed; replay what is left with `python -m saev_jax.replay %s`.",
+                    self.queue_dpath,
+                )
+                raise
+            try:
+                self.queue_dpath.rmdir()  # Only when empty: a killed run may have left journals.
+            except OSError:
+                pass
+        return list(self.ids)
+
+    def __enter__(self) -> "ParallelWandbRun":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish()
+            return False
+        try:
+            self.finish(exit_code=1)
+        except Exception:
+            # The body's exception matters more; what was not replayed stays on disk.
+            logger.exception("Could not finish the wandb runs of a failed training.")
+        return False
+
+
+class _Journal:
+    """Appends one run's lines to its journal file, flushing each."""
+
+    def __init__(self, fpath: pathlib.Path, header: dict[str, object]):
+        fpath.parent.mkdir(parents=True, exist_ok=True)
+        self.fpath = fpath
+        self._fd = open(fpath, "x", encoding="utf-8")
+        self._n_media = 0
+        self.write(header)
+
+    def write(self, obj: dict[str, object]) -> None:
+        self._fd.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        # Flushed to the OS: survives the process dying (not the machine losing power).
+        self._fd.flush()
+
+    def copy_media(self, src: str) -> str:
+        """Copies a media file beside the journal; returns its path relative to the journal's directory."""
+        media_dpath = get_media_dpath(self.fpath)
+        media_dpath.mkdir(exist_ok=True)
+        dst = media_dpath / f"{self._n_media:06d}{pathlib.Path(src).suffix}"
+        self._n_media += 1
+        shutil.copyfile(src, dst)
+        return dst.relative_to(self.fpath.parent).as_posix()
+
+    def close(self, exit_code: int) -> None:
+        self.write({"exit_code": exit_code})
+        self._fd.close()
+
+
+def get_media_dpath(fpath: pathlib.Path) -> pathlib.Path:
+    """The directory holding copies of the media files a journal refers to."""
+    return fpath.with_name(fpath.name.removesuffix(SUFFIX) + ".media")
+
+
+def remove_journal(fpath: pathlib.Path) -> None:
+    """Deletes a journal and its media directory."""
+    shutil.rmtree(get_media_dpath(fpath), ignore_errors=True)
+    fpath.unlink(missing_ok=True)
+
+
+def _encode_metrics(metrics: dict[str, object], copy_media, i: int) -> dict[str, object]:
+    encoded = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str):
+            raise TypeError(f"config {i}: metric names must be strings, got {key!r}")
+        encoded[key] = encode(value, copy_media, where=f"config {i}, metric {key!r}")
+    return encoded
+
+
+_SUPPORTED = "numbers, booleans, strings, wandb.Table, wandb.Histogram or wandb.Image of a local file"
+
+
+def encode(value: object, copy_media, *, where: str) -> object:
+    """A metric value as JSON data that `decode` turns back into an equal value.
+
+    `copy_media(path) -> str` copies an image file and returns the path to record;
+    None records the source path as it is. Raises TypeError naming `where` for any
+    value that is not one of the supported kinds.
+    """
+    if isinstance(value, wandb.Table):
+        data = [[_encode_scalar(cell, where, allow_none=True) for cell in row] for row in value.data]
+        return {"_type": "table", "columns": list(value.columns), "data": data}
+    if isinstance(value, wandb.Histogram):
+        return {"_type": "histogram", "values": list(value.histogram), "bins": list(value.bins)}
+    if isinstance(value, wandb.Image):
+        path = getattr(value, "_path", None)
+        if not path or wandb.Image.path_is_reference(path) or not pathlib.Path(path).is_file():
+            raise TypeError(f"{where}: a wandb.Image must be backed by a local file to be queued")
+        if value._boxes or value._masks or value._classes:
+            raise TypeError(f"{where}: a wandb.Image with boxes, masks or classes cannot be queued")
+        return {"_type": "image", "path": copy_media(path) if copy_media else path, "caption": value._caption}
+    return _encode_scalar(value, where)
+
+
+def _encode_scalar(value: object, where: str, *, allow_none: bool = False) -> object:
+    if isinstance(value, (bool, int, float, str)) or (allow_none and value is None):
+        return value
+    if isinstance(value, (np.generic, np.ndarray)) and np.ndim(value) == 0 and value.dtype.kind in "biufU":
+        return value.item()
+    raise TypeError(
+        f"{where}: cannot log a {type(value).__module__}.{type(value).__qualname__}; log {_SUPPORTED}"
+        " (move arrays to the host with jax.device_get and log one scalar per metric)"
+    )
+
+
+def decode(value: object, dpath: pathlib.Path) -> object:
+    """The wandb value that `encode` recorded; media paths are relative to `dpath`."""
+    if not isinstance(value, dict):
+        return value
+    kind = value.get("_type")
+    if kind == "table":
+        return wandb.Table(columns=value["columns"], data=value["data"])
+    if kind == "histogram":
+        return wandb.Histogram(np_histogram=(value["values"], value["bins"]))
+    if kind == "image":
+        return wandb.Image(str(dpath / value["path"]), caption=value["caption"])
+    raise ValueError(f"unknown queued value type {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Journal:
+    """What one journal file holds."""
+
+    fpath: pathlib.Path
+    header: dict[str, object]
+    """The header line: id, project, config, tags, mode, live, group, index, created."""
+    steps: list[tuple[int, dict[str, object]]]
+    """(step, encoded metrics) of every complete log line, in the order logged."""
+    exit_code: int | None
+    """What `finish()` recorded; None if the process died first."""
+
+
+def read_journal(fpath: pathlib.Path) -> Journal | None:
+    """Parses a journal; None if it has no complete header (its process died while creating it).
+
+    A torn last line is ignored with a warning; any other unreadable line raises
+    config.InputError naming the file and line.
+    """
+    lines = pathlib.Path(fpath).read_text(encoding="utf-8").split("\n")
+    objs = []
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            objs.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(lines[i + 1 :]):
+                raise config.InputError(f"{fpath}:{i + 1}: corrupt line in a wandb queue") from None
+            logger.warning("%s:%d: ignoring a torn last line (the process died while writing it).", fpath, i + 1)
+    if not objs:
+        return None
+    header, *rest = objs
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise config.InputError(f"{fpath}: not a saev_jax wandb queue (no '{FORMAT}' header)")
+    steps, exit_code = [], None
+    for obj in rest:
+        try:
+            if "exit_code" in obj:
+                exit_code = int(obj["exit_code"])
+            else:
+                steps.append((int(obj["step"]), dict(obj["metrics"])))
+        except (KeyError, TypeError, ValueError):
+            raise config.InputError(f"{fpath}: corrupt line in a wandb queue: {json.dumps(obj)[:80]}") from None
+    return Journal(pathlib.Path(fpath), header, steps, exit_code)
+
+
+def replay_file(fpath: pathlib.Path) -> str | None:
+    """Replays one journal into its wandb run, then deletes the journal; returns the run id.
+
+    The run gets the recorded id, project, config, mode and tags (plus "queued" unless
+    it was the live run), every recorded step in order, and the recorded exit code (1
+    if the process died before `finish()`). It is resumed if it exists already (a live
+    run, or a replay cut short), so steps wandb already has are not logged twice. A
+    journal with no complete header holds no metrics: it is deleted and None returned.
+    If replaying fails, the journal stays on disk.
+    """
+    journal = read_journal(fpath)
+    if journal is None:
+        logger.warning("%s: no complete header, so no metrics; removing it.", fpath)
+        remove_journal(pathlib.Path(fpath))
+        return None
+    h = journal.header
+    run = wandb.init(
+        project=h["project"], id=h["id"], config=h["config"], mode=h["mode"],
+        tags=list(h["tags"]) + ([] if h["live"] else ["queued"]), resume="allow",
+        # System metrics and console output of the replaying process would describe nothing of the run.
+        settings=wandb.Settings(x_disable_stats=True, console="off"),
+    )  # fmt: skip
+    try:
+        for step, metrics in journal.steps:
+            run.log({key: decode(value, journal.fpath.parent) for key, value in metrics.items()}, step=step)
+    except BaseException:
+        run.finish(exit_code=1)
+        raise
+    run.finish(exit_code=1 if journal.exit_code is None else journal.exit_code)
+    remove_journal(journal.fpath)
+    return h["id"]
