@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 $(DEMO_SHARDS)/metadata.json: | $(STAMP)
-	$(PY) -m saev_jax.synthetic --out $(DEMO_SHARDS) --d-vit 64 --n-features 512 --n-imgs 4096 --n-patches-per-img 64 --layers -2 -1 --seed 0
+	$(PY) -m saev_jax.synthetic --out $(DEMO_SHARDS) --d-vit 64 --n-features 256 --k 4 --n-imgs 2048 --n-patches-per-img 64 --n-patches-per-shard 33280 --seed 0
 
 demo: $(STAMP) $(DEMO_SHARDS)/metadata.json
 	rm -rf checkpoints/demo
