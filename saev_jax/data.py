@@ -569,7 +569,8 @@ class Loader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        self.n_threads = n_threads
+        # saev's n_workers defaults to 32; more readers than cores only contend.
+        self.n_threads = min(n_threads, os.cpu_count() or 1)
         self.n_buffered = max(2, buffer_bytes // (batch_size * acts.d_vit * 4))
         self.device = device if device is not None else jax.devices()[0]
 

@@ -23,6 +23,10 @@ from . import quality as quality_lib
 from . import sae as sae_lib
 
 
+QUALITY_EXAMPLES = 2**18
+"""evaluate() measures `quality` on evenly spaced batches of at least this many examples in all."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalMetrics:
     """Results of evaluating a trained SAE on a dataset."""
@@ -66,48 +70,136 @@ class EvalMetrics:
 
 
 class _Sums(eqx.Module):
-    """Running sums of one evaluation pass: per SAE (leading M axis) and of the data itself."""
+    """Running sums of one evaluation pass on the device: per SAE (leading M axis) and of the data.
+
+    The `code_*` sums feed `quality` and are taken on every `quality_stride`-th batch only. For
+    each pruning level t (`quality.PRUNE_LEVELS`) a feature counts as sent when
+    f * |W_dec row| > level_t * rms(x); with f_t the sent values, z = f_t @ W_dec,
+    u = 1[sent] @ W_dec and e = x - b_dec - z, they hold per level the sent counts and values,
+    e.e, (z.z, z.u, u.u) and (e.z, e.u): what `quality.debias` needs.
+    """
 
     n_fired: Int[Array, "M d_sae"]
     values: Float[Array, "M d_sae"]
     sq_err: Float[Array, " M"]
     x_sum: Float[Array, " d_vit"]
     x_sq_sum: Float[Array, " d_vit"]
+    code_n: Int[Array, ""]
+    code_n_fired: Int[Array, "M T d_sae"]
+    code_values: Float[Array, "M T d_sae"]
+    code_sq_err: Float[Array, "M T"]
+    code_gram: Float[Array, "M T 3"]
+    code_cross: Float[Array, "M T 2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassStats:
+    """The sums of one evaluation pass, on the host in float64; everything EvalMetrics derives from."""
+
+    n: int
+    """Number of examples."""
+    n_fired: Float[np.ndarray, "M d_sae"]
+    values: Float[np.ndarray, "M d_sae"]
+    sq_err: Float[np.ndarray, " M"]
+    x_sum: Float[np.ndarray, " d_vit"]
+    x_sq_sum: Float[np.ndarray, " d_vit"]
+    code_n: int
+    """Number of examples the `code_*` sums are over."""
+    code_n_fired: Float[np.ndarray, "M T d_sae"]
+    code_values: Float[np.ndarray, "M T d_sae"]
+    code_sq_err: Float[np.ndarray, "M T"]
+    code_gram: Float[np.ndarray, "M T 3"]
+    code_cross: Float[np.ndarray, "M T 2"]
+    w_dec_norms: Float[np.ndarray, "M d_sae"]
+    """L2 norm of every decoder row, from the parameters as evaluated."""
+
+    @property
+    def d_vit(self) -> int:
+        return self.x_sum.shape[0]
+
+    @property
+    def data_var(self) -> float:
+        """Mean over dimensions of the variance of the preprocessed data."""
+        mean = self.x_sum / self.n
+        return float(np.mean(self.x_sq_sum / self.n - mean**2))
 
 
 def _zero_sums(n_saes: int, d_sae: int, d_vit: int) -> _Sums:
+    T = len(quality_lib.PRUNE_LEVELS)
     return _Sums(
         n_fired=jnp.zeros((n_saes, d_sae), jnp.int32),
         values=jnp.zeros((n_saes, d_sae), jnp.float32),
         sq_err=jnp.zeros(n_saes, jnp.float32),
         x_sum=jnp.zeros(d_vit, jnp.float32),
         x_sq_sum=jnp.zeros(d_vit, jnp.float32),
+        code_n=jnp.zeros((), jnp.int32),
+        code_n_fired=jnp.zeros((n_saes, T, d_sae), jnp.int32),
+        code_values=jnp.zeros((n_saes, T, d_sae), jnp.float32),
+        code_sq_err=jnp.zeros((n_saes, T), jnp.float32),
+        code_gram=jnp.zeros((n_saes, T, 3), jnp.float32),
+        code_cross=jnp.zeros((n_saes, T, 2), jnp.float32),
     )
 
 
-@functools.partial(jax.jit, donate_argnums=0)
+def _code_sums(sae: sae_lib.SAE, x_BD, f_BS, rms_B1, valid_B1):
+    """Per pruning level: sent counts and values, e.e, (z.z, z.u, u.u), (e.z, e.u) (see _Sums)."""
+    norms_S = jnp.linalg.norm(sae.W_dec, axis=1)
+    out = []
+    for level in quality_lib.PRUNE_LEVELS:
+        sent_BS = (f_BS * norms_S) > level * rms_B1
+        f_t_BS = jnp.where(sent_BS, f_BS, 0.0)
+        z_BD = sae.decode(f_t_BS) - sae.b_dec
+        u_BD = sae.decode(sent_BS.astype(jnp.float32)) - sae.b_dec
+        e_BD = jnp.where(valid_B1, x_BD - sae.b_dec - z_BD, 0.0)  # z and u are 0 on padding rows (f is)
+        out.append((
+            jnp.sum(sent_BS, axis=0, dtype=jnp.int32), jnp.sum(f_t_BS, axis=0), jnp.sum(e_BD * e_BD),
+            jnp.stack([jnp.sum(z_BD * z_BD), jnp.sum(z_BD * u_BD), jnp.sum(u_BD * u_BD)]),
+            jnp.stack([jnp.sum(e_BD * z_BD), jnp.sum(e_BD * u_BD)]),
+        ))  # fmt: skip
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames="with_code")
 def _accumulate(
-    sums: _Sums, saes: sae_lib.SAE, preprocess: data.Preprocess, x_BD: Float[Array, "B d_vit"], n_valid: Int[Array, ""]
+    sums: _Sums,
+    saes: sae_lib.SAE,
+    preprocess: data.Preprocess,
+    x_BD: Float[Array, "B d_vit"],
+    n_valid: Int[Array, ""],
+    *,
+    with_code: bool,
 ) -> _Sums:
     """Adds one raw batch (of which the first `n_valid` rows are real) to the sums of every SAE."""
     x_BD = preprocess(x_BD)
     valid_B1 = (jnp.arange(x_BD.shape[0]) < n_valid)[:, None]
     x_BD = jnp.where(valid_B1, x_BD, 0.0)
+    rms_B1 = jnp.sqrt(jnp.mean(x_BD**2, axis=1, keepdims=True))
 
     def one(sae):
         x_hat_BD, f_BS = jax.vmap(sae)(x_BD)
         f_BS = jnp.where(valid_B1, f_BS, 0.0)
         sq_err = jnp.sum(jnp.where(valid_B1, (x_hat_BD - x_BD) ** 2, 0.0))
-        return jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err
+        basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err)
+        if not with_code:
+            return basic, None
+        return basic, _code_sums(sae, x_BD, f_BS, rms_B1, valid_B1)
 
-    n_fired, values, sq_err = jax.vmap(one)(saes)
-    return _Sums(
-        n_fired=sums.n_fired + n_fired,
-        values=sums.values + values,
-        sq_err=sums.sq_err + sq_err,
-        x_sum=sums.x_sum + jnp.sum(x_BD, axis=0),
-        x_sq_sum=sums.x_sq_sum + jnp.sum(x_BD**2, axis=0),
-    )
+    (n_fired, values, sq_err), code = jax.vmap(one)(saes)
+    sums = eqx.tree_at(
+        lambda s: (s.n_fired, s.values, s.sq_err, s.x_sum, s.x_sq_sum),
+        sums,
+        (sums.n_fired + n_fired, sums.values + values, sums.sq_err + sq_err,
+         sums.x_sum + jnp.sum(x_BD, axis=0), sums.x_sq_sum + jnp.sum(x_BD**2, axis=0)),
+    )  # fmt: skip
+    if not with_code:
+        return sums
+    n_f, vals, se, gram, cross = code
+    return eqx.tree_at(
+        lambda s: (s.code_n, s.code_n_fired, s.code_values, s.code_sq_err, s.code_gram, s.code_cross),
+        sums,
+        (sums.code_n + n_valid, sums.code_n_fired + n_f, sums.code_values + vals, sums.code_sq_err + se,
+         sums.code_gram + gram, sums.code_cross + cross),
+    )  # fmt: skip
 
 
 def evaluate(
@@ -124,6 +216,8 @@ def evaluate(
 
     Returns one EvalMetrics per SAE, in stack order (SPEC 4). The batches come from the fast
     loader without shuffling, `cfgs[0].sae_batch_size` examples each, the last one zero-padded.
+    Everything is exact over the whole pass except `quality`, measured on evenly spaced batches
+    totalling at least `QUALITY_EXAMPLES` examples (all of them on a smaller dataset).
     """
     cfg = cfgs[0]
     loader = data.Loader(acts, batch_size=cfg.sae_batch_size, shuffle=False, seed=cfg.seed, n_threads=cfg.n_workers, device=device)
@@ -132,7 +226,79 @@ def evaluate(
     return evaluate_batches(
         saes, batches, preprocess, device,
         almost_dead_threshold=almost_dead_threshold, dense_threshold=dense_threshold,
+        quality_stride=max(1, n_batches // -(-QUALITY_EXAMPLES // cfg.sae_batch_size)),
     )  # fmt: skip
+
+
+def accumulate(
+    saes: sae_lib.SAE,
+    batches: Iterable[tuple[Float[Array, "B d_vit"], int]],
+    preprocess: data.Preprocess,
+    device: jax.Device | None = None,
+    *,
+    quality_stride: int = 1,
+) -> PassStats:
+    """One pass over `(raw x_BD, n_valid)` batches, one jitted reduction per batch for the whole stack.
+
+    Only the first `n_valid` rows of a batch count. Every batch should have the same shape (pad
+    the last one), so the kernel compiles once (twice with a `quality_stride` > 1: the sums that
+    `quality` needs cost about 2 * len(PRUNE_LEVELS) decoder products, so they are taken on
+    every `quality_stride`-th batch only). Sums accumulate in float32 on the device and leave it
+    once, at the end.
+    """
+    n_saes, d_sae = saes.b_enc.shape
+    d_vit = saes.b_dec.shape[1]
+    sums = jax.device_put(_zero_sums(n_saes, d_sae, d_vit), device)
+    n = 0
+    for i, (x_BD, n_valid) in enumerate(batches):
+        sums = _accumulate(sums, saes, preprocess, x_BD, jnp.asarray(n_valid, jnp.int32), with_code=i % quality_stride == 0)
+        n += int(n_valid)
+    if n == 0:
+        raise ValueError("evaluate: no examples")
+    host = {f.name: np.asarray(jax.device_get(getattr(sums, f.name)), np.float64) for f in dataclasses.fields(sums)}
+    host["code_n"] = int(host["code_n"])
+    return PassStats(n=n, w_dec_norms=np.linalg.norm(np.asarray(saes.W_dec, np.float64), axis=-1), **host)
+
+
+def metrics_from_stats(
+    stats: PassStats, *, almost_dead_threshold: float = 1e-7, dense_threshold: float = 1e-2
+) -> list[EvalMetrics]:
+    """One EvalMetrics per SAE of the pass, in stack order (SPEC 4, plus `quality`)."""
+    n, d_vit = stats.n, stats.d_vit
+    freqs = stats.n_fired / n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_values = stats.values / stats.n_fired
+    return [
+        EvalMetrics(
+            l0=float(stats.n_fired[m].sum() / n),
+            l1=float(stats.values[m].sum() / n),
+            mse=float(stats.sq_err[m] / (n * d_vit)),
+            n_dead=int((freqs[m] == 0).sum()),
+            n_almost_dead=int((freqs[m] < almost_dead_threshold).sum()),
+            n_dense=int((freqs[m] > dense_threshold).sum()),
+            freqs=freqs[m].astype(np.float32),
+            mean_values=mean_values[m].astype(np.float32),
+            almost_dead_threshold=almost_dead_threshold,
+            dense_threshold=dense_threshold,
+            quality=max(b.quality for b in code_bits(stats, m)),
+        )
+        for m in range(len(stats.sq_err))
+    ]
+
+
+def code_bits(stats: PassStats, m: int) -> list[quality_lib.Bits]:
+    """The description-length terms of the m-th SAE's code at every pruning level (docs/quality.md)."""
+    n, d_vit = stats.code_n, stats.d_vit
+    out = []
+    for t in range(len(quality_lib.PRUNE_LEVELS)):
+        scale, shift, sq_err = quality_lib.debias(stats.code_sq_err[m, t], stats.code_gram[m, t], stats.code_cross[m, t])
+        n_sent = stats.code_n_fired[m, t]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_values = stats.code_values[m, t] / n_sent
+        out.append(quality_lib.description_bits(
+            n_sent / n, scale * mean_values + shift, sq_err / (n * d_vit), stats.data_var, d_vit, stats.w_dec_norms[m]
+        ))  # fmt: skip
+    return out
 
 
 def evaluate_batches(
@@ -143,45 +309,8 @@ def evaluate_batches(
     *,
     almost_dead_threshold: float = 1e-7,
     dense_threshold: float = 1e-2,
+    quality_stride: int = 1,
 ) -> list[EvalMetrics]:
-    """`evaluate` over any iterable of `(raw x_BD, n_valid)`: only the first `n_valid` rows count.
-
-    Every batch should have the same shape (pad the last one), so the kernel compiles once.
-    """
-    n_saes, d_sae = saes.b_enc.shape
-    d_vit = saes.b_dec.shape[1]
-    sums = jax.device_put(_zero_sums(n_saes, d_sae, d_vit), device)
-    n = 0
-    for x_BD, n_valid in batches:
-        sums = _accumulate(sums, saes, preprocess, x_BD, jnp.asarray(n_valid, jnp.int32))
-        n += int(n_valid)
-    if n == 0:
-        raise ValueError("evaluate: no examples")
-    host = jax.device_get(sums)
-    n_fired, values, sq_err = (np.asarray(a, np.float64) for a in (host.n_fired, host.values, host.sq_err))
-    x_mean = np.asarray(host.x_sum, np.float64) / n
-    data_var = float(np.mean(np.asarray(host.x_sq_sum, np.float64) / n - x_mean**2))
-    w_dec_norms = np.linalg.norm(np.asarray(saes.W_dec, np.float64), axis=-1)
-
-    freqs = n_fired / n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_values = values / n_fired
-    results = []
-    for m in range(n_saes):
-        mse = float(sq_err[m] / (n * d_vit))
-        results.append(
-            EvalMetrics(
-                l0=float(n_fired[m].sum() / n),
-                l1=float(values[m].sum() / n),
-                mse=mse,
-                n_dead=int((freqs[m] == 0).sum()),
-                n_almost_dead=int((freqs[m] < almost_dead_threshold).sum()),
-                n_dense=int((freqs[m] > dense_threshold).sum()),
-                freqs=freqs[m].astype(np.float32),
-                mean_values=mean_values[m].astype(np.float32),
-                almost_dead_threshold=almost_dead_threshold,
-                dense_threshold=dense_threshold,
-                quality=quality_lib.quality(freqs[m], mean_values[m], mse, data_var, d_vit, w_dec_norms[m]),
-            )
-        )
-    return results
+    """`evaluate` over any iterable of `(raw x_BD, n_valid)`: only the first `n_valid` rows count."""
+    stats = accumulate(saes, batches, preprocess, device, quality_stride=quality_stride)
+    return metrics_from_stats(stats, almost_dead_threshold=almost_dead_threshold, dense_threshold=dense_threshold)
