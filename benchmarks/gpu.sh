@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-shot benchmark on a lent GPU (H100/H200): about 5 minutes; results under $OUT.
+#
+#   OUT=/some/dir bash benchmarks/gpu.sh [extra flags for benchmarks/train.py]
+#
+# Runs `python -m benchmarks.train` from the repository root with the accelerator defaults:
+# sizes small, medium, ViT-B, ViT-L; M in 1 4 8 16; float32 and bfloat16; in-memory batch 4096;
+# end to end from synthetic shards (small SAEs, M = 4, batch 16384) for saev_jax and the torch
+# baseline with its per-example loader (a bounded number of batches). The figures the targets
+# name (ViT-L M=8, small M=16) are measured before the rest. The Python side starts no new
+# measurement after 270 s and writes <device>.json, .md and -scaling.png under $OUT after every
+# measurement, so a timeout still leaves everything measured so far.
+#
+# Needs python3 with jax[cuda], equinox, optax, jaxtyping, torch, numpy, matplotlib,
+# safetensors, tqdm. Not tyro or wandb: benchmarks/train.py stubs them when they are missing.
+# PYTHON=/path/to/python picks the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and torch share the GPU.
+export TQDM_DISABLE=1                       # Progress bars would flood the log.
+export PYTHONUNBUFFERED=1
+
+"$PYTHON" -c 'import jax, torch; print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, "cuda:", torch.cuda.is_available())'
+
+status=0
+timeout --signal=INT --kill-after=15 340 \
+    "$PYTHON" -m benchmarks.train --out "$OUT" --time-budget-s 270 --no-table "$@" 2>&1 | tee "$OUT/log.txt" \
+    || status=$?
+
+echo
+echo "exit status $status; files in $OUT:"
+ls -l "$OUT"
+echo
+cat "$(ls -t "$OUT"/*.md | head -n 1)"
+exit "$status"
