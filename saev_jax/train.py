@@ -23,7 +23,7 @@ import tqdm
 import tyro
 from jaxtyping import Array, Bool, Float, Int
 
-from . import config, data, evaluate, optim, wandb_queue
+from . import config, data, evaluate, optim, plots, summary, wandb_queue
 from . import sae as sae_lib
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,8 @@ def train_group(cfgs: list[config.Train], acts: data.Activations) -> list[str]:
         run.log([r.for_wandb() for r in results], step=int(state.step))
         for run_id, c, sae, result in zip(run.ids, cfgs, sae_lib.unstack(state.saes), results):
             sae_lib.save(sae, ckpt_dpath / run_id, c, result.to_json())
+        paths = plots.save_plots(ckpt_dpath, run.ids, cfgs, results)
+        run.log(plots.wandb_images(paths), step=int(state.step))
     return run.finish()
 
 
@@ -240,7 +242,8 @@ def main(cfgs: list[config.Train]) -> list[str]:
     """Trains every config, group by group; returns every run id.
 
     Every group's configs and data are checked before the first group trains, so bad
-    input fails fast and writes nothing.
+    input fails fast and writes nothing. At the end, each `ckpt_path` gets a
+    `summary.csv` of its runs, also printed as a table.
     """
     groups = config.split_cfgs(cfgs)
     opened = [open_group(group) for group in groups]
@@ -248,6 +251,8 @@ def main(cfgs: list[config.Train]) -> list[str]:
     for i, (group, acts) in enumerate(zip(groups, opened)):
         logger.info("Group %d/%d: %d SAEs, d_sae=%d.", i + 1, len(groups), len(group), group[0].sae.d_sae)
         ids.extend(train_group(group, acts))
+    for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
+        summary.summarize(ckpt_path, ids)
     return ids
 
 

@@ -64,8 +64,11 @@ def test_cli_end_to_end(tmp_path, shard_root):
         for key in ("l0", "l1", "mse", "n_dead", "n_almost_dead", "n_dense"):
             assert np.isfinite(metrics[key]), key
         assert 0 < metrics["l0"] <= 2 * D and metrics["mse"] > 0
-    # Nothing but the checkpoints (and, maybe, the end-of-sweep summary) is left in ckpt_path.
-    assert {p.name for p in ckpt.iterdir()} - {"summary.csv"} == set(ids)
+        assert (dpath / "hists.png").stat().st_size > 0
+    # The checkpoints, the group's overlay figure and the sweep summary; nothing half-written.
+    assert {p.name for p in ckpt.iterdir()} == set(ids) | {f"group-{ids[0]}.png", "summary.csv"}
+    rows = (ckpt / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(run_id in "".join(rows) for run_id in ids)
 
 
 def test_b_dec_is_the_mean_of_a_seeded_permutation(shard_root):

@@ -1,0 +1,138 @@
+"""The end of a sweep: one row per SAE in the terminal and in `<ckpt_path>/summary.csv`.
+
+    python -m saev_jax.summary CKPT_DIR
+
+rebuilds the table from the `cfg.json` and `metrics.json` of every checkpoint in CKPT_DIR
+(after a crash, or to compare sweeps that wrote to one directory).
+"""
+
+import csv
+import json
+import math
+import pathlib
+import sys
+from collections.abc import Mapping
+
+from . import config
+from .evaluate import EvalMetrics
+
+CSV_FNAME = "summary.csv"
+COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "quality", "d_sae")
+"""Columns of summary.csv, in order."""
+TABLE_COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "n_dead", "n_dense", "quality")
+"""Columns of the terminal table, in order."""
+
+Entry = tuple[str, config.Train, EvalMetrics | Mapping[str, object]]
+"""(run id, its config, its EvalMetrics or the scalar dict of its metrics.json)."""
+
+
+def make_row(run_id: str, cfg: config.Train, metrics: EvalMetrics | Mapping[str, object]) -> dict[str, object]:
+    """The summary row of one SAE; a metric missing from an old metrics.json is NaN."""
+    scalars = metrics.to_json() if isinstance(metrics, EvalMetrics) else metrics
+    row: dict[str, object] = {"run_id": run_id, "sparsity_coeff": cfg.sae.sparsity_coeff, "lr": cfg.lr, "d_sae": cfg.sae.d_sae}
+    for key in ("mse", "l0", "l1", "quality"):
+        row[key] = float(scalars.get(key, math.nan))
+    for key in ("n_dead", "n_almost_dead", "n_dense"):
+        row[key] = int(scalars[key]) if key in scalars else -1
+    return {col: row[col] for col in COLUMNS}
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, object]]) -> str:
+    """A fixed-width text table of `TABLE_COLUMNS`; the row with the highest quality is marked `*`."""
+    qualities = [r["quality"] for r in rows]
+    finite = [q for q in qualities if not math.isnan(q)]
+    best = qualities.index(max(finite)) if finite else -1
+    cells = [list(TABLE_COLUMNS)] + [[_fmt(r[c]) for c in TABLE_COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = []
+    for i, row in enumerate(cells):
+        mark = "*" if i - 1 == best else " "
+        lines.append(mark + " " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+    lines.insert(1, "  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_summary(ckpt_dpath: str | pathlib.Path, entries: list[Entry], *, file=None) -> pathlib.Path:
+    """Prints the table of `entries` (in the given order) to `file` and writes `<ckpt_dpath>/summary.csv`.
+
+    Returns the CSV's path. The CSV holds every column of `COLUMNS`, one row per entry,
+    floats written in full precision; it replaces any previous summary.csv there.
+    """
+    file = sys.stdout if file is None else file
+    rows = [make_row(run_id, cfg, metrics) for run_id, cfg, metrics in entries]
+    ckpt_dpath = pathlib.Path(ckpt_dpath)
+    ckpt_dpath.mkdir(parents=True, exist_ok=True)
+    fpath = ckpt_dpath / CSV_FNAME
+    tmp = fpath.with_name(f".{CSV_FNAME}.tmp")
+    with open(tmp, "w", newline="") as fd:
+        writer = csv.DictWriter(fd, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(fpath)
+    print(format_table(rows), file=file)
+    print(f"({len(rows)} SAEs; quality = bits/example saved, higher is better; * = best; {fpath})", file=file)
+    return fpath
+
+
+def read_entries(ckpt_dpath: str | pathlib.Path, run_ids: list[str] | None = None) -> list[Entry]:
+    """(run id, config, metrics.json dict) of the checkpoints in `ckpt_dpath`.
+
+    With `run_ids`, those checkpoints in that order (InputError if one is missing); without,
+    every subdirectory holding both cfg.json and metrics.json, oldest metrics.json first.
+    """
+    ckpt_dpath = pathlib.Path(ckpt_dpath)
+    if not ckpt_dpath.is_dir():
+        raise config.InputError(f"{ckpt_dpath}: no such checkpoint directory")
+    if run_ids is None:
+        dpaths = [p for p in ckpt_dpath.iterdir() if (p / "cfg.json").is_file() and (p / "metrics.json").is_file()]
+        dpaths.sort(key=lambda p: ((p / "metrics.json").stat().st_mtime, p.name))
+    else:
+        dpaths = [ckpt_dpath / run_id for run_id in run_ids]
+    entries = []
+    for dpath in dpaths:
+        cfg_fpath, metrics_fpath = dpath / "cfg.json", dpath / "metrics.json"
+        if not (cfg_fpath.is_file() and metrics_fpath.is_file()):
+            raise config.InputError(f"{dpath}: no cfg.json and metrics.json (not a finished checkpoint)")
+        cfg = config.from_dict(config.Train, json.loads(cfg_fpath.read_text()), where=str(cfg_fpath))
+        entries.append((dpath.name, cfg, json.loads(metrics_fpath.read_text())))
+    return entries
+
+
+def summarize(ckpt_dpath: str | pathlib.Path, run_ids: list[str], *, file=None) -> pathlib.Path | None:
+    """The end-of-sweep call: `write_summary` for those of `run_ids` checkpointed in `ckpt_dpath`.
+
+    Run ids without a finished checkpoint there (another group's `ckpt_path`) are skipped;
+    returns the CSV's path, or None when none of them is there.
+    """
+    ckpt_dpath = pathlib.Path(ckpt_dpath)
+    present = [r for r in run_ids if (ckpt_dpath / r / "cfg.json").is_file() and (ckpt_dpath / r / "metrics.json").is_file()]
+    if not present:
+        return None
+    return write_summary(ckpt_dpath, read_entries(ckpt_dpath, present), file=file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m saev_jax.summary CKPT_DIR`: table and summary.csv from the checkpoints in CKPT_DIR."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0].startswith("-"):
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    try:
+        entries = read_entries(args[0])
+        if not entries:
+            raise config.InputError(f"{args[0]}: no checkpoints (subdirectories with cfg.json and metrics.json)")
+        write_summary(args[0], entries)
+    except config.InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

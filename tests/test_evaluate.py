@@ -1,0 +1,189 @@
+"""evaluate() against a plain NumPy reference; EvalMetrics' outputs; plots and the sweep summary."""
+
+import csv
+import dataclasses
+import io
+import json
+import math
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import wandb
+
+from saev_jax import config, data, evaluate, plots, summary, synthetic
+from saev_jax import sae as sae_lib
+
+D, EXP, M = 8, 4, 3
+S = D * EXP
+ALMOST_DEAD, DENSE = 0.05, 0.5
+
+
+def make_saes() -> sae_lib.SAE:
+    """Three SAEs with a dead feature (0) and an always-on feature (1) each, and non-trivial b_dec."""
+    saes = sae_lib.make_saes([config.SparseAutoencoder(d_vit=D, exp_factor=EXP, seed=s) for s in range(M)])
+    rng = np.random.default_rng(0)
+    b_enc = rng.normal(0, 0.3, (M, S)).astype(np.float32)
+    b_enc[:, 0], b_enc[:, 1] = -1e3, 1e3
+    b_dec = rng.normal(0, 0.5, (M, D)).astype(np.float32)
+    return eqx.tree_at(lambda s: (s.b_enc, s.b_dec), saes, (jnp.asarray(b_enc), jnp.asarray(b_dec)))
+
+
+def make_preprocess() -> data.Preprocess:
+    rng = np.random.default_rng(1)
+    return data.Preprocess(clamp=3.0, act_mean=rng.normal(0, 0.2, D).astype(np.float32), scalar=1.7)
+
+
+def reference(saes: sae_lib.SAE, pre: data.Preprocess, x_ND: np.ndarray) -> list[dict[str, object]]:
+    """SPEC 4 written plainly in NumPy, float64, one SAE at a time."""
+    x = (np.clip(x_ND.astype(np.float64), -3.0, 3.0) - np.asarray(pre.act_mean, np.float64)) / float(pre.scalar)
+    out = []
+    for m in range(M):
+        W_enc, b_enc, W_dec, b_dec = (np.asarray(getattr(saes, n)[m], np.float64) for n in sae_lib.TENSOR_NAMES)
+        f = np.maximum((x - b_dec) @ W_enc + b_enc, 0)
+        x_hat = f @ W_dec + b_dec
+        fired = f > 0
+        freqs = fired.mean(0)
+        with np.errstate(invalid="ignore"):
+            mean_values = f.sum(0) / fired.sum(0)
+        out.append(dict(
+            l0=fired.sum(1).mean(), l1=f.sum(1).mean(), mse=((x_hat - x) ** 2).mean(),
+            freqs=freqs, mean_values=mean_values,
+            n_dead=int((freqs == 0).sum()), n_almost_dead=int((freqs < ALMOST_DEAD).sum()), n_dense=int((freqs > DENSE).sum()),
+        ))  # fmt: skip
+    return out
+
+
+def padded_batches(x_ND: np.ndarray, batch_size: int, pad_value: float):
+    """Batches of `batch_size` rows, the last padded with `pad_value` (anything: it must be masked)."""
+    for start in range(0, len(x_ND), batch_size):
+        x = x_ND[start : start + batch_size]
+        pad = np.full((batch_size - len(x), D), pad_value, np.float32)
+        yield jnp.asarray(np.concatenate([x, pad])), len(x)
+
+
+def check_against_reference(results: list[evaluate.EvalMetrics], ref: list[dict[str, object]]) -> None:
+    assert len(results) == M
+    for r, e in zip(results, ref):
+        np.testing.assert_allclose(r.freqs, e["freqs"], rtol=0, atol=1e-7)
+        np.testing.assert_array_equal(np.isnan(r.mean_values), np.isnan(e["mean_values"]))
+        np.testing.assert_allclose(r.mean_values, e["mean_values"], rtol=1e-4)
+        np.testing.assert_allclose([r.l0, r.l1, r.mse], [e["l0"], e["l1"], e["mse"]], rtol=1e-4)
+        assert (r.n_dead, r.n_almost_dead, r.n_dense) == (e["n_dead"], e["n_almost_dead"], e["n_dense"])
+        assert (r.almost_dead_threshold, r.dense_threshold) == (ALMOST_DEAD, DENSE)
+        assert math.isfinite(r.quality)
+
+
+@pytest.mark.parametrize("pad_value", [0.0, 1e3])
+def test_evaluate_batches_matches_numpy_with_padded_last_batch(pad_value):
+    rng = np.random.default_rng(2)
+    x_ND = (rng.normal(size=(37, D)) * 2 + 0.5).astype(np.float32)  # 37 = 2 * 16 + 5: the last batch is padded.
+    saes, pre = make_saes(), make_preprocess()
+    results = evaluate.evaluate_batches(
+        saes, padded_batches(x_ND, 16, pad_value), pre, almost_dead_threshold=ALMOST_DEAD, dense_threshold=DENSE
+    )
+    ref = reference(saes, pre, x_ND)
+    check_against_reference(results, ref)
+    # The constructed cases are present, so the threshold counts are exercised.
+    assert all(np.isnan(r.mean_values[0]) and r.freqs[0] == 0 and r.freqs[1] == 1 for r in results)
+    assert all(r.n_dead >= 1 and r.n_dense >= 1 for r in results)
+
+
+def test_quality_stride_changes_only_quality():
+    rng = np.random.default_rng(4)
+    x_ND = rng.normal(size=(64, D)).astype(np.float32)
+    saes, pre = make_saes(), make_preprocess()
+    every = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre)
+    strided = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2)
+    assert (every.code_n, strided.code_n) == (64, 32)
+    np.testing.assert_array_equal(every.n_fired, strided.n_fired)
+    np.testing.assert_array_equal(every.sq_err, strided.sq_err)
+    # Level 0 of the code is the SAE as it is: its counts are the fire counts.
+    np.testing.assert_array_equal(every.code_n_fired[:, 0], every.n_fired)
+    np.testing.assert_allclose(every.code_sq_err[:, 0], every.sq_err, rtol=1e-5)
+
+
+def test_evaluate_reads_shards_in_one_pass(tmp_path):
+    """The public evaluate(): synthetic shards through Activations and the fast loader, last batch padded."""
+    synthetic.write_shards(tmp_path, synthetic.Synthetic(d_vit=D, n_features=16, k=2, n_imgs=5, n_patches_per_img=7, n_patches_per_shard=64))
+    data_cfg = config.DataLoad(shard_root=str(tmp_path), patches="patches", layer=-2, scale_mean=False, scale_norm=False, clamp=3.0)
+    acts = data.Activations(data_cfg)
+    assert len(acts) % 16 != 0
+    cfg = config.Train(data=data_cfg, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP), sae_batch_size=16, n_workers=2)
+    saes, pre = make_saes(), make_preprocess()
+    results = evaluate.evaluate([cfg] * M, saes, acts, pre, almost_dead_threshold=ALMOST_DEAD, dense_threshold=DENSE)
+    check_against_reference(results, reference(saes, pre, acts.read(np.arange(len(acts)))))
+
+
+def make_metrics(**kw) -> evaluate.EvalMetrics:
+    freqs = np.array([0.0, 1e-8, 0.2, 0.9], np.float32)
+    fields = dict(
+        l0=1.1, l1=2.5, mse=0.3, n_dead=1, n_almost_dead=2, n_dense=2, freqs=freqs,
+        mean_values=np.array([np.nan, 0.5, 1.0, 2.0], np.float32), almost_dead_threshold=1e-7, dense_threshold=1e-2, quality=3.5,
+    )  # fmt: skip
+    return evaluate.EvalMetrics(**(fields | kw))
+
+
+def test_for_wandb_keys_and_tables():
+    metrics = make_metrics()
+    logged = metrics.for_wandb()
+    assert set(logged) == {f"eval/{f.name}" for f in dataclasses.fields(evaluate.EvalMetrics)}
+    assert "eval/quality" in logged and logged["eval/quality"] == 3.5
+    for key, column in (("eval/freqs", "freq"), ("eval/mean_values", "mean_value")):
+        table = logged[key]
+        assert isinstance(table, wandb.Table) and table.columns == [column] and len(table.data) == 4
+    scalars = metrics.to_json()
+    assert "freqs" not in scalars and json.loads(json.dumps(scalars)) == scalars
+
+
+def test_plots_write_pngs(tmp_path):
+    cfgs = [config.Train(lr=lr, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP)) for lr in (1e-3, 1e-2)]
+    rng = np.random.default_rng(0)
+    metrics = [
+        make_metrics(freqs=rng.uniform(0, 0.1, S).astype(np.float32), mean_values=rng.uniform(0.1, 2, S).astype(np.float32)),
+        make_metrics(freqs=np.zeros(S, np.float32), mean_values=np.full(S, np.nan, np.float32), n_dead=S),  # all dead
+    ]
+    paths = plots.save_plots(tmp_path, ["run-a", "run-b"], cfgs, metrics)
+    assert paths.per_sae == [tmp_path / "run-a" / plots.SAE_FNAME, tmp_path / "run-b" / plots.SAE_FNAME]
+    for fpath in [*paths.per_sae, paths.group]:
+        assert fpath.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fpath.stat().st_size > 10_000
+    logged = plots.wandb_images(paths)
+    assert len(logged) == 2 and all(isinstance(v, wandb.Image) for d in logged for v in d.values())
+
+
+def test_summary_table_csv_and_cli(tmp_path, capsys):
+    cfgs = [
+        config.Train(lr=1e-3, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP, sparsity_coeff=0.01)),
+        config.Train(lr=4e-3, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP, sparsity_coeff=0.1)),
+    ]
+    metrics = [make_metrics(quality=-1.0, mse=0.25), make_metrics(quality=7.0, l0=3.0)]
+    entries = [(f"run{i}", c, m) for i, (c, m) in enumerate(zip(cfgs, metrics))]
+    out = io.StringIO()
+    fpath = summary.write_summary(tmp_path, entries, file=out)
+    table = out.getvalue().splitlines()
+    assert table[0].split() == list(summary.TABLE_COLUMNS)
+    assert table[2].split()[:2] == ["run0", "0.01"] and table[3].startswith("* run1")
+    with open(fpath) as fd:
+        rows = list(csv.DictReader(fd))
+    assert [r["run_id"] for r in rows] == ["run0", "run1"]
+    assert float(rows[0]["mse"]) == 0.25 and float(rows[1]["quality"]) == 7.0 and float(rows[1]["lr"]) == 4e-3
+    assert int(rows[0]["n_dead"]) == 1 and int(rows[1]["d_sae"]) == S
+
+    # The CLI rebuilds the same CSV from checkpoint directories.
+    for run_id, cfg, m in entries:
+        (tmp_path / run_id).mkdir()
+        (tmp_path / run_id / "cfg.json").write_text(json.dumps(config.to_dict(cfg)))
+        (tmp_path / run_id / "metrics.json").write_text(json.dumps(m.to_json()))
+    csv_before = fpath.read_text()
+    fpath.unlink()
+    assert summary.main([str(tmp_path)]) == 0
+    assert fpath.read_text() == csv_before
+    assert "run1" in capsys.readouterr().out
+    assert summary.main([str(tmp_path / "missing")]) == 2
+    # The end-of-sweep call: only the given runs present there, in the given order.
+    fpath.unlink()
+    assert summary.summarize(tmp_path, ["run1", "elsewhere", "run0"], file=io.StringIO()) == fpath
+    with open(fpath) as fd:
+        assert [r["run_id"] for r in csv.DictReader(fd)] == ["run1", "run0"]
+    assert summary.summarize(tmp_path, ["elsewhere"]) is None
