@@ -4,8 +4,6 @@ From the same initial weights and on the same batches, ten steps of each must le
 parameters, within float32 tolerance, for SAEs that differ in every per-SAE setting.
 """
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,23 +16,10 @@ from benchmarks import torch_baseline  # noqa: E402
 from saev_jax import config, data, train  # noqa: E402
 from saev_jax import sae as sae_lib  # noqa: E402
 
-D, EXP, B, N_STEPS = 8, 4, 16, 10
+# Three configs that differ in everything a group may, and the batch shape.
+from .test_train import B, D, make_cfgs  # noqa: E402
 
-
-def make_cfgs() -> list[config.Train]:
-    """Three configs of one group, differing in lr, warm-ups, sparsity coefficient, seed and both flags."""
-    base = config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP))
-    variants = [
-        dict(lr=1e-2, n_lr_warmup=3, n_sparsity_warmup=0, sae=dict(sparsity_coeff=1e-2, seed=1)),
-        dict(lr=3e-3, n_lr_warmup=0, n_sparsity_warmup=4, sae=dict(sparsity_coeff=5e-2, seed=2, normalize_w_dec=False)),
-        dict(lr=2e-2, n_lr_warmup=5, n_sparsity_warmup=2, sae=dict(sparsity_coeff=0.0, seed=3, remove_parallel_grads=False)),
-    ]
-    cfgs = []
-    for v in variants:
-        sae = dataclasses.replace(base.sae, **v.pop("sae"))
-        cfgs.append(dataclasses.replace(base, sae=sae, **v))
-    config.check_groupable(cfgs)
-    return cfgs
+N_STEPS = 10
 
 
 def make_batches(n: int) -> list[np.ndarray]:
