@@ -44,7 +44,6 @@ import tempfile
 import time
 import types
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 

@@ -7,7 +7,6 @@ serves every SAE of the group. Groups train one after another.
     python -m saev_jax.train sweeps/x.toml --data.shard-root DIR [--lr 1e-3 ...]
 """
 
-import dataclasses
 import functools
 import logging
 import pathlib

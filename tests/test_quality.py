@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, data, evaluate, quality
+from saev_jax import data, evaluate, quality
 from saev_jax import sae as sae_lib
 
 

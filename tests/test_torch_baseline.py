@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs torch")
 
 from benchmarks import torch_baseline  # noqa: E402
-from saev_jax import config, data, train  # noqa: E402
+from saev_jax import data, train  # noqa: E402
 from saev_jax import sae as sae_lib  # noqa: E402
 
 # Three configs that differ in everything a group may, and the batch shape.

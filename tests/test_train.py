@@ -5,7 +5,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from saev_jax import config, data, train
 from saev_jax import sae as sae_lib
