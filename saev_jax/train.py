@@ -220,12 +220,11 @@ def train_group(cfgs: list[config.Train], acts: data.Activations) -> list[str]:
     """Trains, evaluates and checkpoints one group; returns its run ids (the live one first)."""
     cfg = cfgs[0]
     device = get_device(cfg.device)
-    act_mean, scalar = data.get_stats(acts, cfg.data)
-    preprocess = jax.device_put(data.Preprocess(clamp=cfg.data.clamp, act_mean=act_mean, scalar=scalar), device)
+    preprocess = jax.device_put(data.make_preprocess(acts, cfg.data), device)
     ckpt_dpath = pathlib.Path(cfg.ckpt_path)
     mode = "online" if cfg.track else "disabled"
-    tags = [cfg.tag] if cfg.tag else []
-    run = wandb_queue.ParallelWandbRun(cfg.wandb_project, cfgs, mode, tags, ckpt_dpath / "wandb-queue")
+    # ParallelWandbRun drops the empty tag (saev's default).
+    run = wandb_queue.ParallelWandbRun(cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue")
     with run:
         state = train(cfgs, acts, preprocess, run, device)
         results = evaluate.evaluate(cfgs, state.saes, acts, preprocess, device)
