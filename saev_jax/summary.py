@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from . import config
+from . import sae as sae_lib
 from .evaluate import EvalMetrics
 
 CSV_FNAME = "summary.csv"
@@ -99,8 +100,7 @@ def read_entries(ckpt_dpath: str | pathlib.Path, run_ids: list[str] | None = Non
         cfg_fpath, metrics_fpath = dpath / "cfg.json", dpath / "metrics.json"
         if not (cfg_fpath.is_file() and metrics_fpath.is_file()):
             raise config.InputError(f"{dpath}: no cfg.json and metrics.json (not a finished checkpoint)")
-        cfg = config.from_dict(config.Train, json.loads(cfg_fpath.read_text()), where=str(cfg_fpath))
-        entries.append((dpath.name, cfg, json.loads(metrics_fpath.read_text())))
+        entries.append((dpath.name, sae_lib.load_cfg(dpath), json.loads(metrics_fpath.read_text())))
     return entries
 
 
