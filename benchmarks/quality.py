@@ -22,12 +22,13 @@ import sys
 import tempfile
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from saev_jax import config, data, evaluate, plots, synthetic, train
+from saev_jax import config, data, evaluate, plan, plots, step, synthetic, train
 from saev_jax import quality as quality_lib
 from saev_jax import sae as sae_lib
 
@@ -82,23 +83,24 @@ def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | 
     sae_cfg = config.SparseAutoencoder(d_vit=setting.synth.d_vit, exp_factor=setting.exp_factor, n_reinit_samples=0)
     base = config.Train(data=data_cfg, sae=sae_cfg, n_patches=setting.n_patches, sae_batch_size=setting.batch_size, n_lr_warmup=100, track=False)
     cfgs = config.grid(base, {"lr": list(setting.lrs), "sae": {"sparsity_coeff": list(setting.sparsity_coeffs)}})
-    hparams = train.Hparams.from_cfgs(cfgs)
-    saes = sae_lib.make_saes([c.sae for c in cfgs])
+    mesh = plan.make_mesh(jax.devices()[:1])
+    state, hparams = step.init_single(sae_lib.make_saes([c.sae for c in cfgs]), step.Hparams.from_cfgs(cfgs), mesh)
     # b_dec starts at the data mean (SPEC 3), here of the whole set.
-    saes = train.init_b_dec(saes, [dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=len(acts))) for c in cfgs], acts, preprocess)
-    state = train.make_state(saes, hparams)
+    whole = [dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=len(acts))) for c in cfgs]
+    state = eqx.tree_at(lambda s: s.stacks, state, tuple(train.init_b_dec(list(state.stacks), [whole], acts, preprocess)))
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     B, n_steps = setting.batch_size, train.n_train_steps(base)
     order = np.concatenate([rng.permutation(len(acts)) for _ in range(-(-n_steps * B // len(acts)))])
-    for step in range(n_steps):
-        state, metrics = train.train_step(state, hparams, preprocess, jnp.asarray(x_ND[order[step * B : (step + 1) * B]]))
+    for i in range(n_steps):
+        x_BD = jnp.asarray(x_ND[order[i * B : (i + 1) * B]])
+        state, _ = step.train_step(state, hparams, preprocess, x_BD, chunks=(len(cfgs),), mesh=mesh)
     jax.block_until_ready(state)
     t_train = time.perf_counter() - t0
     if save_dpath is not None:
         save_dpath.mkdir(parents=True, exist_ok=True)
-        np.savez(save_dpath / f"saes_{setting.name}.npz", **{k: np.asarray(getattr(state.saes, k)) for k in sae_lib.TENSOR_NAMES})
+        np.savez(save_dpath / f"saes_{setting.name}.npz", **{k: np.asarray(getattr(state.stacks[0].saes, k)) for k in sae_lib.TENSOR_NAMES})
 
     t0 = time.perf_counter()
     n = len(acts)
@@ -108,7 +110,7 @@ def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | 
             x = x_ND[start : start + B]
             yield jnp.asarray(np.pad(x, ((0, B - len(x)), (0, 0)))), len(x)
 
-    stats = evaluate.accumulate(state.saes, batches(), preprocess, quality_stride=max(1, -(-n // B) // -(-evaluate.QUALITY_EXAMPLES // B)))
+    stats = evaluate.accumulate(state.stacks[0].saes, batches(), preprocess, quality_stride=max(1, -(-n // B) // -(-evaluate.QUALITY_EXAMPLES // B)))
     results = evaluate.metrics_from_stats(stats)
     t_eval = time.perf_counter() - t0
     print(f"{setting.name}: data {t_data:.0f}s, train {len(cfgs)} SAEs x {n_steps} steps {t_train:.0f}s, eval {t_eval:.0f}s", file=sys.stderr)
@@ -117,7 +119,7 @@ def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | 
         labels = [plots.label(c) for c in cfgs]
         title = f"setting {setting.name}: d_vit={setting.synth.d_vit}, {setting.synth.n_features} true features, k={setting.synth.k:g}, noise={setting.synth.noise:g}"
         plots.save_figure(plots.plot_group(results, labels, title), fig_dpath / f"sweep_{setting.name}.png")
-        recs = [recovery(np.asarray(state.saes.W_dec[m]), truth) for m in range(len(cfgs))]
+        recs = [recovery(np.asarray(state.stacks[0].saes.W_dec[m]), truth) for m in range(len(cfgs))]
         for tag, m in (("best", int(np.argmax(recs))), ("worst", int(np.argmin(recs)))):
             plots.save_figure(plots.plot_sae(results[m], f"setting {setting.name}, {labels[m]}, recovery {recs[m]:.2f} ({tag} of the sweep)"), fig_dpath / f"sae_{setting.name}_{tag}.png")
 
@@ -125,7 +127,7 @@ def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | 
     for m, (cfg, r) in enumerate(zip(cfgs, results)):
         rows.append(dict(
             setting=setting.name, lr=cfg.lr, sparsity_coeff=cfg.sae.sparsity_coeff,
-            recovery=recovery(np.asarray(state.saes.W_dec[m]), truth),
+            recovery=recovery(np.asarray(state.stacks[0].saes.W_dec[m]), truth),
             mse=r.mse, l0=r.l0, l1=r.l1, n_dead=r.n_dead, n_dense=r.n_dense, d_sae=cfg.sae.d_sae,
         ) | scores(stats, m, r))  # fmt: skip
     return rows, dict(data_s=t_data, train_s=t_train, eval_s=t_eval, n_examples=n, n_steps=n_steps, n_saes=len(cfgs))

@@ -77,7 +77,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import torch_baseline  # noqa: E402
-from saev_jax import config, data, evaluate, synthetic, train  # noqa: E402
+from saev_jax import config, data, evaluate, plan, step, synthetic, train  # noqa: E402
 from saev_jax import sae as sae_lib  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train")
@@ -224,14 +224,16 @@ class VmappedGroup:
     """(a) One stack of M SAEs, one `train.train_step` per batch; metrics leave the device every `log_every` steps, as in `train.train`."""
 
     def __init__(self, cfgs: list[config.Train], x_BD: jax.Array, log_every: int):
-        self.hparams = train.Hparams.from_cfgs(cfgs)
-        self.state = train.make_state(sae_lib.make_saes([c.sae for c in cfgs], cfgs[0].precision), self.hparams)
+        self.mesh = plan.make_mesh(jax.devices()[:1])
+        saes = sae_lib.make_saes([c.sae for c in cfgs], cfgs[0].precision)
+        self.state, self.hparams = step.init_single(saes, step.Hparams.from_cfgs(cfgs), self.mesh)
+        self.chunks = (len(cfgs),)
         d_vit = x_BD.shape[1]
         self.preprocess = data.Preprocess(clamp=1e5, act_mean=np.zeros(d_vit, np.float32), scalar=1.0)
         self.x_BD, self.log_every, self.n_steps = x_BD, log_every, 0
 
     def __call__(self) -> None:
-        self.state, metrics = train.train_step(self.state, self.hparams, self.preprocess, self.x_BD)
+        self.state, metrics = step.train_step(self.state, self.hparams, self.preprocess, self.x_BD, chunks=self.chunks, mesh=self.mesh)
         if self.n_steps % self.log_every == 0:
             jax.device_get(metrics)
         self.n_steps += 1
@@ -442,7 +444,7 @@ class Benchmark:
             cfgs = [dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=args.n_random_samples)) for c in cfgs]
             clock = LogClock()
             t0 = time.perf_counter()
-            state = train.train(cfgs, acts, preprocess, clock, jax.devices()[0])
+            state = train.train(train.make_layout(cfgs), acts, preprocess, clock)
             jax.block_until_ready(state)
             wall = time.perf_counter() - t0
             seconds = clock.seconds_per_step()
@@ -484,8 +486,8 @@ class Benchmark:
             cfgs = make_cfgs(d_vit, d_sae, args.e2e_m, B, precision, **common)
             cfgs = [dataclasses.replace(c, lr=1e-3, sae=dataclasses.replace(c.sae, sparsity_coeff=coeffs[m % len(coeffs)]))
                     for m, c in enumerate(cfgs)]
-            state = train.train(cfgs, acts, preprocess, LogClock(), jax.devices()[0])
-            finals[precision] = evaluate.evaluate(cfgs, state.saes, acts, preprocess, jax.devices()[0])
+            state = train.train(train.make_layout(cfgs), acts, preprocess, LogClock())
+            finals[precision] = evaluate.evaluate(cfgs, state.stacks[0].saes, acts, preprocess, jax.devices()[0])
             state = None
             free_memory()
         self.results["accuracy_setup"] = {"size": args.e2e_size, "M": args.e2e_m, "batch_size": B, "n_steps": n_steps,

@@ -100,6 +100,12 @@ class Train:
     """Seed of everything but the SAE weights (data order)."""
     precision: Literal["float32", "bfloat16"] = "float32"
     """Matmul precision: bfloat16 multiplies in bf16 with float32 accumulation; parameters and Adam state stay float32."""
+    n_devices: int = 0
+    """Train on the first this many devices of the platform; 0 means all of them."""
+    memory_budget_gib: float = 0.0
+    """Memory each device may use, in GiB, for the planner; 0 means what the device reports (CPU: the available RAM)."""
+    sae_chunk: int = 0
+    """SAEs each device updates at once inside the step; 0 lets the planner choose from the memory."""
     slurm: bool = False
     """Accepted for saev sweep files; saev_jax runs where it is started."""
     slurm_acct: str = ""
@@ -111,7 +117,7 @@ class Train:
 CANNOT_PARALLELIZE = frozenset({
     "data", "n_workers", "n_patches", "sae_batch_size", "track", "wandb_project", "tag",
     "log_every", "ckpt_path", "device", "slurm", "slurm_acct", "log_to",
-    "sae.exp_factor", "sae.d_vit", "precision",
+    "sae.d_vit", "precision", "n_devices", "memory_budget_gib", "sae_chunk",
 })  # fmt: skip
 
 
@@ -260,6 +266,9 @@ def validate(cfg: Train) -> None:
         (cfg.n_sparsity_warmup < 0, "n_sparsity_warmup", "must not be negative"),
         (cfg.sae.sparsity_coeff < 0, "sae.sparsity_coeff", "must not be negative"),
         (cfg.sae.n_reinit_samples < 0, "sae.n_reinit_samples", "must not be negative"),
+        (cfg.n_devices < 0, "n_devices", "must not be negative (0 means every device)"),
+        (not cfg.memory_budget_gib >= 0, "memory_budget_gib", "must not be negative (0 means what the device has)"),
+        (cfg.sae_chunk < 0, "sae_chunk", "must not be negative (0 lets the planner choose)"),
         (cfg.precision not in ("float32", "bfloat16"), "precision", "must be float32 or bfloat16"),
         (cfg.data.patches not in typing.get_args(DataLoad.__annotations__["patches"]), "data.patches", "must be cls, patches or meanpool"),
         (isinstance(cfg.data.layer, str) and cfg.data.layer not in ("all", "meanpool"), "data.layer", "must be an int, 'all' or 'meanpool'"),

@@ -1,13 +1,15 @@
 """Trains many SAEs at once on one stream of activations.
 
-Configs that agree on every key in `config.CANNOT_PARALLELIZE` form a group; a group
-trains as one stack of SAEs in one jitted, vmapped step, so each batch read from disk
-serves every SAE of the group. Groups train one after another.
+Configs that agree on every key in `config.CANNOT_PARALLELIZE` form a group. The planner
+(`plan.py`) lays each group out on the devices: one stack per SAE shape, every stack
+trained by the one jitted step (`step.py`) on the same batch, so each batch read from disk
+serves every SAE of the group. Groups (and the rounds a group too big for its devices is
+split into) train one after another.
 
     python -m saev_jax.train sweeps/x.toml --data.shard-root DIR [--lr 1e-3 ...]
 """
 
-import functools
+import dataclasses
 import logging
 import pathlib
 import sys
@@ -17,107 +19,34 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import tqdm
 import tyro
-from jaxtyping import Array, Bool, Float, Int
+from jax.sharding import NamedSharding, PartitionSpec
 
-from . import config, data, evaluate, optim, plots, summary, wandb_queue
+from . import config, data, evaluate, plan, plots, step, summary, wandb_queue
 from . import sae as sae_lib
 
 logger = logging.getLogger(__name__)
 
 
-class Hparams(eqx.Module):
-    """What may differ between the SAEs of a group: one entry per SAE."""
-
-    lr: Float[Array, " M"]
-    n_lr_warmup: Int[Array, " M"]
-    sparsity_coeff: Float[Array, " M"]
-    n_sparsity_warmup: Int[Array, " M"]
-    normalize_w_dec: Bool[Array, " M"]
-    remove_parallel_grads: Bool[Array, " M"]
-
-    @classmethod
-    def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
-        return cls(
-            lr=jnp.array([c.lr for c in cfgs], dtype=jnp.float32),
-            n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], dtype=jnp.int32),
-            sparsity_coeff=jnp.array([c.sae.sparsity_coeff for c in cfgs], dtype=jnp.float32),
-            n_sparsity_warmup=jnp.array([c.n_sparsity_warmup for c in cfgs], dtype=jnp.int32),
-            normalize_w_dec=jnp.array([c.sae.normalize_w_dec for c in cfgs]),
-            remove_parallel_grads=jnp.array([c.sae.remove_parallel_grads for c in cfgs]),
-        )
-
-
-class TrainState(eqx.Module):
-    """Everything that changes while a group trains.
-
-    There is no PRNG key: nothing in the step is random. The only randomness after
-    initialisation is the data order, a function of the group's seed and `step`.
-    """
-
-    saes: sae_lib.SAE
-    opt_state: optax.OptState
-    step: Int[Array, ""]
-
-
-def make_state(saes: sae_lib.SAE, hparams: Hparams) -> TrainState:
-    """A fresh state: step 0 and each SAE's optimizer state initialised from its own parameters."""
-
-    def init_one(sae, hp):
-        return optim.make_optimizer(hp.lr, hp.n_lr_warmup, hp.remove_parallel_grads).init(sae)
-
-    opt_state = jax.vmap(init_one)(saes, hparams)
-    return TrainState(saes=saes, opt_state=opt_state, step=jnp.zeros((), jnp.int32))
-
-
-def _step_one(sae, opt_state, hp: Hparams, x_BD, step):
-    """One SAE's update: SPEC 3 steps 1-4. Every argument but x_BD and step is this SAE's own."""
-    W_dec = jnp.where(hp.normalize_w_dec, sae.normalize_w_dec().W_dec, sae.W_dec)
-    sae = eqx.tree_at(lambda s: s.W_dec, sae, W_dec)
-    sparsity_coeff = optim.warmup(hp.sparsity_coeff, hp.n_sparsity_warmup)(step)
-    (_, metrics), grads = eqx.filter_value_and_grad(sae_lib.loss, has_aux=True)(sae, x_BD, sparsity_coeff)
-    optimizer = optim.make_optimizer(hp.lr, hp.n_lr_warmup, hp.remove_parallel_grads)
-    updates, opt_state = optimizer.update(grads, opt_state, sae)
-    sae = eqx.apply_updates(sae, updates)
-    metrics |= {
-        "learning_rate": optim.warmup(hp.lr, hp.n_lr_warmup)(step),
-        "sparsity_coeff": sparsity_coeff,
-    }
-    return sae, opt_state, metrics
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def train_step(
-    state: TrainState, hparams: Hparams, preprocess: data.Preprocess, x_BD: Float[Array, "B d_vit"]
-) -> tuple[TrainState, dict[str, Float[Array, " M"]]]:
-    """One optimizer step of every SAE of the stack on the same raw batch.
-
-    Returns the new state and a dict of `[M]` metrics measured before the update.
-    """
-    x_BD = preprocess(x_BD)
-    step_all = jax.vmap(_step_one, in_axes=(0, 0, 0, None, None))
-    saes, opt_state, metrics = step_all(state.saes, state.opt_state, hparams, x_BD, state.step)
-    return TrainState(saes=saes, opt_state=opt_state, step=state.step + 1), metrics
-
-
-def init_b_dec(saes: sae_lib.SAE, cfgs: list[config.Train], acts: data.Activations, preprocess: data.Preprocess) -> sae_lib.SAE:
+def init_b_dec(
+    stacks: list[step.Stack], stack_cfgs: list[list[config.Train]], acts: data.Activations, preprocess: data.Preprocess
+) -> list[step.Stack]:
     """Sets each SAE's b_dec to the mean of the first `n_reinit_samples` examples of one permutation.
 
     The permutation is drawn with the first config's `sae.seed` (as saev does) and one
-    read of the largest count serves the whole group. SAEs with `n_reinit_samples = 0`
-    keep their b_dec.
+    read of the largest count serves every stack of the group. SAEs with
+    `n_reinit_samples = 0` keep their b_dec.
     """
-    counts = [c.sae.n_reinit_samples for c in cfgs]
-    n_max = min(max(counts), len(acts))
+    counts = [[c.sae.n_reinit_samples for c in cfgs] for cfgs in stack_cfgs]
+    n_max = min(max(max(c) for c in counts), len(acts))
     if n_max == 0:
-        return saes
-    perm = np.random.default_rng(cfgs[0].sae.seed).permutation(len(acts))[:n_max]
+        return stacks
+    perm = np.random.default_rng(stack_cfgs[0][0].sae.seed).permutation(len(acts))[:n_max]
     sum_fn = jax.jit(lambda x_BD: jnp.sum(preprocess(x_BD), axis=0))
 
     # Prefix sums of the permutation at every count some SAE asks for.
-    bounds = sorted({min(n, n_max) for n in counts} | {0})
+    bounds = sorted({min(n, n_max) for c in counts for n in c} | {0})
     prefix = {0: np.zeros(acts.d_vit, np.float64)}
     running = np.zeros(acts.d_vit, np.float64)
     chunk = 1 << 15
@@ -127,12 +56,15 @@ def init_b_dec(saes: sae_lib.SAE, cfgs: list[config.Train], acts: data.Activatio
             running += np.asarray(sum_fn(acts.read(idx)), np.float64)
         prefix[hi] = running.copy()
 
-    b_dec_MD = np.array(saes.b_dec)
-    for m, n in enumerate(counts):
-        if n > 0:
-            n = min(n, n_max)
-            b_dec_MD[m] = prefix[n] / n
-    return eqx.tree_at(lambda s: s.b_dec, saes, jnp.asarray(b_dec_MD, jnp.float32))
+    out = []
+    for stack, stack_counts in zip(stacks, counts):
+        b_dec_MD = np.array(stack.saes.b_dec)
+        for m, n in enumerate(stack_counts):
+            if n > 0:
+                b_dec_MD[m] = prefix[min(n, n_max)] / min(n, n_max)
+        b_dec_MD = jax.device_put(jnp.asarray(b_dec_MD, jnp.float32), stack.saes.b_dec.sharding)
+        out.append(eqx.tree_at(lambda s: s.saes.b_dec, stack, b_dec_MD))
+    return out
 
 
 def n_train_steps(cfg: config.Train) -> int:
@@ -140,69 +72,149 @@ def n_train_steps(cfg: config.Train) -> int:
     return cfg.n_patches // cfg.sae_batch_size + 1
 
 
+def pad_cfgs(cfgs: list[config.Train], n_padded: int) -> list[config.Train]:
+    """`cfgs` and `n_padded - len(cfgs)` pads: copies of the first with fresh seeds and learning rate 0.
+
+    A pad's update is exactly zero and nothing in the step mixes SAEs, so pads never change
+    the real SAEs; they are dropped before logging, evaluation and checkpoints.
+    """
+    top = max(c.sae.seed for c in cfgs)
+    pads = [
+        dataclasses.replace(cfgs[0], lr=0.0, sae=dataclasses.replace(cfgs[0].sae, seed=top + 1 + i))
+        for i in range(n_padded - len(cfgs))
+    ]
+    return list(cfgs) + pads
+
+
+class Layout:
+    """One round of a group on a mesh: its stacks' configs (padded), hyper-parameters and shardings."""
+
+    def __init__(self, cfgs: list[config.Train], rnd: plan.Round, mesh: jax.sharding.Mesh):
+        self.cfgs = cfgs
+        self.round = rnd
+        self.mesh = mesh
+        self.stack_cfgs = [[cfgs[i] for i in s.cfg_indices] for s in rnd.stacks]
+        self.padded_cfgs = [pad_cfgs(c, s.n_padded) for c, s in zip(self.stack_cfgs, rnd.stacks)]
+        self.chunks = tuple(s.chunk for s in rnd.stacks)
+        self.stacked = NamedSharding(mesh, PartitionSpec(step.SAE_AXIS))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.hparams = tuple(
+            jax.device_put(step.Hparams.from_cfgs(c), self.stacked) for c in self.padded_cfgs
+        )
+
+    def init_state(self, acts: data.Activations, preprocess: data.Preprocess) -> step.TrainState:
+        """Fresh stacks, built on the devices that hold them, with b_dec from the data."""
+        precision = self.cfgs[0].precision
+        stacks = []
+        for cfgs, hparams in zip(self.padded_cfgs, self.hparams):
+            build = jax.jit(
+                lambda hp, cfgs=cfgs: step.make_stack(sae_lib.make_saes([c.sae for c in cfgs], precision), hp),
+                out_shardings=self.stacked,
+            )
+            stacks.append(build(hparams))
+        stacks = init_b_dec(stacks, self.padded_cfgs, acts, preprocess)
+        state = step.make_state(stacks)
+        return jax.device_put(state, step.state_sharding(state, self.mesh))
+
+    def abstract_state(self) -> step.TrainState:
+        """Shapes, dtypes and shardings of `init_state`'s result, without allocating it."""
+        precision = self.cfgs[0].precision
+        stacks = tuple(
+            step.make_stack(sae_lib.make_saes([c.sae for c in cfgs], precision), hp)
+            for cfgs, hp in zip(self.padded_cfgs, self.hparams)
+        )
+        shapes = jax.eval_shape(lambda: step.make_state(stacks))
+        return jax.tree.map(
+            lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+            shapes, step.state_sharding(shapes, self.mesh),
+        )  # fmt: skip
+
+    def compile(self, preprocess: data.Preprocess):
+        """The compiled step of this layout, and XLA's peak-memory estimate per device in bytes."""
+        cfg = self.cfgs[0]
+        x = jax.ShapeDtypeStruct((cfg.sae_batch_size, cfg.sae.d_vit), jnp.float32, sharding=self.replicated)
+        lowered = step.train_step.lower(
+            self.abstract_state(), self.hparams, preprocess, x, chunks=self.chunks, mesh=self.mesh
+        )
+        compiled = lowered.compile()
+        mem = compiled.memory_analysis()
+        peak = None
+        if mem is not None:
+            peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+        return compiled, peak
+
+    def real_metrics(self, metrics: tuple[dict[str, np.ndarray], ...]) -> list[dict[str, float]]:
+        """Per config of the round (in config order), its metrics from the per-stack `[M_pad]` arrays."""
+        out: list[dict[str, float] | None] = [None] * len(self.cfgs)
+        for s, m in zip(self.round.stacks, metrics):
+            for j, i in enumerate(s.cfg_indices):
+                out[i] = {key: value[j] for key, value in m.items()}
+        return out
+
+    def real_saes(self, state: step.TrainState) -> list[tuple[list[int], sae_lib.SAE, np.ndarray]]:
+        """Per stack: config positions, the real SAEs (pads dropped) on one device, and their `diverged_at`."""
+        device = self.mesh.devices.flat[0]
+        out = []
+        for s, stack in zip(self.round.stacks, state.stacks):
+            saes = jax.tree.map(lambda leaf: jax.device_put(leaf[: s.n_saes], device), stack.saes)
+            out.append((list(s.cfg_indices), saes, np.asarray(jax.device_get(stack.diverged_at))[: s.n_saes]))
+        return out
+
+
 def train(
-    cfgs: list[config.Train],
+    layout: Layout,
     acts: data.Activations,
     preprocess: data.Preprocess,
     run: wandb_queue.ParallelWandbRun,
-    device: jax.Device,
-) -> TrainState:
-    """Trains one group of configs as one stack; logs through `run`; returns the final state."""
-    cfg = cfgs[0]
-    hparams = jax.device_put(Hparams.from_cfgs(cfgs), device)
-    saes = sae_lib.make_saes([c.sae for c in cfgs], cfg.precision)
-    saes = init_b_dec(saes, cfgs, acts, preprocess)
-    state = jax.device_put(make_state(saes, hparams), device)
+) -> step.TrainState:
+    """Trains one round of a group; logs through `run`; returns the final state."""
+    cfg = layout.cfgs[0]
+    t0 = time.perf_counter()
+    compiled, peak = layout.compile(preprocess)
+    if peak is not None:
+        logger.info("Compiled the step in %.1f s; XLA plans %.2f GiB per device.", time.perf_counter() - t0, peak / plan.GIB)
+    state = layout.init_state(acts, preprocess)
 
     n_steps = n_train_steps(cfg)
     B = cfg.sae_batch_size
-    loader = data.Loader(acts, batch_size=B, shuffle=True, seed=cfg.seed, n_threads=cfg.n_workers, device=device)
+    loader = data.Loader(
+        acts, batch_size=B, shuffle=True, seed=cfg.seed, n_threads=cfg.n_workers, device=layout.replicated
+    )
     batches = iter(loader)
-    bar = tqdm.trange(n_steps, desc=f"train {len(cfgs)} SAEs", unit="step", dynamic_ncols=True)
+    bar = tqdm.trange(n_steps, desc=f"train {len(layout.cfgs)} SAEs", unit="step", dynamic_ncols=True)
     last_t, last_step = time.perf_counter(), 0
     try:
-        for step in bar:
+        for i in bar:
             x_BD, _ = next(batches)
-            state, metrics = train_step(state, hparams, preprocess, x_BD)
-            if step % cfg.log_every == 0 or step == n_steps - 1:
-                metrics = jax.device_get(metrics)  # The one host transfer of a log step.
-                run.log(_metrics_for_wandb(metrics, n_seen=(step + 1) * B), step=step)
+            state, metrics = compiled(state, layout.hparams, preprocess, x_BD)
+            if i % cfg.log_every == 0 or i == n_steps - 1:
+                metrics = layout.real_metrics(jax.device_get(metrics))  # The one host transfer of a log step.
+                run.log(_metrics_for_wandb(metrics, n_seen=(i + 1) * B), step=i)
                 now = time.perf_counter()
-                rate = (step + 1 - last_step) * B / max(now - last_t, 1e-9)
-                last_t, last_step = now, step + 1
-                bar.set_postfix(ex_per_s=f"{rate:,.0f}", loss=f"{metrics['loss'][0]:.4g}")
+                rate = (i + 1 - last_step) * B / max(now - last_t, 1e-9)
+                last_t, last_step = now, i + 1
+                bar.set_postfix(ex_per_s=f"{rate:,.0f}", loss=f"{metrics[0]['loss']:.4g}")
     finally:
         batches.close()
     return state
 
 
-def _metrics_for_wandb(metrics: dict[str, np.ndarray], *, n_seen: int) -> list[dict[str, float]]:
-    """One wandb dict per SAE with SPEC 3's keys, from a dict of `[M]` host arrays."""
+def _metrics_for_wandb(metrics: list[dict[str, np.ndarray]], *, n_seen: int) -> list[dict[str, object]]:
+    """One wandb dict per SAE with SPEC 3's keys (and `diverged`), from each SAE's host metrics."""
     keys = {
         "losses/mse": "mse", "losses/l1": "l1", "losses/sparsity": "sparsity", "losses/loss": "loss",
         "metrics/l0": "l0", "metrics/l1": "l1",
         "progress/learning_rate": "learning_rate", "progress/sparsity_coeff": "sparsity_coeff",
     }  # fmt: skip
-    n_saes = len(metrics["loss"])
     return [
-        {name: float(metrics[key][m]) for name, key in keys.items()} | {"progress/n_patches_seen": n_seen}
-        for m in range(n_saes)
+        {name: float(m[key]) for name, key in keys.items()}
+        | {"progress/n_patches_seen": n_seen, "progress/diverged": bool(m["diverged"])}
+        for m in metrics
     ]
 
 
-def get_device(name: str) -> jax.Device:
-    """The JAX device a config's `device` names; InputError if this machine has none."""
-    platform = {"auto": None, "cuda": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "tpu"}.get(name.lower(), "?")
-    if platform == "?":
-        raise config.InputError(f"device = {name!r}: must be auto, cpu, gpu (or cuda) or tpu")
-    try:
-        return jax.devices(platform)[0]
-    except RuntimeError:
-        raise config.InputError(f"device = {name!r}: JAX has no {platform} backend here (see README: installing for GPU/TPU)") from None
-
-
 def open_group(cfgs: list[config.Train]) -> data.Activations:
-    """Opens and checks a group's data before anything is trained or written."""
+    """Opens and checks a group's data and devices before anything is trained or written."""
     cfg = cfgs[0]
     config.check_groupable(cfgs)
     for c in cfgs:
@@ -212,43 +224,75 @@ def open_group(cfgs: list[config.Train]) -> data.Activations:
         raise config.InputError(
             f"sae.d_vit = {cfg.sae.d_vit} but the shards in {cfg.data.shard_root} have d_vit = {acts.d_vit}"
         )
-    get_device(cfg.device)
+    plan.get_devices(cfg)
     return acts
 
 
-def train_group(cfgs: list[config.Train], acts: data.Activations) -> list[str]:
-    """Trains, evaluates and checkpoints one group; returns its run ids (the live one first)."""
+def plan_group(cfgs: list[config.Train]) -> tuple[plan.Plan, jax.sharding.Mesh]:
+    """The group's plan on its devices; InputError if one SAE cannot fit."""
+    devices = plan.get_devices(cfgs[0])
+    limit, source = plan.device_limit(cfgs[0], devices)
+    return plan.make_plan(cfgs, devices, limit, source), plan.make_mesh(devices)
+
+
+def make_layout(cfgs: list[config.Train]) -> Layout:
+    """The layout of a group that fits in one round (benchmarks and tools); ValueError otherwise."""
+    group_plan, mesh = plan_group(cfgs)
+    if len(group_plan.rounds) != 1:
+        raise ValueError(f"make_layout: the group needs {len(group_plan.rounds)} rounds")
+    return Layout(cfgs, group_plan.rounds[0], mesh)
+
+
+def train_round(cfgs: list[config.Train], layout: Layout, acts: data.Activations, preprocess: data.Preprocess) -> list[str]:
+    """Trains, evaluates and checkpoints one round; returns its run ids (the live one first)."""
     cfg = cfgs[0]
-    device = get_device(cfg.device)
-    preprocess = jax.device_put(data.make_preprocess(acts, cfg.data), device)
     ckpt_dpath = pathlib.Path(cfg.ckpt_path)
     mode = "online" if cfg.track else "disabled"
     # ParallelWandbRun drops the empty tag (saev's default).
     run = wandb_queue.ParallelWandbRun(cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue")
+    eval_device = layout.mesh.devices.flat[0]
     with run:
-        state = train(cfgs, acts, preprocess, run, device)
-        results = evaluate.evaluate(cfgs, state.saes, acts, preprocess, device)
-        run.log([r.for_wandb() for r in results], step=int(state.step))
-        for run_id, c, sae, result in zip(run.ids, cfgs, sae_lib.unstack(state.saes), results):
-            sae_lib.save(sae, ckpt_dpath / run_id, c, result.to_json())
+        state = train(layout, acts, jax.device_put(preprocess, layout.replicated), run)
+        results: list[evaluate.EvalMetrics | None] = [None] * len(cfgs)
+        diverged_at: list[int] = [-1] * len(cfgs)
+        for indices, saes, div in layout.real_saes(state):
+            stack_cfgs = [cfgs[i] for i in indices]
+            for i, r, d in zip(indices, evaluate.evaluate(stack_cfgs, saes, acts, preprocess, eval_device), div):
+                results[i], diverged_at[i] = r, int(d)
+        run.log([r.for_wandb() | {"eval/diverged": d >= 0} for r, d in zip(results, diverged_at)], step=int(state.step))
+        for indices, saes, _ in layout.real_saes(state):
+            for i, sae in zip(indices, sae_lib.unstack(saes)):
+                extra = {"diverged": diverged_at[i] >= 0, "diverged_step": diverged_at[i] if diverged_at[i] >= 0 else None}
+                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], results[i].to_json() | extra)
         paths = plots.save_plots(ckpt_dpath, run.ids, cfgs, results)
         run.log(plots.wandb_images(paths), step=int(state.step))
     return run.finish()
 
 
 def main(cfgs: list[config.Train]) -> list[str]:
-    """Trains every config, group by group; returns every run id.
+    """Trains every config, group by group (round by round); returns every run id.
 
-    Every group's configs and data are checked before the first group trains, so bad
-    input fails fast and writes nothing. At the end, each `ckpt_path` gets a
+    Every group's configs, data and plan are checked before the first group trains, so
+    bad input fails fast and writes nothing. At the end, each `ckpt_path` gets a
     `summary.csv` of its runs, also printed as a table.
     """
     groups = config.split_cfgs(cfgs)
     opened = [open_group(group) for group in groups]
+    plans = [plan_group(group) for group in groups]
     ids = []
-    for i, (group, acts) in enumerate(zip(groups, opened)):
-        logger.info("Group %d/%d: %d SAEs, d_sae=%d.", i + 1, len(groups), len(group), group[0].sae.d_sae)
-        ids.extend(train_group(group, acts))
+    for i, (group, acts, (group_plan, mesh)) in enumerate(zip(groups, opened, plans)):
+        logger.info("Group %d/%d: %d SAEs in %d round(s).", i + 1, len(groups), len(group), len(group_plan.rounds))
+        for line in group_plan.lines():
+            logger.info(line)
+        preprocess = data.make_preprocess(acts, group[0].data)
+        for rnd in group_plan.rounds:
+            indices = [j for s in rnd.stacks for j in s.cfg_indices]
+            round_cfgs = [group[j] for j in sorted(indices)]
+            position = {j: k for k, j in enumerate(sorted(indices))}
+            rnd = dataclasses.replace(rnd, stacks=tuple(
+                dataclasses.replace(s, cfg_indices=tuple(position[j] for j in s.cfg_indices)) for s in rnd.stacks
+            ))  # fmt: skip
+            ids.extend(train_round(round_cfgs, Layout(round_cfgs, rnd, mesh), acts, preprocess))
     for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
         summary.summarize(ckpt_path, ids)
     return ids

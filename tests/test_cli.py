@@ -1,5 +1,6 @@
 """`python -m saev_jax.train` end to end on a tiny synthetic shard set, and its bad-input errors."""
 
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from saev_jax import config, data, synthetic, train
+from saev_jax import config, data, step, synthetic, train
 from saev_jax import sae as sae_lib
 
 D = 16
@@ -78,12 +79,16 @@ def test_b_dec_is_the_mean_of_a_seeded_permutation(shard_root):
     ]
     acts = data.Activations(cfg.data)
     pre = data.make_preprocess(acts, cfg.data)
-    saes = train.init_b_dec(sae_lib.make_saes([c.sae for c in cfgs]), cfgs, acts, pre)
+    # Two stacks (one SAE of another width in the second): one permutation serves both.
+    cfgs[1] = dataclasses.replace(cfgs[1], sae=dataclasses.replace(cfgs[1].sae, exp_factor=4))
+    stack_cfgs = [[cfgs[0], cfgs[2]], [cfgs[1]]]
+    stacks = [step.make_stack(sae_lib.make_saes([c.sae for c in s]), step.Hparams.from_cfgs(s)) for s in stack_cfgs]
+    stacks = train.init_b_dec(stacks, stack_cfgs, acts, pre)
     perm = np.random.default_rng(cfgs[0].sae.seed).permutation(len(acts))
     x = np.asarray(pre(acts.read(perm[:100])), np.float64)
-    np.testing.assert_allclose(saes.b_dec[0], x.mean(axis=0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(saes.b_dec[1], 0.0)
-    np.testing.assert_allclose(saes.b_dec[2], x[:37].mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stacks[0].saes.b_dec[0], x.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stacks[0].saes.b_dec[1], x[:37].mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stacks[1].saes.b_dec[0], 0.0)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -141,8 +146,8 @@ def test_second_group_bad_data_fails_before_first_group_trains(tmp_path, shard_r
 
 def test_ungroupable_configs_name_the_keys(shard_root):
     a = config.Train(data=config.DataLoad(shard_root=str(shard_root), layer=-1), sae=config.SparseAutoencoder(d_vit=D))
-    b = config.grid(a, {"sae_batch_size": 8, "sae": {"exp_factor": 2}})[0]
-    with pytest.raises(config.InputError, match="sae.exp_factor, sae_batch_size"):
+    b = config.grid(a, {"sae_batch_size": 8, "log_every": 3})[0]
+    with pytest.raises(config.InputError, match="log_every, sae_batch_size"):
         train.open_group([a, b])
 
 

@@ -83,13 +83,14 @@ def test_wrong_type_is_an_error_naming_the_field():
 def test_split_cfgs():
     cfgs = config.grid(config.Train(), SAEV_SWEEP)
     groups = config.split_cfgs(cfgs)
-    assert [len(g) for g in groups] == [9, 9]
-    assert [c.sae.exp_factor for c in groups[0]] == [16] * 9
-    assert [c.sae.exp_factor for c in groups[1]] == [32] * 9
-    # Input order within a group.
-    assert groups[0] == [c for c in cfgs if c.sae.exp_factor == 16]
+    # Widths share a data stream (SPEC 2): saev's sweep (exp 16 and 32) is one group, read once.
+    assert [len(g) for g in groups] == [18]
+    assert groups[0] == cfgs
     # Things that may differ inside a group do.
-    assert len({(c.lr, c.sae.sparsity_coeff, c.sae.seed) for c in groups[0]}) == 9
+    assert len({(c.lr, c.sae.sparsity_coeff, c.sae.seed, c.sae.exp_factor) for c in groups[0]}) == 18
+    # Anything else in CANNOT_PARALLELIZE still splits.
+    other = [dataclasses.replace(c, sae_batch_size=8) for c in cfgs[:3]]
+    assert [len(g) for g in config.split_cfgs(cfgs + other)] == [18, 3]
 
 
 def test_split_cfgs_first_seen_order_and_data():
@@ -101,9 +102,9 @@ def test_split_cfgs_first_seen_order_and_data():
 
 def test_check_groupable_names_keys():
     a = config.Train()
-    b = dataclasses.replace(a, sae_batch_size=8, sae=dataclasses.replace(a.sae, exp_factor=2))
-    config.check_groupable([a, dataclasses.replace(a, lr=1.0)])
-    with pytest.raises(config.InputError, match="sae.exp_factor, sae_batch_size"):
+    b = dataclasses.replace(a, sae_batch_size=8, sae=dataclasses.replace(a.sae, d_vit=2))
+    config.check_groupable([a, dataclasses.replace(a, lr=1.0, sae=dataclasses.replace(a.sae, exp_factor=2))])
+    with pytest.raises(config.InputError, match="sae.d_vit, sae_batch_size"):
         config.check_groupable([a, b])
 
 

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="needs torch")
 
 from benchmarks import torch_baseline  # noqa: E402
-from saev_jax import data, train  # noqa: E402
+from saev_jax import data, plan, step  # noqa: E402
 from saev_jax import sae as sae_lib  # noqa: E402
 
 # Three configs that differ in everything a group may, and the batch shape.
@@ -41,12 +41,12 @@ def test_torch_baseline_matches_saev_jax():
         torch_baseline.from_arrays({n: np.asarray(getattr(init, n))[m] for n in sae_lib.TENSOR_NAMES}, c.sae.sparsity_coeff, device)
         for m, c in enumerate(cfgs)
     ]
-    hparams = train.Hparams.from_cfgs(cfgs)
-    state = train.make_state(init, hparams)
+    mesh = plan.make_mesh(jax.devices()[:1])
+    state, hparams = step.init_single(init, step.Hparams.from_cfgs(cfgs), mesh)
     preprocess = data.Preprocess(clamp=1e5, act_mean=jnp.zeros(D), scalar=jnp.float32(1.0))
     jax_metrics = []
     for x in xs:
-        state, metrics = train.train_step(state, hparams, preprocess, jnp.asarray(x))
+        state, (metrics,) = step.train_step(state, hparams, preprocess, jnp.asarray(x), chunks=(len(cfgs),), mesh=mesh)
         jax_metrics.append(jax.device_get(metrics))
 
     trainer = torch_baseline.Trainer(saes, [torch_baseline.Hparams.from_cfg(c) for c in cfgs])
@@ -61,5 +61,5 @@ def test_torch_baseline_matches_saev_jax():
     for m, sae in enumerate(saes):
         for name in sae_lib.TENSOR_NAMES:
             got = getattr(sae, name).detach().numpy()
-            want = np.asarray(getattr(state.saes, name)[m])
+            want = np.asarray(getattr(state.stacks[0].saes, name)[m])
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{name} sae {m}")

@@ -1,0 +1,227 @@
+"""How a group of SAEs is laid out on the devices it is given, before anything is allocated.
+
+A group's SAEs form one stack per shape. Every stack is split over the devices of a mesh
+axis `'sae'` (padded to a multiple of it), and each device runs its share `chunk` SAEs at a
+time inside the one jitted step. The planner picks the chunk sizes from the memory each
+device has, so that the whole state stays resident and the batch is read once per step;
+only when even that state does not fit does it split the group into rounds that train one
+after another (each round re-reads the data).
+
+Per SAE with P parameters (SPEC 8): resident `12 P` bytes (parameters and two Adam moments);
+in flight `8 P + 3 B d_sae 4` (gradients and updates, and the `[B, d_sae]` activations the
+backward pass keeps). Shared per device: a few `[B, d_vit]` batches. The estimate is then
+checked, and the chunks shrunk if needed, with XLA's own memory analysis of the compiled step.
+"""
+
+import dataclasses
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from . import config
+from .step import SAE_AXIS
+
+logger = logging.getLogger(__name__)
+
+HEADROOM = 0.9
+"""Plan to use at most this fraction of a device's memory."""
+ACTIVATION_COPIES = 3
+"""`[B, d_sae]` float32 arrays alive per SAE in flight (XLA:CPU measured 2.3)."""
+BATCH_COPIES = 4
+"""`[B, d_vit]` float32 batches alive per device: raw, preprocessed, and the loader's prefetch."""
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class StackPlan:
+    """One stack of SAEs of one shape: which configs, how many padded SAEs, how they run."""
+
+    cfg_indices: tuple[int, ...]
+    """Positions in the group's config list of this stack's SAEs, in stack order."""
+    d_vit: int
+    d_sae: int
+    n_padded: int
+    """Stack length after padding to a multiple of the device count (pads are never reported)."""
+    chunk: int
+    """SAEs each device runs at once inside the step."""
+
+    @property
+    def n_saes(self) -> int:
+        return len(self.cfg_indices)
+
+    @property
+    def n_params(self) -> int:
+        return 2 * self.d_vit * self.d_sae + self.d_sae + self.d_vit
+
+
+@dataclasses.dataclass(frozen=True)
+class Round:
+    """Stacks trained together, on one pass over the data."""
+
+    stacks: tuple[StackPlan, ...]
+    planned_bytes: int
+    """Planned peak bytes per device (estimate, or XLA's analysis once checked)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A group's layout: rounds trained one after another, on `n_devices` devices with `limit` bytes each."""
+
+    rounds: tuple[Round, ...]
+    n_devices: int
+    platform: str
+    limit: int
+    """Bytes per device the plan must stay under."""
+    limit_source: str
+    """Where `limit` came from: the config's budget, the device, or the OS."""
+
+    def lines(self) -> list[str]:
+        """One line per stack: its SAEs, devices, chunk and planned bytes per device against the limit."""
+        out = []
+        n_stacks = sum(len(r.stacks) for r in self.rounds)
+        i = 0
+        for r_i, rnd in enumerate(self.rounds):
+            for s in rnd.stacks:
+                i += 1
+                pads = f" (+{s.n_padded - s.n_saes} padding)" if s.n_padded > s.n_saes else ""
+                where = f"round {r_i + 1}/{len(self.rounds)}, " if len(self.rounds) > 1 else ""
+                out.append(
+                    f"stack {i}/{n_stacks}: {s.n_saes} SAEs{pads} of {s.d_vit}x{s.d_sae}, {where}"
+                    f"{self.n_devices} devices ({self.platform}), chunk {s.chunk}, "
+                    f"planned {rnd.planned_bytes / GIB:.2f} GiB per device of {self.limit / GIB:.2f} GiB ({self.limit_source})"
+                )
+        return out
+
+
+def resident_bytes(n_params: int) -> int:
+    """Parameters and both Adam moments of one SAE, float32."""
+    return 12 * n_params
+
+
+def in_flight_bytes(n_params: int, batch_size: int, d_sae: int) -> int:
+    """What one SAE needs while its update is computed, beyond its resident state."""
+    return 8 * n_params + ACTIVATION_COPIES * batch_size * d_sae * 4
+
+
+def estimate(stacks: list[StackPlan], n_devices: int, batch_size: int) -> int:
+    """Estimated peak bytes per device of one round: resident state plus the largest stack in flight.
+
+    Stacks run one after another inside the step, so only one stack's chunk is in flight at a time.
+    """
+    shared = BATCH_COPIES * batch_size * stacks[0].d_vit * 4
+    resident = sum(s.n_padded // n_devices * resident_bytes(s.n_params) for s in stacks)
+    flight = max(s.chunk * in_flight_bytes(s.n_params, batch_size, s.d_sae) for s in stacks)
+    return shared + resident + flight
+
+
+def get_devices(cfg: config.Train) -> list[jax.Device]:
+    """The devices a group trains on: the first `cfg.n_devices` (0: all) of its platform."""
+    platform = {"auto": None, "cuda": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "tpu"}.get(cfg.device.lower(), "?")
+    if platform == "?":
+        raise config.InputError(f"device = {cfg.device!r}: must be auto, cpu, gpu (or cuda) or tpu")
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:
+        raise config.InputError(f"device = {cfg.device!r}: JAX has no {platform} backend here (see README: installing for GPU/TPU)") from None
+    if cfg.n_devices > len(devices):
+        raise config.InputError(f"n_devices = {cfg.n_devices}: only {len(devices)} {devices[0].platform} devices exist here")
+    return devices[: cfg.n_devices or len(devices)]
+
+
+def make_mesh(devices: list[jax.Device]) -> Mesh:
+    """A one-axis mesh `'sae'` over `devices` (Auto axis type, as every JAX version builds it)."""
+    return Mesh(np.array(devices), (SAE_AXIS,))
+
+
+def device_limit(cfg: config.Train, devices: list[jax.Device]) -> tuple[int, str]:
+    """Bytes each device may use, and where that number came from."""
+    if cfg.memory_budget_gib > 0:
+        return int(cfg.memory_budget_gib * GIB), "memory_budget_gib"
+    stats = devices[0].memory_stats()
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{devices[0].platform} memory_stats"
+    # CPU devices share the host's RAM.
+    return available_ram() // len(devices), "available RAM"
+
+
+def available_ram() -> int:
+    """What the OS says is available (MemAvailable), in bytes."""
+    try:
+        with open("/proc/meminfo") as fd:
+            for line in fd:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def shapes_of(cfgs: list[config.Train]) -> list[tuple[int, ...]]:
+    """Config positions grouped by SAE shape, in first-seen order: one stack each."""
+    stacks: dict[tuple, list[int]] = {}
+    for i, c in enumerate(cfgs):
+        stacks.setdefault((c.sae.d_vit, c.sae.d_sae), []).append(i)
+    return [tuple(v) for v in stacks.values()]
+
+
+def make_plan(cfgs: list[config.Train], devices: list[jax.Device], limit: int, limit_source: str) -> Plan:
+    """The plan of one group from sizes alone (no compilation; see `check`).
+
+    Raises InputError when one SAE alone does not fit a device.
+    """
+    cfg = cfgs[0]
+    B, n_dev = cfg.sae_batch_size, len(devices)
+    usable = int(limit * HEADROOM)
+
+    def stack_plan(indices, chunk=1):
+        c0 = cfgs[indices[0]]
+        n_padded = -(-len(indices) // n_dev) * n_dev
+        return StackPlan(tuple(indices), c0.sae.d_vit, c0.sae.d_sae, n_padded, chunk)
+
+    # Rounds: add SAEs (in config order within each shape) while the resident state and one SAE in flight fit.
+    rounds: list[list[list[int]]] = []
+    for indices in shapes_of(cfgs):
+        one = stack_plan(indices[:1])
+        if estimate([one], n_dev, B) > usable:
+            need = estimate([one], n_dev, B)
+            raise config.InputError(
+                f"one SAE of {one.d_vit}x{one.d_sae} at sae_batch_size {B} needs about {need / GIB:.2f} GiB per device, "
+                f"more than the {usable / GIB:.2f} GiB usable of {limit / GIB:.2f} GiB ({limit_source}); "
+                "lower sae_batch_size, raise memory_budget_gib or use a device with more memory"
+            )
+        for i in indices:
+            placed = False
+            if rounds:
+                trial = [list(s) for s in rounds[-1]]
+                same = [s for s in trial if cfgs[s[0]].sae.d_sae == cfgs[i].sae.d_sae]
+                if same:
+                    same[0].append(i)
+                else:
+                    trial.append([i])
+                if estimate([stack_plan(s) for s in trial], n_dev, B) <= usable:
+                    rounds[-1] = trial
+                    placed = True
+            if not placed:
+                rounds.append([[i]])
+
+    planned = []
+    for stacks in rounds:
+        plans = [stack_plan(s) for s in stacks]
+        # Grow each stack's chunk (widest stacks last) while the round still fits.
+        for j in sorted(range(len(plans)), key=lambda j: plans[j].d_sae):
+            per_dev = plans[j].n_padded // n_dev
+            if cfg.sae_chunk > 0:
+                plans[j] = dataclasses.replace(plans[j], chunk=min(cfg.sae_chunk, per_dev))
+                continue
+            best = 1
+            for c in range(1, per_dev + 1):
+                trial = plans[:j] + [dataclasses.replace(plans[j], chunk=c)] + plans[j + 1 :]
+                if estimate(trial, n_dev, B) <= usable:
+                    best = c
+            plans[j] = dataclasses.replace(plans[j], chunk=best)
+        planned.append(Round(tuple(plans), estimate(plans, n_dev, B)))
+    return Plan(tuple(planned), n_dev, devices[0].platform, limit, limit_source)

@@ -1,0 +1,182 @@
+"""The train step: one optimizer step of every SAE of a group, on one shared batch.
+
+A group's SAEs live in stacks, one per SAE shape: every leaf of a `Stack` has a leading
+axis of its SAEs. `train_step` preprocesses the batch once and updates every stack; inside
+a stack the SAEs run in chunks of `c` (`jax.lax.map(..., batch_size=c)`), so only `c` SAEs'
+`[batch, d_sae]` activations are alive at once while the whole state stays resident. The
+stack axis is split over a device mesh axis `'sae'` with `jax.shard_map`: each device
+updates its own SAEs on the replicated batch, and the compiled step has no collectives.
+
+An SAE whose loss or updated parameters are not finite keeps its last finite parameters and
+optimizer state from then on (`Stack.diverged_at` records the step); no other SAE notices,
+and the host learns of it at the next log step, not by a round trip per step.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Float, Int
+
+from . import config, data, optim
+from . import sae as sae_lib
+
+SAE_AXIS = "sae"
+"""The mesh axis the stack axis of every `Stack` is split over."""
+
+
+class Hparams(eqx.Module):
+    """What may differ between the SAEs of a stack: one entry per SAE."""
+
+    lr: Float[Array, " M"]
+    n_lr_warmup: Int[Array, " M"]
+    sparsity_coeff: Float[Array, " M"]
+    n_sparsity_warmup: Int[Array, " M"]
+    normalize_w_dec: Bool[Array, " M"]
+    remove_parallel_grads: Bool[Array, " M"]
+
+    @classmethod
+    def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
+        return cls(
+            lr=jnp.array([c.lr for c in cfgs], dtype=jnp.float32),
+            n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], dtype=jnp.int32),
+            sparsity_coeff=jnp.array([c.sae.sparsity_coeff for c in cfgs], dtype=jnp.float32),
+            n_sparsity_warmup=jnp.array([c.n_sparsity_warmup for c in cfgs], dtype=jnp.int32),
+            normalize_w_dec=jnp.array([c.sae.normalize_w_dec for c in cfgs]),
+            remove_parallel_grads=jnp.array([c.sae.remove_parallel_grads for c in cfgs]),
+        )
+
+
+class Stack(eqx.Module):
+    """SAEs of one shape and everything of theirs that changes in training; leading axis M."""
+
+    saes: sae_lib.SAE
+    opt_state: optax.OptState
+    diverged_at: Int[Array, " M"]
+    """The step at which each SAE's update first was not finite (it is frozen since); -1 if never."""
+
+    @property
+    def n_saes(self) -> int:
+        return self.diverged_at.shape[0]
+
+
+class TrainState(eqx.Module):
+    """Everything that changes while a group trains.
+
+    There is no PRNG key: nothing in the step is random. The only randomness after
+    initialisation is the data order, a function of the group's seed and `step`.
+    """
+
+    stacks: tuple[Stack, ...]
+    step: Int[Array, ""]
+
+
+def make_stack(saes: sae_lib.SAE, hparams: Hparams) -> Stack:
+    """A fresh stack: each SAE's optimizer state initialised from its own parameters."""
+
+    def init_one(sae, hp):
+        return optim.make_optimizer(hp.lr, hp.n_lr_warmup, hp.remove_parallel_grads).init(sae)
+
+    opt_state = jax.vmap(init_one)(saes, hparams)
+    n = hparams.lr.shape[0]
+    return Stack(saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32))
+
+
+def make_state(stacks: tuple[Stack, ...]) -> TrainState:
+    """Step 0 of a group."""
+    return TrainState(stacks=tuple(stacks), step=jnp.zeros((), jnp.int32))
+
+
+def state_sharding(state: TrainState, mesh: Mesh) -> TrainState:
+    """Where each leaf of a TrainState lives: every stack split over `'sae'`, the step count everywhere."""
+    stacked = NamedSharding(mesh, PartitionSpec(SAE_AXIS))
+    return TrainState(
+        stacks=jax.tree.map(lambda _: stacked, state.stacks), step=NamedSharding(mesh, PartitionSpec())
+    )
+
+
+def init_single(saes: sae_lib.SAE, hparams: Hparams, mesh: Mesh) -> tuple[TrainState, tuple[Hparams]]:
+    """A one-stack state and its hyper-parameters placed on `mesh` (for tests, benchmarks and tools).
+
+    Then `train_step(state, hparams, preprocess, x_BD, chunks=(M,), mesh=mesh)`.
+    """
+    state = make_state((make_stack(saes, hparams),))
+    state = jax.device_put(state, state_sharding(state, mesh))
+    return state, (jax.device_put(hparams, NamedSharding(mesh, PartitionSpec(SAE_AXIS))),)
+
+
+def _all_finite(tree) -> Bool[Array, ""]:
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))]
+    return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
+
+
+def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: Int[Array, ""]):
+    """One SAE's update (SPEC 3 steps 1-4), dropped if anything came out non-finite.
+
+    `stack` and `hp` are this SAE's own (no leading axis); returns its new Stack entry and metrics.
+    """
+    sae = stack.saes
+    W_dec = jnp.where(hp.normalize_w_dec, sae.normalize_w_dec().W_dec, sae.W_dec)
+    normed = eqx.tree_at(lambda s: s.W_dec, sae, W_dec)
+    sparsity_coeff = optim.warmup(hp.sparsity_coeff, hp.n_sparsity_warmup)(step)
+    (loss, metrics), grads = eqx.filter_value_and_grad(sae_lib.loss, has_aux=True)(normed, x_BD, sparsity_coeff)
+    optimizer = optim.make_optimizer(hp.lr, hp.n_lr_warmup, hp.remove_parallel_grads)
+    updates, opt_state = optimizer.update(grads, stack.opt_state, normed)
+    updated = eqx.apply_updates(normed, updates)
+
+    # A diverged SAE keeps the parameters it had before its first non-finite step, for good.
+    ok = jnp.isfinite(loss) & _all_finite(updated) & _all_finite(opt_state)
+    alive = stack.diverged_at < 0
+    keep = ok & alive
+    new = Stack(saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at)
+    new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, stack)
+    new = eqx.tree_at(lambda s: s.diverged_at, new, jnp.where(alive & ~ok, step, stack.diverged_at))
+    metrics |= {
+        "learning_rate": optim.warmup(hp.lr, hp.n_lr_warmup)(step),
+        "sparsity_coeff": sparsity_coeff,
+        "diverged": ~(ok & alive),
+    }
+    return new, metrics
+
+
+def _stack_step(stack: Stack, hp: Hparams, x_BD, step, *, chunk: int):
+    """Every SAE of a (device-local) stack, `chunk` at a time; one compiled program whatever M is."""
+    one = lambda args: _step_one(*args, x_BD, step)  # noqa: E731
+    if chunk >= stack.n_saes:
+        return jax.vmap(one)((stack, hp))
+    return jax.lax.map(one, (stack, hp), batch_size=chunk)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("chunks", "mesh"))
+def train_step(
+    state: TrainState,
+    hparams: tuple[Hparams, ...],
+    preprocess: data.Preprocess,
+    x_BD: Float[Array, "B d_vit"],
+    *,
+    chunks: tuple[int, ...],
+    mesh: Mesh,
+) -> tuple[TrainState, tuple[dict[str, Float[Array, " M"]], ...]]:
+    """One optimizer step of every SAE of every stack on the same raw batch.
+
+    `chunks[i]` is how many SAEs of stack i each device runs at once; `mesh` has an axis
+    `'sae'` that divides every stack's length (pad the stacks to a multiple of it). Returns
+    the new state and, per stack, a dict of `[M]` metrics measured before the update.
+    """
+    x_BD = preprocess(x_BD)
+    sae_spec, replicated = PartitionSpec(SAE_AXIS), PartitionSpec()
+    new_stacks, metrics = [], []
+    for stack, hp, chunk in zip(state.stacks, hparams, chunks, strict=True):
+        stack_step = jax.shard_map(
+            functools.partial(_stack_step, chunk=chunk),
+            mesh=mesh,
+            in_specs=(sae_spec, sae_spec, replicated, replicated),
+            out_specs=(sae_spec, sae_spec),
+        )
+        new, m = stack_step(stack, hp, x_BD, state.step)
+        new_stacks.append(new)
+        metrics.append(m)
+    return TrainState(stacks=tuple(new_stacks), step=state.step + 1), tuple(metrics)
