@@ -92,9 +92,17 @@ class Plan:
                 out.append(
                     f"stack {i}/{n_stacks}: {s.n_saes} SAEs{pads} of {s.d_vit}x{s.d_sae}, {where}"
                     f"{self.n_devices} devices ({self.platform}), chunk {s.chunk}, "
-                    f"planned {rnd.planned_bytes / GIB:.2f} GiB per device of {self.limit / GIB:.2f} GiB ({self.limit_source})"
+                    f"planned {format_bytes(rnd.planned_bytes)} per device of {format_bytes(self.limit)} ({self.limit_source})"
                 )
         return out
+
+
+def format_bytes(n: float) -> str:
+    """`n` bytes in the largest binary unit that keeps it at least 1 (GiB at most)."""
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 def resident_bytes(n_params: int) -> int:
@@ -189,8 +197,8 @@ def make_plan(cfgs: list[config.Train], devices: list[jax.Device], limit: int, l
         if estimate([one], n_dev, B) > usable:
             need = estimate([one], n_dev, B)
             raise config.InputError(
-                f"one SAE of {one.d_vit}x{one.d_sae} at sae_batch_size {B} needs about {need / GIB:.2f} GiB per device, "
-                f"more than the {usable / GIB:.2f} GiB usable of {limit / GIB:.2f} GiB ({limit_source}); "
+                f"one SAE of {one.d_vit}x{one.d_sae} at sae_batch_size {B} needs about {format_bytes(need)} per device, "
+                f"more than the {format_bytes(usable)} usable of {format_bytes(limit)} ({limit_source}); "
                 "lower sae_batch_size, raise memory_budget_gib or use a device with more memory"
             )
         for i in indices:

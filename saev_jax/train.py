@@ -39,9 +39,9 @@ def init_b_dec(
     `n_reinit_samples = 0` keep their b_dec.
     """
     counts = [[c.sae.n_reinit_samples for c in cfgs] for cfgs in stack_cfgs]
-    n_max = min(max(max(c) for c in counts), len(acts))
-    if n_max == 0:
+    if max(max(c) for c in counts) == 0:
         return stacks
+    n_max = min(max(max(c) for c in counts), len(acts))
     perm = np.random.default_rng(stack_cfgs[0][0].sae.seed).permutation(len(acts))[:n_max]
     sum_fn = jax.jit(lambda x_BD: jnp.sum(preprocess(x_BD), axis=0))
 
@@ -89,10 +89,11 @@ def pad_cfgs(cfgs: list[config.Train], n_padded: int) -> list[config.Train]:
 class Layout:
     """One round of a group on a mesh: its stacks' configs (padded), hyper-parameters and shardings."""
 
-    def __init__(self, cfgs: list[config.Train], rnd: plan.Round, mesh: jax.sharding.Mesh):
+    def __init__(self, cfgs: list[config.Train], rnd: plan.Round, mesh: jax.sharding.Mesh, limit: int | None = None):
         self.cfgs = cfgs
         self.round = rnd
         self.mesh = mesh
+        self.limit = limit
         self.stack_cfgs = [[cfgs[i] for i in s.cfg_indices] for s in rnd.stacks]
         self.padded_cfgs = [pad_cfgs(c, s.n_padded) for c, s in zip(self.stack_cfgs, rnd.stacks)]
         self.chunks = tuple(s.chunk for s in rnd.stacks)
@@ -143,6 +144,31 @@ class Layout:
             peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
         return compiled, peak
 
+    def compile_within_limit(self, preprocess: data.Preprocess) -> "tuple[Layout, object]":
+        """This layout, or one with smaller chunks, whose compiled step XLA says fits `limit`; and that step.
+
+        The planner's estimate is checked against XLA's memory analysis of the compiled
+        program (nothing is allocated); while it is over, the largest chunk is halved.
+        """
+        layout = self
+        while True:
+            t0 = time.perf_counter()
+            compiled, peak = layout.compile(preprocess)
+            over = self.limit is not None and peak is not None and peak > self.limit * plan.HEADROOM
+            logger.info(
+                "Compiled the step (chunks %s) in %.1f s; XLA: %s per device.", list(layout.chunks),
+                time.perf_counter() - t0, "?" if peak is None else plan.format_bytes(peak),
+            )  # fmt: skip
+            if not over or max(layout.chunks) == 1:
+                if over:
+                    logger.warning("XLA's estimate exceeds the limit even with chunk 1; training anyway.")
+                return layout, compiled
+            big = max(range(len(layout.chunks)), key=lambda j: layout.chunks[j])
+            stacks = list(layout.round.stacks)
+            stacks[big] = dataclasses.replace(stacks[big], chunk=max(1, stacks[big].chunk // 2))
+            rnd = dataclasses.replace(layout.round, stacks=tuple(stacks))
+            layout = Layout(layout.cfgs, rnd, layout.mesh, layout.limit)
+
     def real_metrics(self, metrics: tuple[dict[str, np.ndarray], ...]) -> list[dict[str, float]]:
         """Per config of the round (in config order), its metrics from the per-stack `[M_pad]` arrays."""
         out: list[dict[str, float] | None] = [None] * len(self.cfgs)
@@ -169,10 +195,7 @@ def train(
 ) -> step.TrainState:
     """Trains one round of a group; logs through `run`; returns the final state."""
     cfg = layout.cfgs[0]
-    t0 = time.perf_counter()
-    compiled, peak = layout.compile(preprocess)
-    if peak is not None:
-        logger.info("Compiled the step in %.1f s; XLA plans %.2f GiB per device.", time.perf_counter() - t0, peak / plan.GIB)
+    layout, compiled = layout.compile_within_limit(preprocess)
     state = layout.init_state(acts, preprocess)
 
     n_steps = n_train_steps(cfg)
@@ -240,7 +263,7 @@ def make_layout(cfgs: list[config.Train]) -> Layout:
     group_plan, mesh = plan_group(cfgs)
     if len(group_plan.rounds) != 1:
         raise ValueError(f"make_layout: the group needs {len(group_plan.rounds)} rounds")
-    return Layout(cfgs, group_plan.rounds[0], mesh)
+    return Layout(cfgs, group_plan.rounds[0], mesh, group_plan.limit)
 
 
 def train_round(cfgs: list[config.Train], layout: Layout, acts: data.Activations, preprocess: data.Preprocess) -> list[str]:
@@ -292,7 +315,7 @@ def main(cfgs: list[config.Train]) -> list[str]:
             rnd = dataclasses.replace(rnd, stacks=tuple(
                 dataclasses.replace(s, cfg_indices=tuple(position[j] for j in s.cfg_indices)) for s in rnd.stacks
             ))  # fmt: skip
-            ids.extend(train_round(round_cfgs, Layout(round_cfgs, rnd, mesh), acts, preprocess))
+            ids.extend(train_round(round_cfgs, Layout(round_cfgs, rnd, mesh, group_plan.limit), acts, preprocess))
     for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
         summary.summarize(ckpt_path, ids)
     return ids

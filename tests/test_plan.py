@@ -1,0 +1,111 @@
+"""The planner: chunks and rounds from memory, its bad-input errors, and runs that end the same
+whatever the plan."""
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+from saev_jax import config, plan, train
+from saev_jax import sae as sae_lib
+
+from .test_cli import D, shard_root, write_sweep  # noqa: F401 (fixture)
+
+GIB = plan.GIB
+
+
+def cfgs_of(n: int, exp: int = 4, d_vit: int = 64, batch: int = 256, **kw) -> list[config.Train]:
+    base = config.Train(sae_batch_size=batch, sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=exp), **kw)
+    return [dataclasses.replace(base, sae=dataclasses.replace(base.sae, seed=i)) for i in range(n)]
+
+
+def one_sae_bytes(cfg: config.Train, n_devices: int = 1) -> int:
+    s = plan.StackPlan((0,), cfg.sae.d_vit, cfg.sae.d_sae, n_devices, 1)
+    return plan.estimate([s], n_devices, cfg.sae_batch_size)
+
+
+def test_plenty_of_memory_runs_every_sae_at_once():
+    cfgs = cfgs_of(6) + cfgs_of(3, exp=8)
+    p = plan.make_plan(cfgs, jax.devices()[:1], 64 * GIB, "test")
+    assert len(p.rounds) == 1
+    assert [(s.n_saes, s.n_padded, s.chunk) for s in p.rounds[0].stacks] == [(6, 6, 6), (3, 3, 3)]
+    assert [s.cfg_indices for s in p.rounds[0].stacks] == [tuple(range(6)), (6, 7, 8)]
+
+
+def test_four_devices_pad_every_stack():
+    p = plan.make_plan(cfgs_of(6) + cfgs_of(3, exp=8), jax.devices()[:4], 64 * GIB, "test")
+    assert [(s.n_saes, s.n_padded, s.chunk) for s in p.rounds[0].stacks] == [(6, 8, 2), (3, 4, 1)]
+    assert all("4 devices" in line for line in p.lines())
+
+
+def test_tight_memory_chunks_the_stack():
+    cfgs = cfgs_of(8)
+    per_sae = plan.in_flight_bytes(cfgs[0].sae.d_sae * 128 + 64 + 256, 256, 256)
+    # Room for the whole state and about two SAEs in flight.
+    limit = int((one_sae_bytes(cfgs[0]) + 8 * plan.resident_bytes(2 * 64 * 256 + 256 + 64) + 1.5 * per_sae) / plan.HEADROOM)
+    p = plan.make_plan(cfgs, jax.devices()[:1], limit, "test")
+    (rnd,) = p.rounds
+    assert 1 <= rnd.stacks[0].chunk < 8
+    assert rnd.planned_bytes <= limit * plan.HEADROOM
+
+
+def test_state_too_big_for_one_round_splits_the_group():
+    cfgs = cfgs_of(6)
+    # One SAE in flight and the resident state of about 3 of the 6.
+    limit = int((one_sae_bytes(cfgs[0]) + 2.5 * plan.resident_bytes(2 * 64 * 256 + 256 + 64)) / plan.HEADROOM)
+    p = plan.make_plan(cfgs, jax.devices()[:1], limit, "test")
+    assert len(p.rounds) > 1
+    assert sorted(i for r in p.rounds for s in r.stacks for i in s.cfg_indices) == list(range(6))
+    assert all(r.planned_bytes <= limit * plan.HEADROOM for r in p.rounds)
+    assert any("round 2/" in line for line in p.lines())
+
+
+def test_budget_smaller_than_one_sae_is_a_clear_error():
+    cfgs = cfgs_of(2, memory_budget_gib=1e-6)
+    with pytest.raises(config.InputError, match=r"one SAE of 64x256 at sae_batch_size 256 needs about .* memory_budget_gib"):
+        train.plan_group(cfgs)
+
+
+def test_more_devices_than_exist_is_a_clear_error():
+    with pytest.raises(config.InputError, match=r"n_devices = 99: only 4 cpu devices"):
+        plan.get_devices(config.Train(n_devices=99, device="cpu"))
+
+
+def test_xla_confirms_chunking_shrinks_the_step():
+    cfgs = [dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=0)) for c in cfgs_of(4)]
+    mesh = plan.make_mesh(jax.devices()[:1])
+    peaks = {}
+    for chunk in (1, 4):
+        s = plan.StackPlan(tuple(range(4)), 64, 256, 4, chunk)
+        _, peaks[chunk] = train.Layout(cfgs, plan.Round((s,), 0), mesh).compile(_identity(64))
+    assert peaks[1] < peaks[4]
+
+
+def _identity(d: int):
+    from saev_jax import data
+
+    return data.Preprocess(1e5, np.zeros(d, np.float32), 1.0)
+
+
+def test_tiny_budget_and_four_devices_train_the_same_saes(tmp_path, shard_root, caplog):  # noqa: F811
+    """The CLI with no flags, with a budget that forces chunk 1, and on 4 devices: the same SAEs."""
+    sweep = write_sweep(tmp_path, shard_root, extra='seed = 3')
+    text = sweep.read_text().replace("exp_factor = 2", "exp_factor = [2, 4]").replace("[1e-3, 1e-2]", "[1e-3, 1e-2, 3e-2]")
+    results = {}
+    for name, flags in {"default": ["--n-devices", "1"], "tiny": ["--n-devices", "1", "--memory-budget-gib", "5e-4"], "four": ["--n-devices", "4"]}.items():
+        sweep.write_text(text.replace(str(tmp_path / "ckpt"), str(tmp_path / name)))
+        with caplog.at_level(logging.INFO, logger="saev_jax.train"):
+            caplog.clear()
+            ids = train.cli([str(sweep), *flags])
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stack ")]
+        results[name] = (lines, [sae_lib.load(tmp_path / name / i) for i in ids], [sae_lib.load_cfg(tmp_path / name / i) for i in ids])
+    assert any("chunk 1" in line for line in results["tiny"][0]) and not any("chunk 1," in line for line in results["default"][0][:1])
+    assert all("4 devices" in line for line in results["four"][0])
+    ref_cfgs = [(c.sae.exp_factor, c.sae.sparsity_coeff) for c in results["default"][2]]
+    for name in ("tiny", "four"):
+        assert [(c.sae.exp_factor, c.sae.sparsity_coeff) for c in results[name][2]] == ref_cfgs
+        for a, b in zip(results["default"][1], results[name][1]):
+            for n in sae_lib.TENSOR_NAMES:
+                np.testing.assert_allclose(getattr(a, n), getattr(b, n), rtol=1e-5, atol=1e-6, err_msg=f"{name} {n}")
