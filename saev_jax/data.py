@@ -687,7 +687,7 @@ class _Pipeline:
                 return
             x_BD, n_valid = result
             try:
-                x_BD = jax.device_put(x_BD, self.loader.device)
+                x_BD = to_device(x_BD, self.loader.device)
                 x_BD.block_until_ready()
             except BaseException as err:
                 self._put(err)
@@ -727,6 +727,18 @@ class _Pipeline:
         for thread in self.threads:
             if thread is not threading.current_thread():
                 thread.join()
+
+
+def to_device(x: np.ndarray, where: jax.Device | jax.sharding.Sharding) -> jax.Array:
+    """`x` on a device, or as this process's part of a global array laid out by a sharding.
+
+    With a sharding, every process passes the rows its devices hold (all of them when
+    replicated); no collective is involved, so reader threads may call it while the main
+    thread runs multi-process programs.
+    """
+    if isinstance(where, jax.sharding.Sharding):
+        return jax.make_array_from_process_local_data(where, x)
+    return jax.device_put(x, where)
 
 
 def permute(x: Int[np.ndarray, " n"], n: int, keys: Int[np.ndarray, " n_rounds"]) -> Int[np.ndarray, " n"]:

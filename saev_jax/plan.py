@@ -146,14 +146,25 @@ def make_mesh(devices: list[jax.Device]) -> Mesh:
 
 
 def device_limit(cfg: config.Train, devices: list[jax.Device]) -> tuple[int, str]:
-    """Bytes each device may use, and where that number came from."""
+    """Bytes each device may use, and where that number came from.
+
+    With several processes, the smallest of their limits, so every process makes the same plan.
+    """
     if cfg.memory_budget_gib > 0:
         return int(cfg.memory_budget_gib * GIB), "memory_budget_gib"
-    stats = devices[0].memory_stats()
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    stats = local[0].memory_stats()
     if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{devices[0].platform} memory_stats"
-    # CPU devices share the host's RAM.
-    return available_ram() // len(devices), "available RAM"
+        limit, source = int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{local[0].platform} memory_stats"
+    else:  # CPU devices share the host's RAM.
+        limit, source = available_ram() // len(local), "available RAM"
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        # In whole MiB: JAX's arrays are 32-bit by default.
+        limit_mib = multihost_utils.process_allgather(np.array([limit // 2**20], np.int32))
+        limit = int(np.min(limit_mib)) * 2**20
+    return limit, source
 
 
 def available_ram() -> int:

@@ -23,7 +23,7 @@ import tqdm
 import tyro
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import config, data, evaluate, plan, plots, step, summary, wandb_queue
+from . import config, data, evaluate, launch, plan, plots, step, summary, wandb_queue
 from . import sae as sae_lib
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,22 @@ def init_b_dec(
 
     out = []
     for stack, stack_counts in zip(stacks, counts):
-        b_dec_MD = np.array(stack.saes.b_dec)
+        # SAEs start with b_dec = 0; built on the host (the same on every process) and placed.
+        b_dec_MD = np.zeros(stack.saes.b_dec.shape, np.float32)
         for m, n in enumerate(stack_counts):
             if n > 0:
                 b_dec_MD[m] = prefix[min(n, n_max)] / min(n, n_max)
-        b_dec_MD = jax.device_put(jnp.asarray(b_dec_MD, jnp.float32), stack.saes.b_dec.sharding)
-        out.append(eqx.tree_at(lambda s: s.saes.b_dec, stack, b_dec_MD))
+        out.append(eqx.tree_at(lambda s: s.saes.b_dec, stack, jax.device_put(b_dec_MD, stack.saes.b_dec.sharding)))
     return out
+
+
+def to_host(tree):
+    """A pytree of (possibly sharded, possibly multi-process) arrays as NumPy arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def n_train_steps(cfg: config.Train) -> int:
@@ -178,12 +187,16 @@ class Layout:
         return out
 
     def real_saes(self, state: step.TrainState) -> list[tuple[list[int], sae_lib.SAE, np.ndarray]]:
-        """Per stack: config positions, the real SAEs (pads dropped) on one device, and their `diverged_at`."""
-        device = self.mesh.devices.flat[0]
+        """Per stack: config positions, the real SAEs (pads dropped) on this process's first device, and their `diverged_at`.
+
+        Every process must call it (with several processes it gathers the stacks).
+        """
+        device = jax.local_devices(backend=self.mesh.devices.flat[0].platform)[0]
         out = []
         for s, stack in zip(self.round.stacks, state.stacks):
-            saes = jax.tree.map(lambda leaf: jax.device_put(leaf[: s.n_saes], device), stack.saes)
-            out.append((list(s.cfg_indices), saes, np.asarray(jax.device_get(stack.diverged_at))[: s.n_saes]))
+            saes, diverged_at = to_host((stack.saes, stack.diverged_at))
+            saes = jax.tree.map(lambda leaf: jax.device_put(leaf[: s.n_saes], device), saes)
+            out.append((list(s.cfg_indices), saes, np.asarray(diverged_at)[: s.n_saes]))
         return out
 
 
@@ -211,7 +224,7 @@ def train(
             x_BD, _ = next(batches)
             state, metrics = compiled(state, layout.hparams, preprocess, x_BD)
             if i % cfg.log_every == 0 or i == n_steps - 1:
-                metrics = layout.real_metrics(jax.device_get(metrics))  # The one host transfer of a log step.
+                metrics = layout.real_metrics(to_host(metrics))  # The one host transfer of a log step.
                 run.log(_metrics_for_wandb(metrics, n_seen=(i + 1) * B), step=i)
                 now = time.perf_counter()
                 rate = (i + 1 - last_step) * B / max(now - last_t, 1e-9)
@@ -266,41 +279,59 @@ def make_layout(cfgs: list[config.Train]) -> Layout:
     return Layout(cfgs, group_plan.rounds[0], mesh, group_plan.limit)
 
 
-def train_round(cfgs: list[config.Train], layout: Layout, acts: data.Activations, preprocess: data.Preprocess) -> list[str]:
-    """Trains, evaluates and checkpoints one round; returns its run ids (the live one first)."""
+def train_round(
+    cfgs: list[config.Train], layout: Layout, acts: data.Activations, preprocess: data.Preprocess, *, name: str = "round"
+) -> list[str]:
+    """Trains, evaluates and checkpoints one round; returns its run ids (the live one first).
+
+    With several processes, process 0 evaluates and writes while the others wait at the
+    barrier `name` (the same on every process); they return no ids.
+    """
     cfg = cfgs[0]
     ckpt_dpath = pathlib.Path(cfg.ckpt_path)
-    mode = "online" if cfg.track else "disabled"
+    lead = launch.is_lead()
+    mode = "online" if cfg.track and lead else "disabled"
     # ParallelWandbRun drops the empty tag (saev's default).
     run = wandb_queue.ParallelWandbRun(cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue")
-    eval_device = layout.mesh.devices.flat[0]
     with run:
         state = train(layout, acts, jax.device_put(preprocess, layout.replicated), run)
+        stacks = layout.real_saes(state)
+        if not lead:
+            launch.barrier(f"{name} written")  # Process 0 evaluates and writes meanwhile.
+            return []
+        eval_device = stacks[0][1].b_dec.devices().pop()
         results: list[evaluate.EvalMetrics | None] = [None] * len(cfgs)
         diverged_at: list[int] = [-1] * len(cfgs)
-        for indices, saes, div in layout.real_saes(state):
+        for indices, saes, div in stacks:
             stack_cfgs = [cfgs[i] for i in indices]
             for i, r, d in zip(indices, evaluate.evaluate(stack_cfgs, saes, acts, preprocess, eval_device), div):
                 results[i], diverged_at[i] = r, int(d)
         run.log([r.for_wandb() | {"eval/diverged": d >= 0} for r, d in zip(results, diverged_at)], step=int(state.step))
-        for indices, saes, _ in layout.real_saes(state):
+        for indices, saes, _ in stacks:
             for i, sae in zip(indices, sae_lib.unstack(saes)):
                 extra = {"diverged": diverged_at[i] >= 0, "diverged_step": diverged_at[i] if diverged_at[i] >= 0 else None}
                 sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], results[i].to_json() | extra)
         paths = plots.save_plots(ckpt_dpath, run.ids, cfgs, results)
         run.log(plots.wandb_images(paths), step=int(state.step))
-    return run.finish()
+    ids = run.finish()
+    launch.barrier(f"{name} written")
+    return ids
 
 
 def main(cfgs: list[config.Train]) -> list[str]:
     """Trains every config, group by group (round by round); returns every run id.
 
     Every group's configs, data and plan are checked before the first group trains, so
-    bad input fails fast and writes nothing. At the end, each `ckpt_path` gets a
-    `summary.csv` of its runs, also printed as a table.
+    bad input fails fast and writes nothing. Groups with `slurm = true` are submitted as
+    Slurm jobs instead (`launch.submit_slurm`). At the end, each `ckpt_path` gets a
+    `summary.csv` of its runs, also printed as a table (by process 0 of a multi-process job).
     """
     groups = config.split_cfgs(cfgs)
     opened = [open_group(group) for group in groups]
+    if any(group[0].slurm for group in groups):
+        launch.submit_slurm([g for g in groups if g[0].slurm], main)
+        opened = [acts for group, acts in zip(groups, opened) if not group[0].slurm]
+        groups = [group for group in groups if not group[0].slurm]
     plans = [plan_group(group) for group in groups]
     ids = []
     for i, (group, acts, (group_plan, mesh)) in enumerate(zip(groups, opened, plans)):
@@ -308,16 +339,18 @@ def main(cfgs: list[config.Train]) -> list[str]:
         for line in group_plan.lines():
             logger.info(line)
         preprocess = data.make_preprocess(acts, group[0].data)
-        for rnd in group_plan.rounds:
+        for r, rnd in enumerate(group_plan.rounds):
             indices = [j for s in rnd.stacks for j in s.cfg_indices]
             round_cfgs = [group[j] for j in sorted(indices)]
             position = {j: k for k, j in enumerate(sorted(indices))}
             rnd = dataclasses.replace(rnd, stacks=tuple(
                 dataclasses.replace(s, cfg_indices=tuple(position[j] for j in s.cfg_indices)) for s in rnd.stacks
             ))  # fmt: skip
-            ids.extend(train_round(round_cfgs, Layout(round_cfgs, rnd, mesh, group_plan.limit), acts, preprocess))
-    for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
-        summary.summarize(ckpt_path, ids)
+            layout = Layout(round_cfgs, rnd, mesh, group_plan.limit)
+            ids.extend(train_round(round_cfgs, layout, acts, preprocess, name=f"group {i + 1} round {r + 1}"))
+    if launch.is_lead():
+        for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
+            summary.summarize(ckpt_path, ids)
     return ids
 
 
@@ -325,7 +358,7 @@ def cli(argv: list[str] | None = None) -> list[str]:
     """`python -m saev_jax.train [SWEEP.toml] [--field value ...]`.
 
     Flags override `Train`'s defaults; a sweep file's values override the flags and its
-    lists become a grid.
+    lists become a grid. (`__main__` also takes the multi-process flags of `launch.py`.)
     """
     args = list(sys.argv[1:] if argv is None else argv)
     sweep_fpath = args.pop(0) if args and not args[0].startswith("-") else None
@@ -344,7 +377,9 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("jax").setLevel(logging.WARNING)  # Not its backend probing at INFO.
     try:
-        run_ids = cli()
+        argv, dist_flags = launch.pop_dist_flags(sys.argv[1:])
+        launch.init_distributed(dist_flags)
+        run_ids = cli(argv)
     except config.InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
