@@ -1,17 +1,18 @@
 """The sparse autoencoder: one `eqx.Module` per SAE, stacks built with `eqx.filter_vmap`."""
 
-import json
 import os
-import pathlib
+import typing
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from . import config
+
+if typing.TYPE_CHECKING:
+    from . import checkpoint, data
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 PRECISIONS = ("float32", "bfloat16")
@@ -103,41 +104,31 @@ def unstack(saes: SAE) -> list[SAE]:
     return [jax.tree.map(lambda leaf: leaf[m], saes) for m in range(n)]
 
 
-def save(sae: SAE, dpath: str | os.PathLike, cfg: config.Train, metrics: dict[str, object]) -> None:
-    """Writes `sae.safetensors`, `cfg.json` and `metrics.json` into `dpath`, atomically.
+def save(
+    sae: SAE,
+    dpath: str | os.PathLike,
+    cfg: config.Train,
+    metrics: dict[str, object],
+    preprocess: "data.Preprocess | None" = None,
+    freqs: Float[np.ndarray, " d_sae"] | None = None,
+) -> None:
+    """Writes a checkpoint directory atomically: `checkpoint.save` (sae.safetensors, the
+    preprocessing statistics, the feature frequencies, cfg.json, metrics.json)."""
+    from . import checkpoint
 
-    Everything is written into a temporary sibling directory that is renamed into
-    place last, so a crash leaves either the whole checkpoint or none of it.
-    """
-    dpath = pathlib.Path(dpath)
-    if dpath.exists():
-        raise FileExistsError(f"{dpath}: checkpoint exists already")
-    tmp = dpath.with_name(f".{dpath.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tensors = {name: np.asarray(getattr(sae, name), dtype=np.float32) for name in TENSOR_NAMES}
-    safetensors.numpy.save_file(tensors, tmp / "sae.safetensors")
-    (tmp / "cfg.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, dpath)
+    checkpoint.save(sae, dpath, cfg, metrics, preprocess, freqs)
 
 
-def load(dpath: str | os.PathLike, precision: str = "float32") -> SAE:
-    """The SAE saved in a checkpoint directory by `save` (or its `sae.safetensors` path)."""
-    dpath = pathlib.Path(dpath)
-    fpath = dpath if dpath.suffix == ".safetensors" else dpath / "sae.safetensors"
-    if not fpath.is_file():
-        raise config.InputError(f"{fpath}: no such checkpoint file")
-    tensors = safetensors.numpy.load_file(fpath)
-    d_vit, d_sae = tensors["W_enc"].shape
-    sae = SAE(d_vit, d_sae, key=jax.random.key(0), precision=precision)
-    return eqx.tree_at(
-        lambda s: tuple(getattr(s, name) for name in TENSOR_NAMES),
-        sae,
-        tuple(jnp.asarray(tensors[name]) for name in TENSOR_NAMES),
-    )
+def load(path: str | os.PathLike, precision: str = "float32") -> "checkpoint.Checkpoint":
+    """The checkpoint at `path` (ours, or saev's `sae.pt`) as a `checkpoint.Checkpoint`:
+    `.sae`, `.preprocess`, `.cfg`, `.freqs`, and `encode_raw` / `decode_raw` on raw activations."""
+    from . import checkpoint
+
+    return checkpoint.load(path, precision)
 
 
 def load_cfg(dpath: str | os.PathLike) -> config.Train:
     """The `Train` config saved beside a checkpoint."""
-    fpath = pathlib.Path(dpath) / "cfg.json"
-    return config.from_dict(config.Train, json.loads(fpath.read_text()), where=str(fpath))
+    from . import checkpoint
+
+    return checkpoint.load_cfg(dpath)
