@@ -204,10 +204,7 @@ def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:
             raise config.InputError(f"{dpath / FREQS_FNAME}: freqs has shape {list(freqs.shape)}, expected [{d_sae}]")
         freqs = jnp.asarray(freqs)
     missing = tuple(name for name, value in (("preprocess", preprocess), ("freqs", freqs), ("cfg", cfg)) if value is None)
-    source = f"{dpath or fpath} (saev_jax)"
-    if "preprocess" in missing:
-        logger.warning("%s: no %s (written before saev_jax saved its statistics): encode_raw needs with_preprocess(...)", dpath or fpath, PREPROCESS_FNAME)
-    return Checkpoint(_make_sae(tensors, precision), preprocess, freqs, cfg, source, missing)
+    return Checkpoint(_make_sae(tensors, precision), preprocess, freqs, cfg, f"{dpath or fpath} (saev_jax)", missing)
 
 
 def _read_safetensors(fpath: pathlib.Path, ndims: dict[str, int]) -> dict[str, np.ndarray]:

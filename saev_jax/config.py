@@ -1,7 +1,8 @@
 """Configs for training sweeps of SAEs, sweep expansion and grouping.
 
 The dataclasses, their defaults and the sweep semantics follow `saev`'s, so a
-sweep file written for `saev` gives the same configs, with the same seeds, here.
+sweep file written for `saev` gives the same configs in the same order here. The SAE
+seeds follow SPEC's rule (see `grid`), which differs from what saev's code does.
 """
 
 import dataclasses
@@ -180,11 +181,14 @@ def expand(sweep: dict[str, object]) -> Iterator[dict[str, object]]:
 
 
 def grid(base: Train, sweep: dict[str, object]) -> list[Train]:
-    """Every config of a sweep, in saev's order and with saev's seeds.
+    """Every config of a sweep, in saev's order.
 
     The d-th config gets `seed = base.seed + d` (the sweep's `seed`, if it sets one,
     replaces `base.seed`); when the sweep sets any `[sae]` key, also
-    `sae.seed = (sweep's sae.seed or base.sae.seed) + seed_base + d`.
+    `sae.seed = (sweep's sae.seed or base.sae.seed) + seed_base + d` (SPEC 2).
+    saev's own `grid` differs in the SAE seeds only: it reuses one `[sae]` dict for every
+    combination of the other keys and writes each seed back into it, so its seeds compound
+    (on sweeps/saev_example.toml saev draws 42-47, 90-100 and 144-159 where this gives 42-59).
     Raises InputError naming any key that names no config field.
     """
     cfgs = []

@@ -310,7 +310,7 @@ def train_round(
         for indices, saes, _ in stacks:
             for i, sae in zip(indices, sae_lib.unstack(saes)):
                 extra = {"diverged": diverged_at[i] >= 0, "diverged_step": diverged_at[i] if diverged_at[i] >= 0 else None}
-                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], results[i].to_json() | extra)
+                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], results[i].to_json() | extra, preprocess, results[i].freqs)
         paths = plots.save_plots(ckpt_dpath, run.ids, cfgs, results)
         run.log(plots.wandb_images(paths), step=int(state.step))
     ids = run.finish()

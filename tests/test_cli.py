@@ -59,9 +59,16 @@ def test_cli_end_to_end(tmp_path, shard_root):
         cfg = sae_lib.load_cfg(dpath)
         # The flag sets the base; the sweep's lists make the grid.
         assert cfg.lr == 3e-3 and cfg.sae.sparsity_coeff == coeff and cfg.data.shard_root == str(shard_root)
-        sae = sae_lib.load(dpath)
+        loaded = sae_lib.load(dpath)
+        sae = loaded.sae
         assert sae.W_enc.shape == (D, 2 * D) and sae.W_dec.shape == (2 * D, D)
         metrics = json.loads((dpath / "metrics.json").read_text())
+        # Self-contained: the statistics it trained with, and the evaluation's frequencies.
+        assert loaded.missing == ()
+        expected = data.make_preprocess(data.Activations(cfg.data), cfg.data)
+        for name in ("clamp", "act_mean", "scalar"):
+            np.testing.assert_array_equal(getattr(loaded.preprocess, name), getattr(expected, name))
+        np.testing.assert_allclose(np.sum(loaded.freqs), metrics["l0"], rtol=1e-5)
         for key in ("l0", "l1", "mse", "n_dead", "n_almost_dead", "n_dense"):
             assert np.isfinite(metrics[key]), key
         assert 0 < metrics["l0"] <= 2 * D and metrics["mse"] > 0

@@ -63,7 +63,7 @@ def test_two_processes_train_the_same_saes_as_one(tmp_path, shard_root):  # noqa
     assert ids_of(outs[1][0]) == []  # Only process 0 writes and reports.
     assert "4 devices" in outs[0][1]
     for a, b in zip(one_ids, two_ids):
-        sa, sb = sae_lib.load(tmp_path / "one" / a), sae_lib.load(tmp_path / "two" / b)
+        sa, sb = sae_lib.load(tmp_path / "one" / a).sae, sae_lib.load(tmp_path / "two" / b).sae
         assert sae_lib.load_cfg(tmp_path / "one" / a).sae.sparsity_coeff == sae_lib.load_cfg(tmp_path / "two" / b).sae.sparsity_coeff
         for n in sae_lib.TENSOR_NAMES:
             np.testing.assert_allclose(getattr(sa, n), getattr(sb, n), rtol=1e-5, atol=1e-6, err_msg=n)

@@ -100,7 +100,7 @@ def test_tiny_budget_and_four_devices_train_the_same_saes(tmp_path, shard_root, 
             caplog.clear()
             ids = train.cli([str(sweep), *flags])
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stack ")]
-        results[name] = (lines, [sae_lib.load(tmp_path / name / i) for i in ids], [sae_lib.load_cfg(tmp_path / name / i) for i in ids])
+        results[name] = (lines, [sae_lib.load(tmp_path / name / i).sae for i in ids], [sae_lib.load_cfg(tmp_path / name / i) for i in ids])
     assert any("chunk 1" in line for line in results["tiny"][0]) and not any("chunk 1," in line for line in results["default"][0][:1])
     assert all("4 devices" in line for line in results["four"][0])
     ref_cfgs = [(c.sae.exp_factor, c.sae.sparsity_coeff) for c in results["default"][2]]

@@ -115,7 +115,7 @@ def test_checkpoint_round_trip(tmp_path):
     cfg = config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=S // D))
     sae_lib.save(sae, tmp_path / "run", cfg, {"mse": 0.5})
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["cfg.json", "metrics.json", "sae.safetensors"]
-    loaded = sae_lib.load(tmp_path / "run")
+    loaded = sae_lib.load(tmp_path / "run").sae
     for name in sae_lib.TENSOR_NAMES:
         np.testing.assert_array_equal(getattr(loaded, name), getattr(sae, name))
         assert getattr(loaded, name).dtype == jnp.float32

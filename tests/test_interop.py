@@ -1,0 +1,105 @@
+"""Our exports in the peers' own code: PyPI saev 0.1.0, sae-lens and eai-sparsify (`pip install -e '.[interop]'`).
+
+Each peer loads what `saev_jax.export` wrote, with its own loader, and its forward pass on raw
+activations must give our features and reconstructions (float32 tolerance). Skipped, with the
+reason, when the peer is not installed. sae-lens and sparsify import transformers and friends,
+so their tests are marked slow (`make test-all`).
+"""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from saev_jax import checkpoint, export
+from saev_jax import sae as sae_lib
+
+from .test_checkpoint import D, FULL_HEADER, S, make_run, raw_batch
+
+INSTALL = "not installed: pip install -e '.[interop]'"
+
+
+def ours(tmp_path):
+    dpath = make_run(tmp_path)
+    ckpt = sae_lib.load(dpath)
+    x = raw_batch(64)
+    f = np.asarray(ckpt.encode_raw(x))
+    assert (f > 0).mean() > 0.1 and (f == 0).mean() > 0.1  # a real test of the ReLU, not all-on or all-off
+    return dpath, ckpt, x, f, np.asarray(ckpt.decode_raw(f))
+
+
+def test_saev_loads_our_sae_pt(tmp_path):
+    pytest.importorskip("saev.nn", reason=f"saev 0.1.0 {INSTALL}")
+    import saev.nn
+    import torch
+
+    dpath, ckpt, x, f, x_hat = ours(tmp_path)
+    export.export(dpath, "saev", tmp_path / "out")
+    model = saev.nn.load(str(tmp_path / "out" / "sae.pt"))  # saev's own loader: strict, weights_only
+    with torch.no_grad():
+        x_hat_t, f_t, _ = model(torch.from_numpy(x))
+    np.testing.assert_allclose(f_t.numpy(), f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat_t.numpy(), x_hat, rtol=1e-5, atol=1e-4)
+    assert model.cfg.seed == ckpt.cfg.sae.seed and model.cfg.sparsity_coeff == ckpt.cfg.sae.sparsity_coeff
+    # saev's own dump of what it loaded is byte for byte our file.
+    saev.nn.dump(str(tmp_path / "again" / "sae.pt"), model)
+    assert (tmp_path / "again" / "sae.pt").read_bytes() == (tmp_path / "out" / "sae.pt").read_bytes()
+
+
+def test_saev_sae_pt_round_trips_through_saev_jax(tmp_path):
+    pytest.importorskip("saev.nn", reason=f"saev 0.1.0 {INSTALL}")
+    import saev.config
+    import saev.nn
+    import torch
+
+    torch.manual_seed(0)
+    model = saev.nn.SparseAutoencoder(saev.config.SparseAutoencoder(**FULL_HEADER))
+    with torch.no_grad():
+        model.b_enc.normal_(0, 0.1)
+        model.b_dec.normal_(0, 0.5)
+    saev.nn.dump(str(tmp_path / "run" / "sae.pt"), model)
+    ckpt = sae_lib.load(tmp_path / "run")
+    assert ckpt.cfg.sae == checkpoint.saev_header_to_cfg(FULL_HEADER, "test") and "preprocess" in ckpt.missing
+    x = np.random.default_rng(0).normal(size=(32, D)).astype(np.float32)  # saev's normalised space
+    with torch.no_grad():
+        x_hat_t, f_t, _ = model(torch.from_numpy(x))
+    f = np.asarray(jax.vmap(ckpt.sae.encode)(x))
+    np.testing.assert_allclose(f, f_t.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(ckpt.sae.decode)(f), x_hat_t.numpy(), rtol=1e-5, atol=1e-5)
+    export.export(tmp_path / "run", "saev", tmp_path / "back.pt")
+    assert (tmp_path / "back.pt").read_bytes() == (tmp_path / "run" / "sae.pt").read_bytes()
+
+
+@pytest.mark.slow
+def test_saelens_loads_our_folder(tmp_path):
+    pytest.importorskip("sae_lens", reason=f"sae-lens {INSTALL}")
+    import sae_lens
+    import torch
+
+    dpath, ckpt, x, f, x_hat = ours(tmp_path)
+    export.export(dpath, "saelens", tmp_path / "out")
+    model = sae_lens.SAE.load_from_disk(str(tmp_path / "out"), device="cpu")
+    assert (model.cfg.d_in, model.cfg.d_sae) == (D, S)
+    with torch.no_grad():
+        f_t = model.encode(torch.from_numpy(x))
+        x_hat_t = model.decode(f_t)
+    np.testing.assert_allclose(f_t.numpy(), f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat_t.numpy(), x_hat, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sparsify_loads_our_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", "1")  # CPU: its eager decoder
+    pytest.importorskip("sparsify", reason=f"eai-sparsify {INSTALL}")
+    import sparsify
+    import torch
+
+    dpath, ckpt, x, f, x_hat = ours(tmp_path)
+    export.export(dpath, "sparsify", tmp_path / "out")
+    model = sparsify.Sae.load_from_disk(tmp_path / "out", device="cpu")
+    with torch.no_grad():
+        out = model.encode(torch.from_numpy(x))
+        x_hat_t = model.decode(out.top_acts, out.top_indices)
+    np.testing.assert_allclose(out.pre_acts.numpy(), f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat_t.numpy(), x_hat, rtol=1e-5, atol=1e-4)
