@@ -163,7 +163,8 @@ class Layout:
         while True:
             t0 = time.perf_counter()
             compiled, peak = layout.compile(preprocess)
-            over = self.limit is not None and peak is not None and peak > self.limit * plan.HEADROOM
+            usable = None if self.limit is None else self.limit * plan.headroom(self.mesh.devices.flat[0].platform)
+            over = usable is not None and peak is not None and peak > usable
             logger.info(
                 "Compiled the step (chunks %s) in %.1f s; XLA: %s per device.", list(layout.chunks),
                 time.perf_counter() - t0, "?" if peak is None else plan.format_bytes(peak),

@@ -44,21 +44,21 @@ def test_tight_memory_chunks_the_stack():
     cfgs = cfgs_of(8)
     per_sae = plan.in_flight_bytes(cfgs[0].sae.d_sae * 128 + 64 + 256, 256, 256)
     # Room for the whole state and about two SAEs in flight.
-    limit = int((one_sae_bytes(cfgs[0]) + 8 * plan.resident_bytes(2 * 64 * 256 + 256 + 64) + 1.5 * per_sae) / plan.HEADROOM)
+    limit = int((one_sae_bytes(cfgs[0]) + 8 * plan.resident_bytes(2 * 64 * 256 + 256 + 64) + 1.5 * per_sae) / plan.headroom("cpu"))
     p = plan.make_plan(cfgs, jax.devices()[:1], limit, "test")
     (rnd,) = p.rounds
     assert 1 <= rnd.stacks[0].chunk < 8
-    assert rnd.planned_bytes <= limit * plan.HEADROOM
+    assert rnd.planned_bytes <= limit * plan.headroom("cpu")
 
 
 def test_state_too_big_for_one_round_splits_the_group():
     cfgs = cfgs_of(6)
     # One SAE in flight and the resident state of about 3 of the 6.
-    limit = int((one_sae_bytes(cfgs[0]) + 2.5 * plan.resident_bytes(2 * 64 * 256 + 256 + 64)) / plan.HEADROOM)
+    limit = int((one_sae_bytes(cfgs[0]) + 2.5 * plan.resident_bytes(2 * 64 * 256 + 256 + 64)) / plan.headroom("cpu"))
     p = plan.make_plan(cfgs, jax.devices()[:1], limit, "test")
     assert len(p.rounds) > 1
     assert sorted(i for r in p.rounds for s in r.stacks for i in s.cfg_indices) == list(range(6))
-    assert all(r.planned_bytes <= limit * plan.HEADROOM for r in p.rounds)
+    assert all(r.planned_bytes <= limit * plan.headroom("cpu") for r in p.rounds)
     assert any("round 2/" in line for line in p.lines())
 
 
@@ -94,7 +94,7 @@ def test_tiny_budget_and_four_devices_train_the_same_saes(tmp_path, shard_root, 
     sweep = write_sweep(tmp_path, shard_root, extra='seed = 3')
     text = sweep.read_text().replace("exp_factor = 2", "exp_factor = [2, 4]").replace("[1e-3, 1e-2]", "[1e-3, 1e-2, 3e-2]")
     results = {}
-    for name, flags in {"default": ["--n-devices", "1"], "tiny": ["--n-devices", "1", "--memory-budget-gib", "5e-4"], "four": ["--n-devices", "4"]}.items():
+    for name, flags in {"default": ["--n-devices", "1"], "tiny": ["--n-devices", "1", "--memory-budget-gib", "1e-3"], "four": ["--n-devices", "4"]}.items():
         sweep.write_text(text.replace(str(tmp_path / "ckpt"), str(tmp_path / name)))
         with caplog.at_level(logging.INFO, logger="saev_jax.train"):
             caplog.clear()
