@@ -6,7 +6,8 @@ reason, when the peer is not installed. sae-lens and sparsify import transformer
 so their tests are marked slow (`make test-all`).
 """
 
-import os
+import json
+import sys
 
 import jax
 import numpy as np
@@ -103,3 +104,71 @@ def test_sparsify_loads_our_folder(tmp_path, monkeypatch):
         x_hat_t = model.decode(out.top_acts, out.top_indices)
     np.testing.assert_allclose(out.pre_acts.numpy(), f, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(x_hat_t.numpy(), x_hat, rtol=1e-5, atol=1e-4)
+
+
+def import_saev_training(monkeypatch):
+    """saev.training and saev.activations, with torchvision stubbed out.
+
+    saev.activations imports torchvision for its image datasets only; the shard `Dataset` and
+    `training.evaluate` never touch it. PyPI torchvision wheels do not load against the CPU
+    build of torch this project pins, so a stand-in module takes its place for this import.
+    """
+    import types
+
+    pytest.importorskip("saev.nn", reason=f"saev 0.1.0 {INSTALL}")
+    pytest.importorskip("PIL", reason="saev.activations needs Pillow")
+    if "saev.activations" not in sys.modules:
+        tv, datasets, folder = (types.ModuleType(n) for n in ("torchvision", "torchvision.datasets", "torchvision.datasets.folder"))
+        datasets.ImageFolder, datasets.folder, tv.datasets = type("ImageFolder", (), {}), folder, datasets
+        monkeypatch.setitem(sys.modules, "torchvision", tv)
+        monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+        monkeypatch.setitem(sys.modules, "torchvision.datasets.folder", folder)
+    import saev.activations
+    import saev.training
+
+    return saev.training
+
+
+def test_saev_sae_pt_evaluates_here_as_saev_reports(tmp_path, monkeypatch, capsys):
+    """An original sae.pt, evaluated by saev's own `training.evaluate` and by `python -m saev_jax.evaluate`."""
+    training = import_saev_training(monkeypatch)
+    import saev.config
+    import saev.nn
+    import torch
+
+    from saev_jax import evaluate, synthetic
+
+    root = tmp_path / "shards"
+    synthetic.write_shards(root, synthetic.Synthetic(d_vit=D, n_features=32, k=3, n_imgs=40, n_patches_per_img=8, n_patches_per_shard=640))
+    # PyPI saev 0.1.0 names two metadata keys vit_family / vit_ckpt (later saev and saev_jax:
+    # model_family / model_ckpt) and rejects unknown keys: its own view of the same shards.
+    old_root = tmp_path / "shards-saev-0.1.0"
+    old_root.mkdir()
+    for shard in root.glob("acts*.bin"):
+        (old_root / shard.name).symlink_to(shard)
+    md = json.loads((root / "metadata.json").read_text())
+    md["vit_family"], md["vit_ckpt"] = md.pop("model_family"), md.pop("model_ckpt")
+    (old_root / "metadata.json").write_text(json.dumps(md))
+    torch.manual_seed(0)
+    model = saev.nn.SparseAutoencoder(saev.config.SparseAutoencoder(**FULL_HEADER))
+    with torch.no_grad():
+        model.W_dec /= model.W_dec.norm(dim=1, keepdim=True)
+        model.b_enc.normal_(0, 0.3)
+    saev.nn.dump(str(tmp_path / "run" / "sae.pt"), model)
+    # 320 examples in batches of 80: saev's mean of per-batch means is then the mean over examples.
+    cfg = saev.config.Train(
+        data=saev.config.DataLoad(shard_root=str(old_root), layer=-1), sae=model.cfg, device="cpu", n_workers=0, sae_batch_size=80
+    )
+    theirs = training.evaluate([cfg], torch.nn.ModuleList([model]))[0]
+    status = evaluate.main([str(tmp_path / "run"), "--data.shard-root", str(root), "--data.layer", "-1",
+                            "--out", str(tmp_path / "eval"), "--sae-batch-size", "80", "--n-workers", "2"])  # fmt: skip
+    assert status == 0
+    capsys.readouterr()
+    mine = json.loads((tmp_path / "eval" / "run" / "metrics.json").read_text())
+    assert 0 < theirs.l0 < S and theirs.n_dead < S
+    for key in ("l0", "l1", "mse"):
+        np.testing.assert_allclose(mine[key], float(getattr(theirs, key)), rtol=1e-5, err_msg=key)
+    for key in ("n_dead", "n_almost_dead", "n_dense"):
+        assert mine[key] == int(getattr(theirs, key)), key
+    freqs = checkpoint._read_safetensors(tmp_path / "eval" / "run" / "freqs.safetensors", {"freqs": 1, "mean_values": 1})["freqs"]
+    np.testing.assert_allclose(freqs, theirs.freqs.numpy(), rtol=1e-6)
