@@ -3,7 +3,7 @@
 Each peer loads what `saev_jax.export` wrote, with its own loader, and its forward pass on raw
 activations must give our features and reconstructions (float32 tolerance). Skipped, with the
 reason, when the peer is not installed. sae-lens and sparsify import transformers and friends,
-so their tests are marked slow (`make test-all`).
+so their tests, and the one running saev's own evaluation, are marked slow (`make test-all`).
 """
 
 import json
@@ -19,6 +19,7 @@ from saev_jax import sae as sae_lib
 from .test_checkpoint import D, FULL_HEADER, S, make_run, raw_batch
 
 INSTALL = "not installed: pip install -e '.[interop]'"
+SAEV = "saev 0.1.0 not installed: pip install saev==0.1.0 --no-deps (and the interop extra for beartype, einops)"
 
 
 def ours(tmp_path):
@@ -31,7 +32,7 @@ def ours(tmp_path):
 
 
 def test_saev_loads_our_sae_pt(tmp_path):
-    pytest.importorskip("saev.nn", reason=f"saev 0.1.0 {INSTALL}")
+    pytest.importorskip("saev.nn", reason=SAEV)
     import saev.nn
     import torch
 
@@ -49,7 +50,7 @@ def test_saev_loads_our_sae_pt(tmp_path):
 
 
 def test_saev_sae_pt_round_trips_through_saev_jax(tmp_path):
-    pytest.importorskip("saev.nn", reason=f"saev 0.1.0 {INSTALL}")
+    pytest.importorskip("saev.nn", reason=SAEV)
     import saev.config
     import saev.nn
     import torch
@@ -115,7 +116,7 @@ def import_saev_training(monkeypatch):
     """
     import types
 
-    pytest.importorskip("saev.nn", reason=f"saev 0.1.0 {INSTALL}")
+    pytest.importorskip("saev.nn", reason=SAEV)
     pytest.importorskip("PIL", reason="saev.activations needs Pillow")
     if "saev.activations" not in sys.modules:
         tv, datasets, folder = (types.ModuleType(n) for n in ("torchvision", "torchvision.datasets", "torchvision.datasets.folder"))
@@ -129,6 +130,7 @@ def import_saev_training(monkeypatch):
     return saev.training
 
 
+@pytest.mark.slow
 def test_saev_sae_pt_evaluates_here_as_saev_reports(tmp_path, monkeypatch, capsys):
     """An original sae.pt, evaluated by saev's own `training.evaluate` and by `python -m saev_jax.evaluate`."""
     training = import_saev_training(monkeypatch)
