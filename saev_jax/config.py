@@ -37,6 +37,16 @@ class DataLoad:
     """Subtract the mean activation: estimate it (True), don't (False), or load it from this file."""
     scale_norm: bool | str = True
     """Scale so the mean L2 norm of an example is sqrt(d_vit): estimate (True), don't (False), or load from this file."""
+    read_mode: Literal["auto", "random", "blocks"] = "auto"
+    """How shuffled batches are read: `random` draws every example from a full random permutation
+    (fast while the shards fit in the page cache); `blocks` reads runs of whole images in large
+    reads and shuffles them through a buffer of `shuffle_buffer_mib` (for shard sets larger than
+    memory); `auto` picks `blocks` when the shard files are larger than the memory available."""
+    shuffle_buffer_mib: int = 2048
+    """Host memory for the `blocks` shuffle buffer, in MiB: a batch mixes examples of one window
+    of half this size (the other half is read ahead)."""
+    max_open_shards: int = 256
+    """Shard files kept open at once (least recently used are closed), whatever the shard count."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +286,9 @@ def validate(cfg: Train) -> None:
         (cfg.precision not in ("float32", "bfloat16"), "precision", "must be float32 or bfloat16"),
         (cfg.data.patches not in typing.get_args(DataLoad.__annotations__["patches"]), "data.patches", "must be cls, patches or meanpool"),
         (isinstance(cfg.data.layer, str) and cfg.data.layer not in ("all", "meanpool"), "data.layer", "must be an int, 'all' or 'meanpool'"),
+        (cfg.data.read_mode not in typing.get_args(DataLoad.__annotations__["read_mode"]), "data.read_mode", "must be auto, random or blocks"),
+        (cfg.data.shuffle_buffer_mib <= 0, "data.shuffle_buffer_mib", "must be positive"),
+        (cfg.data.max_open_shards <= 0, "data.max_open_shards", "must be positive"),
     ]  # fmt: skip
     for bad, key, why in checks:
         if bad:

@@ -14,10 +14,14 @@ C-order float32 array `[n_imgs_per_shard, n_layers, n_tokens, d_vit]`, token 0 b
 Every mistake in what the user gave us raises `config.InputError` with a one-line message naming
 the file, key or value, at construction where it can be known then.
 """
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
+import mmap
 import os
 import pathlib
 import queue
@@ -181,34 +185,43 @@ class Activations:
         if cfg.patches == "cls" and not md.cls_token:
             raise config.InputError(f"data.patches = 'cls' needs a [CLS] token, but {md_fpath} has cls_token = false")
 
+        if cfg.max_open_shards <= 0:
+            raise config.InputError(f"data.max_open_shards = {cfg.max_open_shards}: must be positive")
+
         self._layer_i = md.layers.index(cfg.layer) if isinstance(cfg.layer, int) else None
         self._first_patch = int(md.cls_token)
-        self._shards = [self._open_shard(i) for i in range(md.n_shards)]
+        fpaths = [self.shard_fpath(i) for i in range(md.n_shards)]
+        for fpath in fpaths:
+            self._check_shard(fpath)
+        # Files are opened on first use and at most max_open_shards at a time: a many-layer
+        # dump has thousands of shards and the usual descriptor limit is 1024.
+        self._files = _ShardFiles(fpaths, self.shard_nbytes, cfg.max_open_shards)
 
-    def _open_shard(self, shard_i: int) -> Float[np.ndarray, "n_rows d_vit"]:
+    @property
+    def shard_nbytes(self) -> int:
+        """Bytes in every shard file."""
+        return math.prod(self.metadata.shard_shape) * 4
+
+    def _check_shard(self, fpath: str) -> None:
         md = self.metadata
-        fpath = self.shard_fpath(shard_i)
-        expected = math.prod(md.shard_shape) * 4
         if not os.path.exists(fpath):
             raise config.InputError(f"{fpath}: shard file missing (metadata.json implies {md.n_shards} shards)")
         if not os.path.isfile(fpath):
             raise config.InputError(f"{fpath}: not a regular file")
         size = os.path.getsize(fpath)
-        if size != expected:
+        if size != self.shard_nbytes:
             raise config.InputError(
-                f"{fpath}: {size} bytes, but metadata.json implies {expected} "
+                f"{fpath}: {size} bytes, but metadata.json implies {self.shard_nbytes} "
                 f"(float32 {list(md.shard_shape)} = [n_imgs_per_shard, n_layers, n_tokens, d_vit])"
             )
         try:
-            mmap = np.memmap(fpath, dtype=np.float32, mode="r", shape=(expected // 4 // md.d_vit, md.d_vit))
+            os.close(os.open(fpath, os.O_RDONLY))
         except OSError as err:
             raise config.InputError(f"{fpath}: cannot read: {err}") from None
-        # A plain ndarray view (it keeps the mapping alive) so numpy's fast paths apply.
-        return mmap.view(np.ndarray)
 
     def __getstate__(self) -> dict:
-        # Pickling the memory maps would copy every shard (torch DataLoader workers started by
-        # spawn or forkserver pickle their dataset): send the config and map again there.
+        # Open files do not pickle (torch DataLoader workers started by spawn or forkserver
+        # pickle their dataset): send the config and open the files again there.
         return {"cfg": self.cfg}
 
     def __setstate__(self, state: dict) -> None:
@@ -308,26 +321,114 @@ class Activations:
             sel = slice(a, b)
             layer_n = None if layer is None else layer[sel]
             tok_n = None if tok is None else tok[sel]
-            self._gather(self._shards[shard[a]], pos[sel], layer_n, tok_n, out[sel])
+            with self._files.use(int(shard[a])) as shard_file:
+                self._gather(shard_file.mapped(md.shard_shape), pos[sel], layer_n, tok_n, out[sel])
+        return out
+
+    def _row_span(self) -> tuple[int, int]:
+        """The rows `[lo, hi)` of an image (rows numbered layer-major, `layer * n_tokens + token`) this mode reads."""
+        md = self.metadata
+        n_tokens, first = md.n_tokens, self._first_patch
+        top = 1 if self.cfg.patches == "cls" else n_tokens
+        bottom = 0 if self.cfg.patches == "cls" else first
+        if self._layer_i is not None:
+            return self._layer_i * n_tokens + bottom, self._layer_i * n_tokens + top
+        return bottom, (md.n_layers - 1) * n_tokens + top
+
+    @property
+    def examples_per_image(self) -> int:
+        return len(self) // self.metadata.n_imgs
+
+    @property
+    def image_read_nbytes(self) -> int:
+        """Bytes read per image by `read_images` (the rows this mode needs, and the gaps between them)."""
+        lo, hi = self._row_span()
+        return (hi - lo) * self.d_vit * 4
+
+    def read_images(
+        self, img_a: int, img_b: int, *, out: Float[np.ndarray, "n d_vit"], scratch: list | None = None
+    ) -> Float[np.ndarray, "n d_vit"]:
+        """Every example of images `[img_a, img_b)`, in dataset order, into `out`; returns it.
+
+        Reads with `pread`, never through a memory map: per shard one large read of the images'
+        byte range when the rows this mode needs are at least half of it, else one read per image
+        (its needed rows only). Raises InputError naming the file and byte offset when a read
+        fails or comes back short (a file that shrank or vanished), and for non-finite values.
+        `scratch`, a one-element list, lets a thread recycle its read buffer between calls.
+        """
+        md = self.metadata
+        per_img, d_vit = self.examples_per_image, md.d_vit
+        if not 0 <= img_a <= img_b <= md.n_imgs:
+            raise IndexError(f"images [{img_a}, {img_b}) out of range [0, {md.n_imgs})")
+        if out.shape != ((img_b - img_a) * per_img, d_vit) or out.dtype != np.float32:
+            raise ValueError(f"out must be float32 {((img_b - img_a) * per_img, d_vit)}, got {out.dtype} {out.shape}")
+        lo, hi = self._row_span()
+        n_image_rows = md.n_layers * md.n_tokens
+        merge = 2 * (hi - lo) >= n_image_rows
+        stride = n_image_rows if merge else hi - lo  # rows between consecutive images in the buffer
+        row_nbytes = d_vit * 4
+        img = img_a
+        while img < img_b:
+            shard_i, first = divmod(img, md.n_imgs_per_shard)
+            k = min(img_b - img, md.n_imgs_per_shard - first)
+            n_rows = (k - 1) * stride + hi
+            if scratch is not None and scratch[0] is not None and scratch[0].shape[0] >= n_rows:
+                buf = scratch[0]
+            else:
+                buf = np.empty((n_rows, d_vit), dtype=np.float32)
+                if scratch is not None:
+                    scratch[0] = buf
+            with self._files.use(shard_i) as shard_file:
+                if merge:
+                    offset = (first * n_image_rows + lo) * row_nbytes
+                    shard_file.pread_into(buf[lo:n_rows], offset)
+                else:
+                    for j in range(k):
+                        offset = ((first + j) * n_image_rows + lo) * row_nbytes
+                        shard_file.pread_into(buf[j * stride + lo : j * stride + hi], offset)
+            # Image j's row r sits at buffer row j * stride + r: view the buffer as whole images
+            # (overlapping ones when stride < an image; only rows in [lo, hi) are ever touched).
+            view_ILTD = np.lib.stride_tricks.as_strided(
+                buf,
+                shape=(k, md.n_layers, md.n_tokens, d_vit),
+                strides=(stride * row_nbytes, md.n_tokens * row_nbytes, row_nbytes, 4),
+                writeable=False,
+            )
+            indices = np.arange((img - img_a) * per_img, (img - img_a + k) * per_img, dtype=np.int64)
+            img_n, layer, tok = self._locate(indices + img_a * per_img)
+            self._gather(view_ILTD, img_n - img, layer, tok, out[indices[0] : indices[-1] + 1])
+            img += k
+        self._check_finite(out, np.arange(img_a * per_img, img_b * per_img, dtype=np.int64))
+        return out
+
+    def read_range(self, start: int, stop: int, *, out: Float[np.ndarray, "n d_vit"]) -> Float[np.ndarray, "n d_vit"]:
+        """Examples `[start, stop)` into `out`, read as `read_images` does (whole images around them)."""
+        per_img = self.examples_per_image
+        img_a, img_b = start // per_img, -(-stop // per_img)
+        whole = self.read_images(img_a, img_b, out=np.empty(((img_b - img_a) * per_img, self.d_vit), np.float32))
+        out[...] = whole[start - img_a * per_img : stop - img_a * per_img]
         return out
 
     def _gather(
         self,
-        rows_RD: Float[np.ndarray, "n_rows d_vit"],
+        acts_ILTD: Float[np.ndarray, "n_imgs n_layers n_tokens d_vit"],
         pos: Int[np.ndarray, " n"],
         layer: Int[np.ndarray, " n"] | None,
         tok: Int[np.ndarray, " n"] | None,
         out_nD: Float[np.ndarray, "n d_vit"],
     ) -> None:
-        """Examples of one shard (images at `pos`) into `out_nD`; None means the mean over that axis."""
+        """Examples of images `pos` of `acts_ILTD` into `out_nD`; None means the mean over that axis."""
         md = self.metadata
         n_layers, n_tokens, d_vit = md.n_layers, md.n_tokens, md.d_vit
         if layer is not None and tok is not None:
-            # One row per example: a single C-level take straight into the output. (The indices
-            # are in range; mode="raise" would make take copy through a temporary.)
-            np.take(rows_RD, (pos * n_layers + layer) * n_tokens + tok, axis=0, out=out_nD, mode="clip")
+            if acts_ILTD.flags.c_contiguous:
+                # One row per example: a single C-level take straight into the output. (The
+                # indices are in range; mode="raise" would make take copy through a temporary.)
+                rows_RD = acts_ILTD.reshape(-1, d_vit)
+                np.take(rows_RD, (pos * n_layers + layer) * n_tokens + tok, axis=0, out=out_nD, mode="clip")
+            else:
+                out_nD[...] = acts_ILTD[pos, layer, tok]
             return
-        acts_ILTD = rows_RD.reshape(md.shard_shape)
         patches = slice(self._first_patch, n_tokens)
         if layer is None and tok is None:
             n_rows, axes = n_layers * md.n_patches_per_img, (1, 2)
@@ -363,16 +464,107 @@ class Activations:
         )
 
 
+class _ShardFile:
+    """One open shard file: a descriptor, and a memory map made on first use."""
+
+    def __init__(self, fpath: str, nbytes: int):
+        self.fpath, self.nbytes = fpath, nbytes
+        try:
+            self.fd = os.open(fpath, os.O_RDONLY)
+        except FileNotFoundError:
+            raise config.InputError(f"{fpath}: shard file disappeared") from None
+        except OSError as err:
+            raise config.InputError(f"{fpath}: cannot open: {err}") from None
+        self.users = 0
+        self.evicted = False
+        self._mmap = None
+
+    def check_size(self) -> None:
+        """InputError unless the file still has its full size (a shrunk file would SIGBUS a map)."""
+        size = os.fstat(self.fd).st_size
+        if size != self.nbytes:
+            raise config.InputError(f"{self.fpath}: changed size while reading: now {size} bytes, expected {self.nbytes}")
+
+    def mapped(self, shape: tuple[int, ...]) -> Float[np.ndarray, "..."]:
+        """The whole file as a read-only float32 array of `shape`, size checked first."""
+        self.check_size()
+        if self._mmap is None:
+            self._mmap = mmap.mmap(self.fd, self.nbytes, prot=mmap.PROT_READ)
+        return np.frombuffer(self._mmap, dtype=np.float32).reshape(shape)
+
+    def pread_into(self, buf: np.ndarray, offset: int) -> None:
+        """Fills the C-contiguous `buf` from byte `offset`; InputError naming file and offset if it cannot."""
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < view.nbytes:
+            try:
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+            except OSError as err:
+                raise config.InputError(f"{self.fpath}: read error at byte {offset + done}: {err}") from None
+            if n == 0:
+                size = os.fstat(self.fd).st_size
+                raise config.InputError(
+                    f"{self.fpath}: short read at byte {offset + done} (file is {size} bytes, expected {self.nbytes})"
+                )
+            done += n
+
+    def close(self) -> None:
+        # A map outlives the descriptor; arrays still viewing it keep it alive until they go.
+        self._mmap = None
+        os.close(self.fd)
+
+
+class _ShardFiles:
+    """At most `capacity` shard files open at once, least recently used closed first.
+
+    A file in use by a thread is never closed under it: `use` counts users, and an evicted file
+    closes when its last user is done (so the cap can be passed by the number of threads).
+    """
+
+    def __init__(self, fpaths: list[str], nbytes: int, capacity: int):
+        self.fpaths, self.nbytes, self.capacity = fpaths, nbytes, capacity
+        self.open: collections.OrderedDict[int, _ShardFile] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def use(self, shard_i: int):
+        with self.lock:
+            shard_file = self.open.get(shard_i)
+            if shard_file is None:
+                shard_file = _ShardFile(self.fpaths[shard_i], self.nbytes)
+                self.open[shard_i] = shard_file
+                while len(self.open) > self.capacity:
+                    _, old = self.open.popitem(last=False)
+                    old.evicted = True
+                    if old.users == 0:
+                        old.close()
+            self.open.move_to_end(shard_i)
+            shard_file.users += 1
+        try:
+            yield shard_file
+        finally:
+            with self.lock:
+                shard_file.users -= 1
+                if shard_file.evicted and shard_file.users == 0:
+                    shard_file.close()
+
+    def __del__(self) -> None:
+        try:
+            for shard_file in self.open.values():
+                shard_file.close()
+        except Exception:  # at interpreter exit `os` may already be gone; the OS closes them
+            pass
+
+
 def get_stats(acts: Activations, cfg: config.DataLoad) -> tuple[Float[np.ndarray, " d_vit"], float]:
     """The preprocessing statistics of SPEC 1: `(act_mean, scalar)`.
 
-    `scale_mean` / `scale_norm`: True estimates from the first `n_random_samples` examples of
-    `np.random.default_rng(seed=42).permutation(len(acts))` (saev's sample), clamped to
-    `[-clamp, clamp]` first; False gives zeros / 1; a string loads a `.npy` or torch `.pt` file.
+    `scale_mean` / `scale_norm`: True estimates from the `n_random_samples` examples of
+    `sample_indices(len(acts), n_random_samples, seed=42)`, clamped to `[-clamp, clamp]` first; False gives zeros / 1; a string loads a `.npy` or torch `.pt` file.
     The norm uses whichever mean is in effect. Raises InputError, naming the shard root or the
     file, if a sampled value exceeds 1e3 in size, a mean exceeds 1e3, or a loaded file is bad.
-    The permutation costs 8 bytes per example transiently (as in saev); the sample is read in
-    chunks, so memory does not grow with `n_random_samples`.
+    Memory grows with `n_random_samples` (8 bytes each for the indices), never with the data set
+    (saev's full permutation costs 8 bytes per example); the sample is read in chunks.
     """
     d_vit = acts.d_vit
     act_mean = np.zeros(d_vit, dtype=np.float32)
@@ -390,7 +582,7 @@ def get_stats(acts: Activations, cfg: config.DataLoad) -> tuple[Float[np.ndarray
     n = min(cfg.n_random_samples, len(acts))
     if n <= 0:
         raise config.InputError(f"data.n_random_samples = {cfg.n_random_samples}: must be positive")
-    sample = np.random.default_rng(seed=42).permutation(len(acts))[:n]
+    sample = sample_indices(len(acts), n, seed=42)
     chunks = [np.sort(c) for c in np.array_split(sample, -(-n // 16384))]
 
     def clamped(chunk):
@@ -523,27 +715,153 @@ class Dataset(torch.utils.data.Dataset):
         return Example(act=act, image_i=int(self.acts.image_i(i)[0]), patch_i=int(self.acts.patch_i(i)[0]))
 
 
+def available_memory() -> int:
+    """Bytes the OS says can be used without swapping (`MemAvailable`), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as fd:
+            for line in fd:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_read_mode(acts: Activations) -> str:
+    """`blocks` when the shard files are larger than the memory available to cache them, else `random`."""
+    return "blocks" if acts.metadata.n_shards * acts.shard_nbytes > available_memory() else "random"
+
+
+def sample_indices(n_total: int, n: int, seed: int) -> Int[np.ndarray, " n"]:
+    """`min(n, n_total)` distinct indices of `[0, n_total)`, a random sample without replacement.
+
+    The first `n` values of a keyed permutation of `[0, n_total)` (`permute`, key from `seed`):
+    memory and time grow with `n`, not with `n_total` (a full `np.random.permutation` costs 8
+    bytes per example). The same `(n_total, seed)` gives nested samples for growing `n`.
+    """
+    n = min(n, n_total)
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return permute(np.arange(n, dtype=np.uint64), n_total, _keys(seed, 0x5A3B1E)).astype(np.int64)
+
+
+def _keys(seed: int, *domain: int) -> Int[np.ndarray, " 4"]:
+    # Four 64-bit round keys for `permute`, one independent stream per (seed, domain...).
+    return np.random.default_rng([seed, *domain]).integers(0, 2**64, size=4, dtype=np.uint64)
+
+
+class BlockOrder:
+    """Which example sits at each position of the `blocks` stream: a pure function of (seed, position).
+
+    The images are cut into blocks of `imgs_per_block` consecutive images (the last block may
+    be shorter). Epoch e takes the full blocks in a keyed random order (key from `(seed, e)`),
+    then the short one, and cuts that sequence into windows of `blocks_per_window` blocks (the
+    last window may be shorter). The examples of a window come in a keyed random order (key from
+    `(seed, e, w)`). Epochs are concatenated. Each position costs O(1) to place, so batch i can
+    be computed (and a run resumed) without reading or replaying anything before it.
+    """
+
+    def __init__(self, n_imgs: int, per_img: int, imgs_per_block: int, blocks_per_window: int, seed: int):
+        self.n_imgs, self.per_img, self.imgs_per_block, self.seed = n_imgs, per_img, imgs_per_block, seed
+        self.n = n_imgs * per_img
+        self.block_n = imgs_per_block * per_img
+        """Examples in a full block."""
+        self.n_full_blocks = n_imgs // imgs_per_block
+        self.n_blocks = -(-n_imgs // imgs_per_block)
+        self.blocks_per_window = blocks_per_window
+        self.window_n = blocks_per_window * self.block_n
+        """Examples in a full window."""
+        self.n_windows = -(-self.n_blocks // blocks_per_window)
+        """Windows per epoch."""
+
+    def window_size(self, w: int) -> int:
+        """Examples in window w of an epoch."""
+        return min(self.window_n, self.n - w * self.window_n)
+
+    def window_span(self, g: int) -> tuple[int, int]:
+        """Stream positions `[start, stop)` of the g-th window of the stream (`g = epoch * n_windows + w`)."""
+        epoch, w = divmod(g, self.n_windows)
+        start = epoch * self.n + w * self.window_n
+        return start, start + self.window_size(w)
+
+    def window_of(self, position: int) -> int:
+        """The stream window (`epoch * n_windows + w`) holding a stream position."""
+        epoch, q = divmod(position, self.n)
+        return epoch * self.n_windows + q // self.window_n
+
+    def blocks(self, g: int) -> Int[np.ndarray, " n_blocks"]:
+        """The blocks of stream window g, in window order."""
+        epoch, w = divmod(g, self.n_windows)
+        pos = np.arange(w * self.blocks_per_window, min((w + 1) * self.blocks_per_window, self.n_blocks), dtype=np.uint64)
+        out = pos.astype(np.int64)
+        full = pos < self.n_full_blocks
+        if full.any():
+            out[full] = permute(pos[full], self.n_full_blocks, _keys(self.seed, epoch, 1)).astype(np.int64)
+        return out
+
+    def block_images(self, block: int) -> tuple[int, int]:
+        """The images `[first, stop)` of a block."""
+        return block * self.imgs_per_block, min((block + 1) * self.imgs_per_block, self.n_imgs)
+
+    def slots(self, start: int, stop: int) -> list[tuple[int, Int[np.ndarray, " n"]]]:
+        """Stream positions `[start, stop)` as `(window g, rows of that window)` pieces, in stream order."""
+        pieces = []
+        while start < stop:
+            g = self.window_of(start)
+            w_start, w_stop = self.window_span(g)
+            end = min(stop, w_stop)
+            epoch, w = divmod(g, self.n_windows)
+            pos = np.arange(start - w_start, end - w_start, dtype=np.uint64)
+            rows = permute(pos, self.window_size(w), _keys(self.seed, epoch, 2, w)).astype(np.int64)
+            pieces.append((g, rows))
+            start = end
+        return pieces
+
+    def indices(self, g: int, rows: Int[np.ndarray, " n"]) -> Int[np.ndarray, " n"]:
+        """Dataset indices of rows of window g (window row j * block_n + o is example o of its j-th block)."""
+        return self.blocks(g)[rows // self.block_n] * self.block_n + rows % self.block_n
+
+
 class Loader:
     """Batches of raw examples as device arrays, read and transferred by background threads.
 
-    Iterating yields `(x_BD, n_valid)`: `x_BD` a float32 `jax.Array [batch_size, d_vit]` on
-    `device` (raw: apply `Preprocess` in the jitted step), `n_valid` an int.
+    Iterating yields `(x_BD, n_valid)`: `x_BD` a float32 `jax.Array [local_batch_size, d_vit]`
+    on `device` (raw: apply `Preprocess` in the jitted step), `n_valid` an int.
 
-    `shuffle=True`: an endless stream. Epoch e is a pseudo-random permutation of every example,
-    a keyed bijection of [0, len) (a Feistel network, with cycle walking) drawn from
-    `(seed, e)`, so it costs no memory however large the dataset; epochs are concatenated and
-    cut into full batches (`n_valid == batch_size` always). Which examples share a batch is
-    uniformly random; inside a batch the rows of each epoch come in dataset order, so each
-    read is one forward sweep through the files (SAE losses are batch means; the order inside a
-    batch does not matter). Cut at multiples of `len(acts)`, the stream is exactly one
-    permutation per epoch. `shuffle=False`: one pass in dataset order; the last batch is zero-padded and
-    `n_valid` counts its real rows.
+    Read modes (`read_mode`, default `acts.cfg.read_mode`; `auto` picks `blocks` when the shard
+    files are larger than the available memory, `choose_read_mode`):
 
-    `n_threads` reader threads each read whole batches (C-level gathers that release the
-    GIL); one transfer thread puts them on the device in order, two ahead of the consumer.
-    At most `max(2, buffer_bytes // batch bytes)` host batches are in flight. The stream is
-    deterministic in `seed` whatever `n_threads` is. Closing the iterator (`.close()`, or
-    dropping it) stops and joins the threads; so does interpreter exit.
+    - `random`, `shuffle=True`: an endless stream. Epoch e is a pseudo-random permutation of
+      every example, a keyed bijection of [0, len) (`permute`, a Feistel network with cycle
+      walking) drawn from `(seed, e)`, so it costs no memory however large the dataset; epochs
+      are concatenated and cut into full batches. Which examples share a batch is uniformly
+      random; inside a batch the rows of each epoch come in dataset order, so each read is one
+      forward sweep through the memory-mapped files. Fast while the files fit in the page
+      cache; on a cold cache every example is a random 4 KB page fault.
+    - `blocks`, `shuffle=True`: an endless stream for shard sets larger than memory, read at
+      disk speed: runs of whole images (`block_bytes` per read, `io_threads` reads in flight,
+      `pread`, no memory maps) in a keyed random order, shuffled through windows of
+      `shuffle_buffer_bytes / 2` (`BlockOrder` has the exact order). Every example exactly once
+      per epoch; a batch mixes the examples of one window (or two), not of the whole set.
+    - `shuffle=False` (either mode): one pass in dataset order; the last batch is zero-padded
+      and `n_valid` counts its real rows. `blocks` reads it with `pread` too.
+
+    Resuming: batch i is a pure function of `(seed, i)` (and the dataset, batch size and mode),
+    cheap to compute; `start_batch=N` starts the stream at batch N, so a run resumed at step N
+    gets exactly the batches it would have had, after reading at most one window.
+
+    Multi-host: `rows=(process_index, process_count)` yields only that process's contiguous
+    share, rows `[p * B / P, (p + 1) * B / P)`, of every global batch (B a multiple of P); every
+    process computes the same global batches. In `random` mode a process reads only its rows;
+    in `blocks` mode it reads the windows its rows fall in (whole windows).
+
+    `n_threads` reader threads (0 means 1) each build whole batches (`random`, and ordered
+    passes); `blocks` uses one thread that gathers batches out of the window buffers. One
+    transfer thread puts batches on the device in order, two ahead of the consumer; at most
+    `max(2, buffer_bytes // batch bytes)` host batches are in flight, in recycled buffers
+    (unless the device array shares the host buffer, as on CPU). The stream does not depend on
+    `n_threads` or `io_threads`. Closing the iterator (`.close()`, or dropping it) stops and
+    joins the threads; so does interpreter exit.
     """
 
     def __init__(
@@ -555,37 +873,69 @@ class Loader:
         seed: int = 0,
         n_threads: int = 2,
         buffer_bytes: int = 2**30,
-        device: jax.Device | None = None,
+        device: jax.Device | jax.sharding.Sharding | None = None,
+        read_mode: str | None = None,
+        start_batch: int = 0,
+        rows: tuple[int, int] = (0, 1),
+        shuffle_buffer_bytes: int | None = None,
+        block_bytes: int = 2**22,
+        io_threads: int = 16,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if n_threads <= 0:
-            raise ValueError(f"n_threads must be positive, got {n_threads}")
+        if n_threads < 0:
+            raise ValueError(f"n_threads must not be negative, got {n_threads}")
         if seed < 0:
             raise ValueError(f"seed must not be negative, got {seed}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must not be negative, got {start_batch}")
         if len(acts) == 0:
             raise ValueError("no examples to load")
+        process_i, n_processes = rows
+        if not 0 <= process_i < n_processes or batch_size % n_processes:
+            raise ValueError(f"rows = {rows}: need 0 <= process < count and batch_size {batch_size} divisible by count")
+        read_mode = acts.cfg.read_mode if read_mode is None else read_mode
+        if read_mode not in ("auto", "random", "blocks"):
+            raise config.InputError(f"data.read_mode = {read_mode!r}: must be 'auto', 'random' or 'blocks'")
         self.acts = acts
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
-        # saev's n_workers defaults to 32; more readers than cores only contend.
-        self.n_threads = min(n_threads, os.cpu_count() or 1)
-        self.n_buffered = max(2, buffer_bytes // (batch_size * acts.d_vit * 4))
+        self.start_batch = start_batch
+        self.read_mode = choose_read_mode(acts) if read_mode == "auto" else read_mode
+        self.local_batch_size = batch_size // n_processes
+        self.row_start = process_i * self.local_batch_size
+        # saev's n_workers defaults to 32; more readers than cores only contend. 0 (saev: no
+        # worker processes) still needs one reader: the threads are what overlap reads with steps.
+        self.n_threads = max(1, min(n_threads, os.cpu_count() or 1))
+        # Reads wait on the disk, not the CPU: many in flight keep its queue full.
+        self.io_threads = max(1, io_threads)
+        self.n_buffered = max(2, buffer_bytes // (self.local_batch_size * acts.d_vit * 4))
         self.device = device if device is not None else jax.devices()[0]
+        self.order = None
+        if self.read_mode == "blocks":
+            if shuffle_buffer_bytes is None:
+                shuffle_buffer_bytes = acts.cfg.shuffle_buffer_mib * 2**20
+            imgs_per_block = max(1, round(block_bytes / acts.image_read_nbytes))
+            block_mem = imgs_per_block * acts.examples_per_image * acts.d_vit * 4
+            blocks_per_window = max(1, shuffle_buffer_bytes // 2 // block_mem)
+            self.order = BlockOrder(acts.metadata.n_imgs, acts.examples_per_image, imgs_per_block, blocks_per_window, seed)
 
     def __len__(self) -> int:
-        """Batches in the one ordered pass (`shuffle=False`); the shuffled stream has no end."""
+        """Batches in the one ordered pass (`shuffle=False`), from batch 0; the shuffled stream has no end."""
         if self.shuffle:
             raise TypeError("a shuffled Loader is endless")
         return -(-len(self.acts) // self.batch_size)
 
     def batch_indices(self, batch_i: int) -> Int[np.ndarray, " n"]:
-        """The dataset indices of batch `batch_i`, in the order of its rows (without padding)."""
+        """The dataset indices of global batch `batch_i`, in the order of its rows (without padding)."""
+        if self.shuffle and self.order is not None:
+            start = batch_i * self.batch_size
+            return np.concatenate([self.order.indices(g, rows) for g, rows in self.order.slots(start, start + self.batch_size)])
         return np.concatenate(self._batch_segments(batch_i))
 
     def _batch_segments(self, batch_i: int) -> list[Int[np.ndarray, " n"]]:
-        # One sorted run of indices per epoch that the batch touches, in stream order.
+        # `random` mode: one sorted run of indices per epoch that the batch touches, in stream order.
         n, size = len(self.acts), self.batch_size
         if not self.shuffle:
             return [np.arange(batch_i * size, min((batch_i + 1) * size, n), dtype=np.int64)]
@@ -593,18 +943,28 @@ class Loader:
         segments = []
         for epoch in range(start // n, (stop - 1) // n + 1):
             pos = np.arange(max(start, epoch * n), min(stop, (epoch + 1) * n), dtype=np.uint64) - np.uint64(epoch * n)
-            keys = np.random.default_rng([self.seed, epoch]).integers(0, 2**64, size=4, dtype=np.uint64)
-            segments.append(np.sort(permute(pos, n, keys).astype(np.int64)))
+            segments.append(np.sort(permute(pos, n, _keys(self.seed, epoch)).astype(np.int64)))
         return segments
 
-    def read_batch(self, batch_i: int) -> tuple[Float[np.ndarray, "batch_size d_vit"], int]:
-        """Batch `batch_i` on the host, zero-padded to `batch_size` rows, and its count of real rows."""
-        # Page-aligned, so that jax.device_put on CPU can alias it instead of copying.
-        x_BD = _aligned_empty((self.batch_size, self.acts.d_vit))
-        n_valid = 0
-        for indices in self._batch_segments(batch_i):
-            self.acts.read(indices, out=x_BD[n_valid : n_valid + indices.size])
-            n_valid += indices.size
+    def read_batch(
+        self, batch_i: int, out: Float[np.ndarray, "local_batch_size d_vit"] | None = None
+    ) -> tuple[Float[np.ndarray, "local_batch_size d_vit"], int]:
+        """This process's rows of batch `batch_i` on the host, zero-padded, and its count of real rows."""
+        x_BD = _aligned_empty((self.local_batch_size, self.acts.d_vit)) if out is None else out
+        lo = batch_i * self.batch_size + self.row_start
+        hi = lo + self.local_batch_size
+        if not self.shuffle:
+            n_valid = max(0, min(hi, len(self.acts)) - lo)
+            if n_valid and self.read_mode == "blocks":
+                self.acts.read_range(lo, lo + n_valid, out=x_BD[:n_valid])
+            elif n_valid:
+                self.acts.read(np.arange(lo, lo + n_valid), out=x_BD[:n_valid])
+        elif self.order is not None:
+            raise RuntimeError("a shuffled blocks-mode batch is read through the window buffers; iterate the Loader")
+        else:
+            indices = np.concatenate(self._batch_segments(batch_i))[self.row_start : self.row_start + self.local_batch_size]
+            n_valid = indices.size
+            self.acts.read(indices, out=x_BD[:n_valid])
         x_BD[n_valid:] = 0.0
         return x_BD, n_valid
 
@@ -634,45 +994,178 @@ _END = object()
 
 
 class _Pipeline:
-    """Reader threads -> batches in order -> transfer thread -> queue of device arrays.
+    """Producers -> host batches by number -> transfer thread (in order) -> queue of device arrays.
 
-    Holds no reference to the LoaderIterator, so dropping the iterator finalizes it.
+    Producers: `n_threads` batch readers (`random` mode and ordered passes), or, for a shuffled
+    `blocks` stream, a window reader (block reads on an I/O thread pool into one of two window
+    buffers) and one assembler gathering batches out of the windows. Host batch buffers cycle
+    through `free`. Holds no reference to the LoaderIterator, so dropping the iterator finalizes it.
     """
 
     def __init__(self, loader: Loader):
         self.loader = loader
         self.n_batches = None if loader.shuffle else len(loader)
         self.stopping = threading.Event()
-        self.next_batch = itertools.count()
-        self.slots = threading.Semaphore(loader.n_buffered)
+        self.next_batch = itertools.count(loader.start_batch)
+        self.free: queue.Queue = queue.Queue()  # recycled host batches
+        self.n_host = 0  # host batches that exist and are not owned by a device array
+        self.n_host_lock = threading.Lock()
         self.ready: dict[int, object] = {}
         self.ready_cond = threading.Condition()
         self.out: queue.Queue = queue.Queue(maxsize=2)
-        self.threads = [
-            threading.Thread(target=self._read, name=f"saev-reader-{i}", daemon=True) for i in range(loader.n_threads)
-        ]
-        self.threads.append(threading.Thread(target=self._transfer, name="saev-transfer", daemon=True))
+        if loader.shuffle and loader.order is not None:
+            self.windows: dict[int, object] = {}
+            self.window_cond = threading.Condition()
+            self.window_slots = threading.Semaphore(2)
+            self.window_bufs: queue.Queue = queue.Queue()
+            for _ in range(2):
+                self.window_bufs.put(None)
+            targets = [("saev-windows", self._read_windows), ("saev-assembler", self._assemble)]
+        else:
+            targets = [(f"saev-reader-{i}", self._read) for i in range(loader.n_threads)]
+        targets.append(("saev-transfer", self._transfer))
+        self.threads = [threading.Thread(target=fn, name=name, daemon=True) for name, fn in targets]
         for thread in self.threads:
             thread.start()
 
-    def _read(self) -> None:
+    def _take_buffer(self) -> Float[np.ndarray, "local_batch_size d_vit"] | None:
+        # A recycled host batch, or a new one while fewer than n_buffered exist (None when stopping).
         while not self.stopping.is_set():
-            if not self.slots.acquire(timeout=0.05):
+            with self.n_host_lock:
+                if self.free.empty() and self.n_host < self.loader.n_buffered:
+                    self.n_host += 1
+                    # Page-aligned, so that jax.device_put on CPU can alias it instead of copying.
+                    return _aligned_empty((self.loader.local_batch_size, self.loader.acts.d_vit))
+            try:
+                return self.free.get(timeout=0.05)
+            except queue.Empty:
                 continue
+        return None
+
+    def _deliver(self, batch_i: int, result: object) -> None:
+        with self.ready_cond:
+            self.ready[batch_i] = result
+            self.ready_cond.notify_all()
+
+    def _read(self) -> None:
+        while True:
+            buf = self._take_buffer()
+            if buf is None:
+                return
             batch_i = next(self.next_batch)
             if self.n_batches is not None and batch_i >= self.n_batches:
-                self.slots.release()
+                self.free.put(buf)
                 return
             try:
-                result = self.loader.read_batch(batch_i)
+                result = self.loader.read_batch(batch_i, out=buf)
             except BaseException as err:  # handed to the consumer, which re-raises it
                 result = err
-            with self.ready_cond:
-                self.ready[batch_i] = result
-                self.ready_cond.notify_all()
+            self._deliver(batch_i, result)
+
+    def _needed(self, g: int) -> bool:
+        # Whether stream window g holds any row of this process (rows [r0, r0 + b) of each batch).
+        loader = self.loader
+        start, stop = loader.order.window_span(g)
+        size, r0 = loader.batch_size, loader.row_start
+        q = start - start % size + r0
+        if q + loader.local_batch_size <= start:
+            q += size
+        return q < stop
+
+    def _read_windows(self) -> None:
+        loader, order, acts = self.loader, self.loader.order, self.loader.acts
+        local = threading.local()
+        first = order.window_of(loader.start_batch * loader.batch_size + loader.row_start)
+
+        def read_block(buf, j, block):
+            if not hasattr(local, "scratch"):
+                local.scratch = [None]
+            img_a, img_b = order.block_images(int(block))
+            rows = slice(j * order.block_n, j * order.block_n + (img_b - img_a) * order.per_img)
+            acts.read_images(img_a, img_b, out=buf[rows], scratch=local.scratch)
+
+        with concurrent.futures.ThreadPoolExecutor(loader.io_threads, thread_name_prefix="saev-io") as pool:
+            for g in itertools.count(first):
+                if not self._needed(g):
+                    continue
+                while not self.window_slots.acquire(timeout=0.05):
+                    if self.stopping.is_set():
+                        return
+                buf = self.window_bufs.get()
+                if buf is None:
+                    buf = np.empty((order.window_n, acts.d_vit), dtype=np.float32)
+                blocks = order.blocks(g)
+                # Submitted in file order, so that the disk's queue walks forward.
+                futures = [pool.submit(read_block, buf, j, blocks[j]) for j in np.argsort(blocks)]
+                try:
+                    for future in futures:
+                        while not self.stopping.is_set():
+                            try:
+                                future.result(timeout=0.05)
+                                break
+                            except concurrent.futures.TimeoutError:
+                                pass
+                        if self.stopping.is_set():
+                            for f in futures:
+                                f.cancel()
+                            return
+                    result = buf
+                except BaseException as err:
+                    result = err
+                with self.window_cond:
+                    self.windows[g] = result
+                    self.window_cond.notify_all()
+                if isinstance(result, BaseException):
+                    return
+
+    def _window(self, g: int) -> Float[np.ndarray, "window_n d_vit"] | None:
+        with self.window_cond:
+            while g not in self.windows:
+                if self.stopping.is_set():
+                    return None
+                self.window_cond.wait(timeout=0.05)
+            result = self.windows[g]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _release_windows_before(self, position: int) -> None:
+        # Windows that end at or before `position` are used up: their buffers go to the reader.
+        with self.window_cond:
+            done = [g for g in self.windows if self.loader.order.window_span(g)[1] <= position]
+            for g in done:
+                buf = self.windows.pop(g)
+                if not isinstance(buf, BaseException):
+                    self.window_bufs.put(buf)
+                    self.window_slots.release()
+
+    def _assemble(self) -> None:
+        loader, order = self.loader, self.loader.order
+        for batch_i in itertools.count(loader.start_batch):
+            buf = self._take_buffer()
+            if buf is None:
+                return
+            start = batch_i * loader.batch_size + loader.row_start
+            try:
+                n = 0
+                for g, rows in order.slots(start, start + loader.local_batch_size):
+                    window = self._window(g)
+                    if window is None:
+                        return
+                    np.take(window, rows, axis=0, out=buf[n : n + rows.size], mode="clip")
+                    n += rows.size
+                    # Batches may be larger than windows: free each window once passed.
+                    self._release_windows_before(start + n)
+                result = (buf, n)
+            except BaseException as err:  # handed to the consumer, which re-raises it
+                result = err
+            self._release_windows_before(start + loader.batch_size)
+            self._deliver(batch_i, result)
+            if isinstance(result, BaseException):
+                return
 
     def _transfer(self) -> None:
-        for batch_i in itertools.count():
+        for batch_i in itertools.count(self.loader.start_batch):
             if self.n_batches is not None and batch_i >= self.n_batches:
                 self._put(_END)
                 return
@@ -687,14 +1180,18 @@ class _Pipeline:
                 return
             x_BD, n_valid = result
             try:
-                x_BD = to_device(x_BD, self.loader.device)
-                x_BD.block_until_ready()
+                x_dev = to_device(x_BD, self.loader.device)
+                x_dev.block_until_ready()
             except BaseException as err:
                 self._put(err)
                 return
-            finally:
-                self.slots.release()
-            if not self._put((x_BD, n_valid)):
+            # Recycle the host buffer unless the device array is that very memory (CPU aliasing).
+            if _shares_memory(x_dev, x_BD):
+                with self.n_host_lock:
+                    self.n_host -= 1
+            else:
+                self.free.put(x_BD)
+            if not self._put((x_dev, n_valid)):
                 return
 
     def _put(self, item: object) -> bool:
@@ -739,6 +1236,13 @@ def to_device(x: np.ndarray, where: jax.Device | jax.sharding.Sharding) -> jax.A
     if isinstance(where, jax.sharding.Sharding):
         return jax.make_array_from_process_local_data(where, x)
     return jax.device_put(x, where)
+
+
+def _shares_memory(x_dev: jax.Array, x_host: np.ndarray) -> bool:
+    try:
+        return x_dev.unsafe_buffer_pointer() == x_host.ctypes.data
+    except Exception:  # not a single-device buffer: assume the worst, never recycle
+        return True
 
 
 def permute(x: Int[np.ndarray, " n"], n: int, keys: Int[np.ndarray, " n_rounds"]) -> Int[np.ndarray, " n"]:

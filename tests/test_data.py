@@ -239,7 +239,7 @@ def test_non_finite_activation(tmp_path):
 
 
 def reference_stats(examples, n, clamp):
-    sample = np.clip(examples[np.random.default_rng(seed=42).permutation(len(examples))[:n]], -clamp, clamp)
+    sample = np.clip(examples[data.sample_indices(len(examples), n, seed=42)], -clamp, clamp)
     mean = sample.mean(axis=0, dtype=np.float64).astype(np.float32)
     norms = np.linalg.norm((sample - mean).astype(np.float64), axis=1)
     return mean, norms.mean() / np.sqrt(sample.shape[1])
@@ -257,6 +257,21 @@ def test_stats_match_numpy(tmp_path, patches, layer, n):
     assert act_mean.dtype == np.float32 and act_mean.shape == (4,)
     np.testing.assert_allclose(act_mean, ref_mean, rtol=2**-23)
     np.testing.assert_allclose(scalar, ref_scalar, rtol=1e-12)
+
+
+def test_sample_indices():
+    """A sample without replacement, nested in n, from memory that does not grow with n_total."""
+    for n_total, n in [(1, 1), (10, 3), (1000, 1000), (1000, 5000), (2**40, 100)]:
+        sample = data.sample_indices(n_total, n, seed=7)
+        assert sample.dtype == np.int64 and sample.shape == (min(n, n_total),)
+        assert np.unique(sample).size == sample.size and sample.min() >= 0 and sample.max() < n_total
+    np.testing.assert_array_equal(np.sort(data.sample_indices(1000, 1000, 7)), np.arange(1000))
+    np.testing.assert_array_equal(data.sample_indices(1000, 40, 7), data.sample_indices(1000, 100, 7)[:40])
+    assert not np.array_equal(data.sample_indices(1000, 40, 7), data.sample_indices(1000, 40, 8))
+    # Uniform: over 2000 seeds each of 50 items is drawn about 10/50 of the time.
+    counts = np.bincount(np.concatenate([data.sample_indices(50, 10, seed) for seed in range(2000)]), minlength=50)
+    expected = 2000 * 10 / 50
+    assert np.all(np.abs(counts - expected) < 5 * np.sqrt(expected))
 
 
 def test_stats_off_and_from_files(tmp_path):
@@ -280,7 +295,7 @@ def test_stats_off_and_from_files(tmp_path):
     cfg = config.DataLoad(shard_root=str(tmp_path), scale_mean=str(tmp_path / "mean.npy"), n_random_samples=50)
     _, scalar = data.get_stats(data.Activations(cfg), cfg)
     examples, _, _ = reference(tmp_path, "patches", -2)
-    sample = examples[np.random.default_rng(seed=42).permutation(len(examples))[:50]]
+    sample = examples[data.sample_indices(len(examples), 50, seed=42)]
     np.testing.assert_allclose(scalar, np.linalg.norm((sample - mean).astype(np.float64), axis=1).mean() / 2, rtol=1e-12)
 
 
@@ -502,6 +517,13 @@ def test_threads_stop(tmp_path):
     list(data.Loader(acts, batch_size=4, shuffle=False))
     assert reader_threads() == []
 
+    it = iter(data.Loader(acts, batch_size=4, shuffle=True, read_mode="blocks", io_threads=3))
+    next(it)
+    names = {t.name.split("_")[0] for t in reader_threads()}
+    assert names == {"saev-windows", "saev-assembler", "saev-transfer", "saev-io"}
+    it.close()
+    assert reader_threads() == []
+
 
 def test_no_hang_at_exit(tmp_path):
     make_shards(tmp_path)
@@ -515,3 +537,190 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+# Reading larger-than-memory shard sets: `blocks` mode, resuming, per-process rows, bounded files.
+
+
+def blocks_loader(acts, **kwargs):
+    """A blocks-mode Loader with tiny blocks (2 images) and windows (3 blocks), so every boundary is crossed."""
+    block_bytes = 2 * acts.image_read_nbytes
+    window_bytes = 3 * 2 * acts.examples_per_image * acts.d_vit * 4
+    return data.Loader(acts, read_mode="blocks", block_bytes=block_bytes, shuffle_buffer_bytes=2 * window_bytes, **kwargs)
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+@pytest.mark.parametrize("patches,layer", MODES)
+def test_read_images_matches_plain_numpy(tmp_path, cls_token, patches, layer):
+    """pread-based reads of whole images (one read per shard, or per image) against the plain reading."""
+    if patches == "cls" and not cls_token:
+        return
+    md = make_shards(tmp_path, cls_token=cls_token)
+    acts = load(tmp_path, patches, layer)
+    expected, _, _ = reference(tmp_path, patches, layer)
+    per_img = acts.examples_per_image
+    scratch = [None]
+    for img_a, img_b in [(0, md.n_imgs), (1, 2), (2, 6), (md.n_imgs - 1, md.n_imgs)]:
+        out = np.empty(((img_b - img_a) * per_img, 4), np.float32)
+        got = acts.read_images(img_a, img_b, out=out, scratch=scratch)
+        assert_examples_equal(got, expected[img_a * per_img : img_b * per_img], patches, layer)
+    out = np.empty((5, 4), np.float32)
+    assert_examples_equal(acts.read_range(1, 6, out=out), expected[1:6], patches, layer)
+
+
+def test_blocks_exactly_once_per_epoch(tmp_path):
+    md = coded_shards(tmp_path)
+    acts = load(tmp_path, layer=1)
+    n = len(acts)
+    for batch_size in [16, 64]:  # 64 > a window (30 examples): a batch spans several windows
+        loader = blocks_loader(acts, batch_size=batch_size, shuffle=True, seed=3, n_threads=2, io_threads=3)
+        assert loader.read_mode == "blocks" and loader.order.window_n == 30 and loader.order.block_n == 10
+        n_batches = 3 * n // batch_size + 1
+        batches = take(loader, n_batches)
+        assert all(x.shape == (batch_size, 2) and n_valid == batch_size for x, n_valid in batches)
+        served = np.concatenate([decode(x, md) for x, _ in batches])
+        np.testing.assert_array_equal(served, np.concatenate([loader.batch_indices(b) for b in range(n_batches)]))
+        epochs = [served[e * n : (e + 1) * n] for e in range(3)]
+        for epoch in epochs:
+            np.testing.assert_array_equal(np.sort(epoch), np.arange(n))
+        assert not np.array_equal(epochs[0], epochs[1])
+    # The order follows BlockOrder: a window's examples are exactly its blocks' images.
+    order = loader.order
+    first = np.sort(served[: order.window_n])
+    blocks = order.blocks(0)
+    want = np.concatenate([np.arange(*order.block_images(b)) for b in blocks])
+    np.testing.assert_array_equal(np.unique(first // md.n_patches_per_img), np.sort(want))
+
+
+def test_blocks_deterministic_in_seed(tmp_path):
+    md = coded_shards(tmp_path)
+    acts = load(tmp_path, layer=1)
+    runs = [
+        [decode(x, md) for x, _ in take(blocks_loader(acts, batch_size=32, shuffle=True, seed=seed, io_threads=k), 12)]
+        for seed, k in [(0, 1), (0, 5), (1, 2)]
+    ]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("mode", ["random", "blocks"])
+def test_start_batch_resumes_the_stream(tmp_path, mode):
+    md = coded_shards(tmp_path)
+    acts = load(tmp_path, layer=1)
+
+    def stream(**kwargs):
+        return blocks_loader(acts, **kwargs) if mode == "blocks" else data.Loader(acts, read_mode="random", **kwargs)
+
+    whole = [decode(x, md) for x, _ in take(stream(batch_size=16, shuffle=True, seed=5), 30)]
+    for start in [1, 7, 13, 25]:
+        resumed = [decode(x, md) for x, _ in take(stream(batch_size=16, shuffle=True, seed=5, start_batch=start), 5)]
+        np.testing.assert_array_equal(resumed, whole[start : start + 5])
+    ordered = list(stream(batch_size=16, shuffle=False, start_batch=10))
+    assert len(ordered) == -(-len(acts) // 16) - 10
+    np.testing.assert_array_equal(decode(ordered[0][0], md), np.arange(160, 176))
+
+
+@pytest.mark.parametrize("mode", ["random", "blocks"])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_rows_split_the_global_batch(tmp_path, mode, shuffle):
+    """Each process's rows are its contiguous share of the one global batch every process agrees on."""
+    md = coded_shards(tmp_path)
+    acts = load(tmp_path, layer=1)
+
+    def batches(rows):
+        kwargs = dict(batch_size=24, shuffle=shuffle, seed=2, rows=rows)
+        loader = blocks_loader(acts, **kwargs) if mode == "blocks" else data.Loader(acts, read_mode="random", **kwargs)
+        return take(loader, 10) if shuffle else list(loader)
+
+    whole = batches((0, 1))
+    parts = [batches((p, 3)) for p in range(3)]
+    assert len(whole) == len(parts[0])
+    for b, (x, n_valid) in enumerate(whole):
+        assert [part[b][0].shape for part in parts] == [(8, 2)] * 3
+        np.testing.assert_array_equal(np.concatenate([np.asarray(part[b][0]) for part in parts]), np.asarray(x))
+        assert sum(part[b][1] for part in parts) == n_valid
+    with pytest.raises(ValueError, match="divisible"):
+        data.Loader(acts, batch_size=10, shuffle=True, rows=(0, 3))
+
+
+def test_auto_mode_follows_available_memory(tmp_path, monkeypatch):
+    make_shards(tmp_path)
+    acts = load(tmp_path)
+    total = acts.metadata.n_shards * acts.shard_nbytes
+    monkeypatch.setattr(data, "available_memory", lambda: total - 1)
+    assert data.Loader(acts, batch_size=4, shuffle=True).read_mode == "blocks"
+    monkeypatch.setattr(data, "available_memory", lambda: total)
+    assert data.Loader(acts, batch_size=4, shuffle=True).read_mode == "random"
+    assert data.Loader(acts, batch_size=4, shuffle=True, read_mode="blocks").read_mode == "blocks"
+    assert data.available_memory() > 0
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("mode", ["random", "blocks"])
+def test_bounded_open_files(tmp_path, mode):
+    md = coded_shards(tmp_path)
+    assert md.n_shards == 5
+    cfg = config.DataLoad(shard_root=str(tmp_path), layer=1, max_open_shards=2)
+    before = open_fds()
+    acts = data.Activations(cfg)
+    assert open_fds() == before, "construction opens nothing for good"
+    kwargs = dict(batch_size=16, shuffle=True, seed=0, n_threads=1, io_threads=1)
+    loader = blocks_loader(acts, **kwargs) if mode == "blocks" else data.Loader(acts, read_mode=mode, **kwargs)
+    served = np.concatenate([decode(x, md) for x, _ in take(loader, len(acts) // 16)])
+    np.testing.assert_array_equal(served, np.concatenate([loader.batch_indices(b) for b in range(len(acts) // 16)]))
+    assert len(acts._files.open) <= 2
+    assert open_fds() <= before + 2 * 2  # a descriptor per open file, and one more per memory map
+    np.testing.assert_array_equal(acts.read(np.arange(len(acts))), load(tmp_path, layer=1).read(np.arange(len(acts))))
+
+
+def shrink(fpath, nbytes):
+    with open(fpath, "r+b") as fd:
+        fd.truncate(nbytes)
+
+
+def test_shard_shrinks_mid_epoch(tmp_path):
+    md = coded_shards(tmp_path)
+    acts = load(tmp_path, layer=1)
+    mapped = load(tmp_path, layer=1)
+    mapped.read(np.arange(len(acts)))  # its memory maps exist before the file shrinks
+    it = iter(blocks_loader(acts, batch_size=16, shuffle=True, n_threads=1))
+    next(it)
+    shrink(tmp_path / "acts000003.bin", 100)
+    with pytest.raises(config.InputError, match=r"acts000003.bin: short read at byte \d+ \(file is 100 bytes"):
+        for _ in range(len(acts)):
+            next(it)
+    it.close()
+    # The memory-mapped path checks the size before touching the map (a shrunk map is SIGBUS).
+    assert_input_error("acts000003.bin: changed size while reading: now 100 bytes", lambda: mapped.read(np.arange(len(acts))))
+    out = np.empty((acts.examples_per_image * 4, 2), np.float32)
+    assert_input_error(r"acts000003.bin: short read at byte \d+", lambda: acts.read_images(24, 28, out=out))
+
+
+def test_shard_disappears_mid_epoch(tmp_path):
+    coded_shards(tmp_path)
+    acts = data.Activations(config.DataLoad(shard_root=str(tmp_path), layer=1, max_open_shards=1))
+    it = iter(blocks_loader(acts, batch_size=16, shuffle=True, n_threads=1))
+    next(it)
+    (tmp_path / "acts000004.bin").unlink()
+    with pytest.raises(config.InputError, match="acts000004.bin: shard file disappeared"):
+        for _ in range(len(acts)):
+            next(it)
+    it.close()
+
+
+def test_read_error_names_file_and_offset(tmp_path, monkeypatch):
+    coded_shards(tmp_path)
+    acts = load(tmp_path, layer=1)
+
+    def failing(fd, buffers, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", failing)
+    out = np.empty((acts.examples_per_image * 2, 2), np.float32)
+    offset = (6 + 1) * 2 * 4  # image 8 = image 0 of acts000001.bin: layer 1, first patch
+    assert_input_error(f"acts000001.bin: read error at byte {offset}: .*Input/output error", lambda: acts.read_images(8, 10, out=out))
+    with pytest.raises(config.InputError, match="read error at byte"):
+        take(blocks_loader(acts, batch_size=16, shuffle=True), 2)
