@@ -469,5 +469,7 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     import logging
 
+    from saev_jax import evaluate  # Not this `__main__` copy: plots and summary know that module's EvalMetrics.
+
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s: %(message)s")
-    sys.exit(main())
+    sys.exit(evaluate.main())

@@ -42,7 +42,7 @@ def reference(sae_params: dict[str, np.ndarray], x_raw: np.ndarray, mean: np.nda
     return {"l0": (f > 0).sum(1).mean(), "l1": f.sum(1).mean(), "mse": ((x_hat - x) ** 2).mean(), "freqs": freqs, "n_dead": int((freqs == 0).sum())}
 
 
-def test_evaluates_ours_and_saev_sae_pt(tmp_path, shard_root, capsys):
+def test_evaluates_ours_and_saev_sae_pt(tmp_path, shard_root):
     data_cfg = config.DataLoad(shard_root=str(shard_root), layer=-1)
     acts = data.Activations(data_cfg)
     x_raw = acts.read(np.arange(len(acts)))
@@ -66,12 +66,12 @@ def test_evaluates_ours_and_saev_sae_pt(tmp_path, shard_root, capsys):
     export.export(sweep / "run0", "saev", tmp_path / "exported" / "run0-saev")
 
     out = tmp_path / "eval"
-    status = evaluate.main([
-        str(sweep), str(saev_dpath / "sae.pt"), str(tmp_path / "exported" / "run0-saev"),
+    proc = subprocess.run([
+        sys.executable, "-m", "saev_jax.evaluate", str(sweep), str(saev_dpath / "sae.pt"), str(tmp_path / "exported" / "run0-saev"),
         "--data.shard-root", str(shard_root), "--data.layer", "-1", "--out", str(out), "--sae-batch-size", "100", "--n-workers", "2",
-    ])  # fmt: skip
-    assert status == 0
-    printed = capsys.readouterr().out
+    ], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout
     names = ["run0", "run1", "abc", "run0-saev"]
     assert all(name in printed for name in names) and "quality" in printed
     rows = list(csv.DictReader(open(out / "summary.csv")))
