@@ -69,6 +69,26 @@ class SparseAutoencoder:
     """Rescale each decoder row to unit norm before every step."""
     seed: int = 0
     """Seed of the SAE's weight initialisation."""
+    kind: Literal["relu", "topk", "batchtopk", "matryoshka", "jumprelu"] = "relu"
+    """Which SAE (SPEC 11): saev's ReLU + L1, TopK, BatchTopK, Matryoshka (BatchTopK-based) or JumpReLU."""
+    k: int = 32
+    """topk, batchtopk, matryoshka: active latents per example (BatchTopK: on average over the batch)."""
+    k_aux: int = 512
+    """topk, batchtopk, matryoshka: how many dead latents per example AuxK uses to model the residual."""
+    auxk_alpha: float = 1 / 32
+    """topk, batchtopk, matryoshka: weight of the AuxK loss (0 turns AuxK off)."""
+    dead_threshold_tokens: int = 10_000_000
+    """topk, batchtopk, matryoshka: a latent is dead for AuxK after this many training examples without firing."""
+    topk_threshold_lr: float = 0.01
+    """batchtopk, matryoshka: rate of the EMA of the smallest kept activation, the inference threshold."""
+    matryoshka_widths: tuple[int, ...] = ()
+    """matryoshka: increasing prefix ends, the last d_sae; empty means d_sae * (1/16, 1/8, 1/4, 1/2, 1). In a sweep file write [[...]]."""
+    l0_coefficient: float = 1e-3
+    """jumprelu: weight of the L0 penalty (warmed up over `n_sparsity_warmup` steps)."""
+    jumprelu_init_threshold: float = 0.0
+    """jumprelu: initial threshold of every latent; 0 means 0.001 * sqrt(d_vit) (GDM's 0.001 at E|x|^2 = 1, rescaled)."""
+    jumprelu_bandwidth: float = 0.0
+    """jumprelu: width eps of the straight-through estimator's rectangle kernel; 0 means 0.001 * sqrt(d_vit)."""
 
     @property
     def d_sae(self) -> int:
@@ -93,6 +113,10 @@ class Train:
     """Adam learning rate."""
     n_lr_warmup: int = 500
     """Steps over which the learning rate rises linearly from 0; 0 means no warm-up."""
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warm-up: constant; linear decay to 0 over the last `lr_decay_frac` of training; or cosine to 0."""
+    lr_decay_frac: float = 0.2
+    """With lr_schedule = "linear": the fraction of training steps over which the learning rate decays to 0."""
     sae_batch_size: int = 1024 * 16
     """Examples per step (shared by every SAE of a group)."""
     track: bool = True
@@ -133,8 +157,8 @@ CANNOT_PARALLELIZE = frozenset({
 
 
 def to_dict(cfg) -> dict[str, object]:
-    """A config as plain JSON-ready data."""
-    return dataclasses.asdict(cfg)
+    """A config as plain JSON-ready data (tuples as lists, as JSON and wandb give them back)."""
+    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
 
 
 def from_dict(cls, dct: dict[str, object], *, where: str = "config"):
@@ -164,6 +188,11 @@ def _coerce(field: dataclasses.Field, value: object, where: str) -> object:
     # TOML writes `lr = 1` as an int; a float field takes it as a float.
     if field.type is float and type(value) is int:
         return float(value)
+    if field.type == tuple[int, ...]:
+        # TOML and JSON give lists; a frozen config holds tuples (they hash).
+        if not isinstance(value, (list, tuple)) or not all(type(v) is int for v in value):
+            raise InputError(f"{where}: {field.name} = {value!r} must be a list of ints (in a sweep file, [[...]])")
+        return tuple(value)
     if field.type in (int, float, bool, str) and type(value) is not field.type:
         raise InputError(f"{where}: {field.name} = {value!r} must be {field.type.__name__}")
     return value
@@ -290,7 +319,60 @@ def validate(cfg: Train) -> None:
         (cfg.data.shuffle_buffer_mib <= 0, "data.shuffle_buffer_mib", "must be positive"),
         (cfg.data.max_open_shards <= 0, "data.max_open_shards", "must be positive"),
     ]  # fmt: skip
+    checks += _kind_checks(cfg)
+    # Until the step trains the kinds and schedules (issue 13, phase 2), nothing else is trainable.
+    checks += [
+        (cfg.sae.kind != "relu", "sae.kind", "not trainable yet: only relu"),
+        (cfg.lr_schedule != "constant", "lr_schedule", "not trainable yet: only constant"),
+    ]
     for bad, key, why in checks:
         if bad:
             value = _canonical(cfg, key)
             raise InputError(f"{key} = {value}: {why}")
+
+
+KIND_FIELDS = {
+    "sparsity_coeff": ("relu",),
+    "k": ("topk", "batchtopk", "matryoshka"),
+    "k_aux": ("topk", "batchtopk", "matryoshka"),
+    "auxk_alpha": ("topk", "batchtopk", "matryoshka"),
+    "dead_threshold_tokens": ("topk", "batchtopk", "matryoshka"),
+    "topk_threshold_lr": ("batchtopk", "matryoshka"),
+    "matryoshka_widths": ("matryoshka",),
+    "l0_coefficient": ("jumprelu",),
+    "jumprelu_init_threshold": ("jumprelu",),
+    "jumprelu_bandwidth": ("jumprelu",),
+}
+"""The `[sae]` fields that only some kinds read: setting one for another kind is an error."""
+
+
+def _kind_checks(cfg: Train) -> list[tuple[bool, str, str]]:
+    sae, default = cfg.sae, SparseAutoencoder()
+    kinds = typing.get_args(SparseAutoencoder.__annotations__["kind"])
+    if sae.kind not in kinds:
+        return [(True, "sae.kind", f"must be one of {', '.join(kinds)}")]
+    widths = sae.matryoshka_widths
+    checks = [
+        (getattr(sae, name) != getattr(default, name) and sae.kind not in owners,
+         f"sae.{name}", f"only kind {' or '.join(owners)} reads it, but sae.kind = {sae.kind}")
+        for name, owners in KIND_FIELDS.items()
+    ]  # fmt: skip
+    checks += [
+        (sae.k <= 0, "sae.k", "must be positive"),
+        (sae.k > sae.d_sae, "sae.k", f"must be at most d_sae = {sae.d_sae}"),
+        (sae.k_aux <= 0, "sae.k_aux", "must be positive"),
+        (sae.auxk_alpha < 0, "sae.auxk_alpha", "must not be negative"),
+        (not 0 < sae.dead_threshold_tokens < 2**30, "sae.dead_threshold_tokens", "must be in [1, 2^30)"),
+        (not 0 < sae.topk_threshold_lr <= 1, "sae.topk_threshold_lr", "must be in (0, 1]"),
+        (any(w <= 0 for w in widths), "sae.matryoshka_widths", "must be positive"),
+        (list(widths) != sorted(set(widths)), "sae.matryoshka_widths", "must be strictly increasing"),
+        (bool(widths) and widths[-1] != sae.d_sae, "sae.matryoshka_widths", f"must end at d_sae = {sae.d_sae}"),
+        (sae.l0_coefficient < 0, "sae.l0_coefficient", "must not be negative"),
+        (sae.jumprelu_init_threshold < 0, "sae.jumprelu_init_threshold", "must not be negative"),
+        (sae.jumprelu_bandwidth < 0, "sae.jumprelu_bandwidth", "must not be negative"),
+        (cfg.lr_schedule not in ("constant", "linear", "cosine"), "lr_schedule", "must be constant, linear or cosine"),
+        (not 0 <= cfg.lr_decay_frac <= 1, "lr_decay_frac", "must be in [0, 1]"),
+        (cfg.lr_decay_frac != Train.lr_decay_frac and cfg.lr_schedule != "linear", "lr_decay_frac", "only lr_schedule = linear reads it"),
+        (sae.k * cfg.sae_batch_size >= 2**31, "sae.k", "k * sae_batch_size must be below 2^31"),
+    ]  # fmt: skip
+    return checks

@@ -7,6 +7,7 @@ so nothing here may branch in Python on a value or need a static step count
 
 import equinox as eqx
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float
 
@@ -22,6 +23,37 @@ def warmup(peak: ArrayLike, n_steps: ArrayLike) -> optax.Schedule:
         return peak * jnp.minimum(frac, 1.0)
 
     return schedule
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+"""What the learning rate does after its warm-up; `Hparams` carries the index into this tuple."""
+
+
+def warmup_decay(
+    peak: ArrayLike, n_warmup: ArrayLike, n_steps: ArrayLike, schedule: ArrayLike, decay_frac: ArrayLike
+) -> optax.Schedule:
+    """A linear warm-up over `n_warmup` steps (as `warmup`), then by `SCHEDULES[schedule]`:
+
+    - 0, constant: `peak` to the end;
+    - 1, linear: `peak` until the last `decay_frac * n_steps` steps, then linearly to 0 at
+      step `n_steps` (Anthropic's, SAELens's and Nabeshima's decay);
+    - 2, cosine: from the end of the warm-up, `peak * (1 + cos(pi * progress)) / 2`, 0 at
+      step `n_steps` (saev's WarmupCosine).
+
+    Every argument may be a traced scalar (one per SAE under vmap).
+    """
+
+    def schedule_fn(count: ArrayLike) -> Float[Array, ""]:
+        count = jnp.asarray(count, jnp.float32)
+        rise = warmup(1.0, n_warmup)(count)
+        n_decay = jnp.maximum(decay_frac * n_steps, 1.0)
+        linear = jnp.clip((n_steps - count) / n_decay, 0.0, 1.0)
+        progress = jnp.clip((count - n_warmup) / jnp.maximum(n_steps - n_warmup, 1), 0.0, 1.0)
+        cosine = 0.5 * (1 + jnp.cos(np.pi * progress))
+        after = jnp.select([schedule == 1, schedule == 2], [linear, cosine], 1.0)
+        return peak * rise * after
+
+    return schedule_fn
 
 
 def remove_parallel_grads(enabled: Bool[ArrayLike, ""]) -> optax.GradientTransformation:

@@ -1,0 +1,389 @@
+"""The SAE kinds (saev_jax/kinds) against plain PyTorch references (tests/reference_kinds.py).
+
+Forward, losses and gradients of each kind at float32 tolerance; per-SAE hyper-parameters under
+vmap equal each SAE alone; the selection primitives against NumPy.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from saev_jax import config, kinds, optim
+from saev_jax import sae as sae_lib
+from saev_jax.kinds import batchtopk, select
+
+torch = pytest.importorskip("torch", reason="the references are written in torch")
+from . import reference_kinds as ref  # noqa: E402
+
+D, EXP, B = 8, 4, 16
+S = D * EXP
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def make_cfg(kind: str, seed: int = 0, **sae) -> config.Train:
+    return config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind=kind, seed=seed, **sae))
+
+
+def random_params(seed: int, kind: str = "topk") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    p = {
+        "W_enc": rng.normal(size=(D, S)) / np.sqrt(D),
+        "b_enc": rng.normal(size=S) * 0.1,
+        "W_dec": rng.normal(size=(S, D)) / np.sqrt(S),
+        "b_dec": rng.normal(size=D) * 0.1,
+    }
+    if kind == "jumprelu":
+        p["log_threshold"] = np.log(rng.uniform(0.2, 0.8, size=S))
+    return {k: v.astype(np.float32) for k, v in p.items()}
+
+
+def batch(seed: int) -> np.ndarray:
+    # Not centred, so both biases matter.
+    return (np.random.default_rng(100 + seed).normal(size=(B, D)) * 2 + 1).astype(np.float32)
+
+
+def one(cfg: config.Train, p: dict[str, np.ndarray] | None = None):
+    """One SAE of `cfg`'s kind (with parameters `p` if given), its hparams and its initial state."""
+    stack = kinds.make_stack([cfg])
+    sae = jax.tree.map(lambda leaf: leaf[0], stack)
+    if p is not None:
+        names = tuple(p)
+        sae = eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), sae, tuple(jnp.asarray(p[n]) for n in names))
+    hp = jax.tree.map(lambda leaf: leaf[0], kinds.make_hparams([cfg]))
+    return sae, hp, sae.init_state()
+
+
+@eqx.filter_jit
+def _loss_and_grads(sae, state, x, hp, step):
+    fn = eqx.filter_value_and_grad(lambda s: s.loss(state, x, hp, step), has_aux=True)
+    (total, (metrics, new_state)), grads = fn(sae)
+    return total, metrics, new_state, grads
+
+
+def loss_and_grads(sae, state, x, hp, step=0):
+    return _loss_and_grads(sae, state, jnp.asarray(x), hp, jnp.int32(step))
+
+
+def assert_grads_close(grads, ref_grads):
+    for name, g in ref_grads.items():
+        np.testing.assert_allclose(np.asarray(getattr(grads, name)), g, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+# --- selection primitives --------------------------------------------------------------------
+
+
+def test_kth_largest_matches_sort():
+    rng = np.random.default_rng(0)
+    a = np.maximum(rng.normal(size=(6, 40)), 0).astype(np.float32)
+    a[0, :30] = 0  # a row with fewer positives than some n
+    for n in (1, 3, 17, 40):
+        rows = np.asarray(select.kth_largest_nonneg(jnp.asarray(a), jnp.int32(n), axis=-1))
+        np.testing.assert_array_equal(rows[:, 0], -np.sort(-a, axis=1)[:, n - 1])
+        flat = float(select.kth_largest_nonneg(jnp.asarray(a), jnp.int32(n)))
+        assert flat == -np.sort(-a.ravel())[n - 1]
+    # More than there are: 0.
+    assert float(select.kth_largest_nonneg(jnp.asarray(a), jnp.int32(a.size + 1))) == 0.0
+
+
+def test_topk_rows_per_sae_k_under_vmap():
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(np.maximum(rng.normal(size=(3, B, S)), 0), jnp.float32)
+    ks = jnp.array([1, 4, 9], jnp.int32)
+    together = jax.vmap(select.topk_rows)(a, ks)
+    for m in range(3):
+        alone = select.topk_rows(a[m], ks[m])
+        np.testing.assert_array_equal(together[m], alone)
+        ref_f = ref.topk_acts(torch.tensor(np.asarray(a[m], np.float64)), int(ks[m])).numpy()
+        np.testing.assert_array_equal(np.asarray(alone), ref_f.astype(np.float32))
+
+
+def test_batchtopk_keeps_exactly_k_times_B():
+    rng = np.random.default_rng(2)
+    h = jnp.asarray(rng.normal(size=(B, S)), jnp.float32)
+    for k in (1, 3, 7):
+        f, thr = select.topk_batch(jax.nn.relu(h), jnp.int32(k))
+        assert int(jnp.sum(f > 0)) == k * B
+        # Per example the count varies; only the batch total is k * B.
+        assert len(set(np.sum(np.asarray(f) > 0, axis=1).tolist())) > 1
+        assert float(thr) == float(jnp.min(jnp.where(f > 0, f, jnp.inf)))
+    # Fewer positives than k * B: every positive kept, nothing else.
+    f, thr = select.topk_batch(jax.nn.relu(h), jnp.int32(S))
+    assert float(thr) == 0.0 and int(jnp.sum(f > 0)) == int(jnp.sum(h > 0))
+
+
+def test_dead_counts():
+    counts = select.DeadCounts.zeros(4)
+    f = jnp.array([[1.0, 0, 0, 0], [0, 0, 2.0, 0]])
+    counts = counts.update(f)
+    np.testing.assert_array_equal(counts.tokens_since_fired, [0, 2, 0, 2])
+    counts = counts.update(jnp.array([[0, 0, 0, 3.0], [0, 0, 0, 0]]))
+    np.testing.assert_array_equal(counts.tokens_since_fired, [2, 4, 2, 0])
+    np.testing.assert_array_equal(counts.dead(jnp.int32(4)), [False, True, False, False])
+    full = select.DeadCounts(jnp.full(2, select.DEAD_COUNT_CAP, jnp.int32)).update(jnp.zeros((5, 2)))
+    np.testing.assert_array_equal(full.tokens_since_fired, [select.DEAD_COUNT_CAP] * 2)  # saturates
+
+
+def test_threshold_ema_starts_at_first_value():
+    f1 = jnp.array([[0.5, 0.0], [2.0, 0.0]])
+    f2 = jnp.array([[1.5, 0.0], [0.0, 3.0]])
+    thr = select.ema_threshold(jnp.float32(-1.0), f1, jnp.float32(0.1))
+    assert float(thr) == 0.5
+    thr = select.ema_threshold(thr, f2, jnp.float32(0.1))
+    np.testing.assert_allclose(float(thr), 0.5 + 0.1 * (1.5 - 0.5), rtol=1e-6)
+    assert float(select.ema_threshold(thr, jnp.zeros((2, 2)), jnp.float32(0.1))) == float(thr)  # nothing kept
+
+
+# --- AuxK ------------------------------------------------------------------------------------
+
+
+def test_auxk_uses_exactly_the_dead_latents():
+    rng = np.random.default_rng(3)
+    p = random_params(3)
+    x = batch(3)
+    dead = np.zeros(S, bool)
+    dead[[1, 5, 6, 20, 31]] = True
+    h = jnp.asarray(ref.pre_acts(ref.params(p), torch.tensor(x, dtype=torch.float64)).detach().numpy(), jnp.float32)
+    residual = jnp.asarray(rng.normal(size=(B, D)), jnp.float32)
+
+    def aux(W_dec, h, k_aux):
+        return select.auxk_loss(h, jnp.asarray(dead), residual, W_dec, jnp.int32(k_aux))
+
+    for k_aux in (2, 5, 64):  # fewer than, as many as and more than the dead latents
+        value, (g_W, g_h) = jax.value_and_grad(aux, argnums=(0, 1))(jnp.asarray(p["W_dec"]), h, k_aux)
+        # Only dead latents' decoder rows and pre-activations get a gradient.
+        assert np.all(np.asarray(g_W)[~dead] == 0) and np.all(np.asarray(g_h)[:, ~dead] == 0)
+        assert np.any(np.asarray(g_W)[dead] != 0)
+        # Per example, at most k_aux dead pre-activations are used.
+        assert np.max(np.sum(np.asarray(g_h) != 0, axis=1)) <= min(k_aux, dead.sum())
+        W = torch.tensor(p["W_dec"].astype(np.float64))
+        expected = ref.auxk(torch.tensor(np.asarray(h, np.float64)), torch.tensor(dead), torch.tensor(np.asarray(residual, np.float64)), W, k_aux)
+        np.testing.assert_allclose(float(value), float(expected), rtol=RTOL)
+    # No dead latent: zero loss and zero gradient.
+    value, g_W = jax.value_and_grad(lambda W: select.auxk_loss(h, jnp.zeros(S, bool), residual, W, jnp.int32(4)))(jnp.asarray(p["W_dec"]))
+    assert float(value) == 0.0 and not np.any(np.asarray(g_W))
+
+
+# --- each kind against its reference -----------------------------------------------------------
+
+
+def dead_state(sae, dead_mask, cfg):
+    """The kind's initial state with the latents of `dead_mask` past the dead threshold."""
+    counts = jnp.where(jnp.asarray(dead_mask), cfg.sae.dead_threshold_tokens, 0).astype(jnp.int32)
+    state = sae.init_state()
+    where = (lambda s: s.tokens_since_fired) if isinstance(state, select.DeadCounts) else (lambda s: s.dead_counts.tokens_since_fired)
+    return eqx.tree_at(where, state, counts)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("n_dead", [0, 6])
+def test_topk_family_matches_reference(kind, n_dead):
+    widths = (4, 8, 16, 32)
+    extra = {"matryoshka_widths": widths} if kind == "matryoshka" else {}
+    cfg = make_cfg(kind, k=3, k_aux=4, auxk_alpha=0.25, dead_threshold_tokens=100, **extra)
+    p, x = random_params(4), batch(4)
+    sae, hp, _ = one(cfg, p)
+    dead = np.zeros(S, bool)
+    dead[np.random.default_rng(5).choice(S, n_dead, replace=False)] = True
+    state = dead_state(sae, dead, cfg)
+    total, metrics, new_state, grads = loss_and_grads(sae, state, x, hp)
+    ref_total, ref_aux, ref_f, ref_grads = ref.loss_and_grads(kind, p, x, k=3, k_aux=4, alpha=0.25, dead=dead, widths=widths)
+    np.testing.assert_allclose(float(total), ref_total, rtol=RTOL)
+    np.testing.assert_allclose(float(metrics["aux_loss"]), ref_aux, rtol=RTOL, atol=1e-7)
+    assert (ref_aux > 0) == (n_dead > 0)
+    f = sae.encode_train(state, jnp.asarray(x), hp)
+    np.testing.assert_allclose(np.asarray(f), ref_f, rtol=RTOL, atol=ATOL)
+    assert float(metrics["l0"]) == pytest.approx(np.mean(np.sum(ref_f > 0, axis=1)))
+    assert float(metrics["n_dead"]) == n_dead
+    assert_grads_close(grads, ref_grads)
+    # Counters: reset where anything fired, +B elsewhere.
+    counts = new_state if kind == "topk" else new_state.dead_counts
+    fired = np.any(ref_f > 0, axis=0)
+    np.testing.assert_array_equal(np.asarray(counts.tokens_since_fired)[fired], 0)
+    old = np.where(dead, 100, 0)
+    np.testing.assert_array_equal(np.asarray(counts.tokens_since_fired)[~fired], old[~fired] + B)
+
+
+def test_matryoshka_prefix_loss_is_the_explicit_sum():
+    widths = (2, 6, 32)
+    cfg = make_cfg("matryoshka", k=4, matryoshka_widths=widths, auxk_alpha=0.0)
+    p, x = random_params(6), batch(6)
+    sae, hp, state = one(cfg, p)
+    f = sae.encode_train(state, jnp.asarray(x), hp)
+    fvus, x_hat = sae.prefix_fvus(f, jnp.asarray(x))
+    f64, x64 = np.asarray(f, np.float64), x.astype(np.float64)
+    explicit = []
+    for m in widths:
+        x_hat_m = f64[:, :m] @ p["W_dec"][:m].astype(np.float64) + p["b_dec"]
+        explicit.append(np.sum((x_hat_m - x64) ** 2) / np.sum((x64 - x64.mean(0)) ** 2))
+    np.testing.assert_allclose(np.asarray(fvus), explicit, rtol=RTOL)
+    total, _, _, _ = loss_and_grads(sae, state, x, hp)
+    np.testing.assert_allclose(float(total), np.mean(explicit), rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(x_hat), np.asarray(sae.decode(f)), rtol=RTOL, atol=ATOL)
+
+
+def test_matryoshka_stack_shares_a_grid_of_block_ends():
+    cfgs = [make_cfg("matryoshka", seed=1, matryoshka_widths=(8, 32)), make_cfg("matryoshka", seed=2)]
+    stack = kinds.make_stack(cfgs)
+    hp = kinds.make_hparams(cfgs)
+    assert stack.block_ends == (2, 4, 8, 16, 32)  # the union with 32 * (1/16, 1/8, 1/4, 1/2, 1)
+    np.testing.assert_allclose(np.asarray(hp.prefix_weights), [[0, 0, 0.5, 0, 0.5], [0.2] * 5])
+
+
+def test_jumprelu_matches_reference():
+    cfg = make_cfg("jumprelu", l0_coefficient=0.05, jumprelu_bandwidth=0.3)
+    p, x = random_params(7, "jumprelu"), batch(7)
+    sae, hp, state = one(cfg, p)
+    total, metrics, _, grads = loss_and_grads(sae, state, x, hp)
+    ref_total, _, ref_f, ref_grads = ref.loss_and_grads("jumprelu", p, x, eps=0.3, coeff=0.05)
+    np.testing.assert_allclose(float(total), ref_total, rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(sae.encode(state, jnp.asarray(x), hp)), ref_f, rtol=RTOL, atol=ATOL)
+    assert_grads_close(grads, ref_grads)
+    assert np.any(ref_grads["log_threshold"] != 0)  # the straight-through estimator reaches the thresholds
+    # The L0 coefficient warms up over n_sparsity_warmup steps.
+    cfg = dataclasses.replace(cfg, n_sparsity_warmup=4)
+    sae, hp, state = one(cfg, p)
+    _, metrics, _, _ = loss_and_grads(sae, state, x, hp, step=1)
+    np.testing.assert_allclose(float(metrics["sparsity_coeff"]), 0.05 / 4, rtol=1e-6)
+
+
+def test_jumprelu_default_threshold_and_bandwidth():
+    cfg = make_cfg("jumprelu")
+    sae, hp, _ = one(cfg)
+    np.testing.assert_allclose(np.exp(np.asarray(sae.log_threshold)), 0.001 * np.sqrt(D), rtol=1e-6)
+    np.testing.assert_allclose(float(hp.bandwidth), 0.001 * np.sqrt(D), rtol=1e-6)
+
+
+def test_relu_kind_is_sae_loss():
+    """The ReLU kind computes exactly sae.loss (SPEC 3) from the same init."""
+    cfg = make_cfg("relu", seed=3, sparsity_coeff=0.02)
+    cfg = dataclasses.replace(cfg, n_sparsity_warmup=4)
+    sae, hp, state = one(cfg)
+    old = sae_lib.make_saes([cfg.sae])
+    old = jax.tree.map(lambda leaf: leaf[0], old)
+    for name in sae_lib.TENSOR_NAMES:
+        np.testing.assert_array_equal(getattr(sae, name), getattr(old, name))
+    x = jnp.asarray(batch(8))
+    total, metrics, _, grads = loss_and_grads(sae, state, x, hp, step=2)
+    coeff = optim.warmup(0.02, 4)(2)
+    (old_total, old_metrics), old_grads = eqx.filter_value_and_grad(sae_lib.loss, has_aux=True)(old, x, coeff)
+    np.testing.assert_allclose(float(total), float(old_total), rtol=1e-6)
+    for key in old_metrics:
+        np.testing.assert_allclose(float(metrics[key]), float(old_metrics[key]), rtol=1e-6, err_msg=key)
+    for name in sae_lib.TENSOR_NAMES:
+        np.testing.assert_allclose(getattr(grads, name), getattr(old_grads, name), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_tied_init():
+    sae, _, _ = one(make_cfg("topk", seed=4))
+    np.testing.assert_allclose(np.linalg.norm(sae.W_dec, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(sae.W_enc, sae.W_dec.T)
+
+
+# --- stacks: per-SAE hyper-parameters under vmap equal each SAE alone --------------------------
+
+STACKS = {
+    "relu": [dict(sparsity_coeff=0.01), dict(sparsity_coeff=0.1)],
+    "topk": [dict(k=1), dict(k=5, k_aux=2), dict(k=12, auxk_alpha=0.5)],
+    "batchtopk": [dict(k=2, topk_threshold_lr=0.5), dict(k=6)],
+    "matryoshka": [dict(k=2, matryoshka_widths=(8, 32)), dict(k=5)],
+    "jumprelu": [dict(l0_coefficient=0.01), dict(l0_coefficient=0.2, jumprelu_bandwidth=0.5)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STACKS))
+def test_stack_equals_each_alone(kind):
+    cfgs = [make_cfg(kind, seed=m, dead_threshold_tokens=B, **v) if kind in ("topk", "batchtopk", "matryoshka")
+            else make_cfg(kind, seed=m, **v) for m, v in enumerate(STACKS[kind])]  # fmt: skip
+    for c in cfgs:
+        config._kind_checks(c)  # valid configs
+        assert not any(bad for bad, _, _ in config._kind_checks(c))
+    stack, hp, state = kinds.make_stack(cfgs), kinds.make_hparams(cfgs), None
+    state = kinds.init_state(stack)
+    x = jnp.asarray(batch(9))
+
+    def run(sae, state, hp, x):
+        # Two steps, so state written by the first (counters, thresholds) feeds the second.
+        (total, (metrics, state)), grads = eqx.filter_value_and_grad(lambda s: s.loss(state, x, hp, jnp.int32(0)), has_aux=True)(sae)
+        (total, (metrics, state)), grads = eqx.filter_value_and_grad(lambda s: s.loss(state, x * 0.5, hp, jnp.int32(1)), has_aux=True)(sae)
+        return total, state, grads, sae.encode(state, x, hp)
+
+    together = eqx.filter_jit(eqx.filter_vmap(run, in_axes=(0, 0, 0, None)))(stack, state, hp, x)
+    for m, cfg in enumerate(cfgs):
+        sae, hp_m, state_m = one(cfg)
+        alone = eqx.filter_jit(run)(sae, state_m, hp_m, x)
+        pick = lambda tree: jax.tree.map(lambda leaf: leaf[m], tree)  # noqa: E731
+        # Matryoshka's stack grid has more blocks than one SAE's, so its sums differ in rounding.
+        for a, b in zip(jax.tree.leaves(eqx.filter(pick(together), eqx.is_array)), jax.tree.leaves(eqx.filter(alone, eqx.is_array))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind, sae, message",
+    [
+        ("topk", dict(k=0), "sae.k = 0: must be positive"),
+        ("topk", dict(k=S + 1), f"sae.k = {S + 1}: must be at most d_sae = {S}"),
+        ("batchtopk", dict(k_aux=0), "sae.k_aux = 0"),
+        ("matryoshka", dict(matryoshka_widths=(8, 4, 32)), "sae.matryoshka_widths = [8, 4, 32]: must be strictly increasing"),
+        ("matryoshka", dict(matryoshka_widths=(4, 8)), "sae.matryoshka_widths = [4, 8]: must end at d_sae = 32"),
+        ("relu", dict(k=8), "sae.k = 8: only kind topk or batchtopk or matryoshka reads it, but sae.kind = relu"),
+        ("topk", dict(sparsity_coeff=0.1), "sae.sparsity_coeff = 0.1: only kind relu reads it"),
+        ("topk", dict(matryoshka_widths=(32,)), "sae.matryoshka_widths = [32]: only kind matryoshka"),
+        ("jumprelu", dict(topk_threshold_lr=0.5), "sae.topk_threshold_lr = 0.5"),
+        ("batchtopk", dict(topk_threshold_lr=0.0), "sae.topk_threshold_lr = 0.0: must be in (0, 1]"),
+        ("jumprelu", dict(l0_coefficient=-1.0), "sae.l0_coefficient = -1.0: must not be negative"),
+        ("cnn", dict(), 'sae.kind = "cnn": must be one of relu, topk'),
+    ],
+)
+def test_bad_kind_fields(kind, sae, message):
+    with pytest.raises(config.InputError, match=None) as err:
+        config.validate(make_cfg(kind, **sae))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_schedule():
+    with pytest.raises(config.InputError, match="lr_decay_frac = 1.5"):
+        config.validate(config.Train(lr_schedule="linear", lr_decay_frac=1.5))
+    with pytest.raises(config.InputError, match="lr_decay_frac = 0.5: only lr_schedule = linear"):
+        config.validate(config.Train(lr_decay_frac=0.5))
+
+
+def test_widths_from_sweep_file_and_json():
+    cfgs = config.grid(config.Train(), {"sae": {"kind": "matryoshka", "d_vit": D, "exp_factor": EXP, "matryoshka_widths": [[8, 32]]}})
+    assert cfgs[0].sae.matryoshka_widths == (8, 32)
+    assert config.from_dict(config.Train, config.to_dict(cfgs[0])) == cfgs[0]
+    with pytest.raises(config.InputError, match=r"matryoshka_widths = 8 must be a list of ints \(in a sweep file, \[\[...\]\]\)"):
+        config.grid(config.Train(), {"sae": {"matryoshka_widths": [8, 32]}})
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+
+def reference_lr(t, peak, n_warmup, n_steps, schedule, frac):
+    rise = min(t / n_warmup, 1.0) if n_warmup > 0 else 1.0
+    if schedule == "linear":
+        start = n_steps - frac * n_steps
+        after = 1.0 if t <= start else max(0.0, (n_steps - t) / (frac * n_steps))
+    elif schedule == "cosine":
+        progress = min(max((t - n_warmup) / (n_steps - n_warmup), 0.0), 1.0)
+        after = 0.5 * (1 + np.cos(np.pi * progress))
+    else:
+        after = 1.0
+    return peak * rise * after
+
+
+def test_schedules_traced_per_sae():
+    settings = [(1e-3, 10, 100, "constant", 0.2), (2e-3, 0, 100, "linear", 0.2), (5e-4, 5, 100, "linear", 0.5), (1e-3, 20, 100, "cosine", 0.2)]
+    arrays = [jnp.array(col) for col in zip(*[(p, w, n, optim.SCHEDULES.index(s), f) for p, w, n, s, f in settings])]
+    steps = jnp.arange(0, 111, 3)
+    lrs = jax.vmap(lambda p, w, n, s, f: jax.vmap(optim.warmup_decay(p, w, n, s, f))(steps))(*arrays)
+    for m, setting in enumerate(settings):
+        expected = [reference_lr(int(t), *setting) for t in steps]
+        # float32: absolute rounding of about 1e-7 of the peak where cos nears -1.
+        np.testing.assert_allclose(np.asarray(lrs[m]), expected, rtol=1e-5, atol=1e-6 * setting[0])
