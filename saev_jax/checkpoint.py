@@ -46,6 +46,8 @@ SAEV_FNAME = "sae.pt"
 SAEV_RENAMED = {"l1_coeff": "sparsity_coeff", "use_ghost_grads": "ghost_grads"}
 """Header keys of saev's first `sae.pt` version (Oct-Nov 2024) and their later names."""
 _HEADER_LIMIT = 1 << 16
+SAEV_FIELDS = ("d_vit", "exp_factor", "sparsity_coeff", "n_reinit_samples", "ghost_grads", "remove_parallel_grads", "normalize_w_dec", "seed")
+"""The `SparseAutoencoder` fields saev's own config has, in its order: what a `sae.pt` header holds."""
 
 
 class Checkpoint(eqx.Module):
@@ -365,7 +367,10 @@ def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndar
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"write_saev: {name} has shape {tensors[name].shape}, header says {shape}")
-    fd.write((json.dumps(dataclasses.asdict(sae_cfg)) + "\n").encode("utf-8"))
+    if sae_cfg.kind != "relu":
+        raise config.InputError(f"sae.kind = {sae_cfg.kind}: saev's sae.pt holds ReLU SAEs only")
+    header = {name: getattr(sae_cfg, name) for name in SAEV_FIELDS}
+    fd.write((json.dumps(header) + "\n").encode("utf-8"))
     # The same object torch.nn.Module.state_dict() returns, so the bytes match saev's own dump.
     state = collections.OrderedDict(
         (name, torch.from_numpy(np.array(tensors[name], dtype=np.float32, order="C", copy=True))) for name in sae_lib.TENSOR_NAMES
