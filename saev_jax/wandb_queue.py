@@ -73,23 +73,36 @@ class ParallelWandbRun:
         mode: wandb's mode ("online", "offline" or "disabled"); disabled writes no journal.
         tags: Tags of every run (empty strings dropped); queued runs also get "queued".
         queue_dpath: Where the journals go; created when needed, removed by `finish()` if left empty.
+        resume: To continue runs a killed process left: their ids, in config order, each with
+            its journal's byte position at the snapshot resumed from (`positions()` then).
+            The live run resumes in wandb; the journals are cut back to those positions.
     """
 
     def __init__(
-        self, project: str, cfgs: list[config.Train], mode: str, tags: list[str], queue_dpath: pathlib.Path
+        self,
+        project: str,
+        cfgs: list[config.Train],
+        mode: str,
+        tags: list[str],
+        queue_dpath: pathlib.Path,
+        *,
+        resume: dict[str, int] | None = None,
     ):
         if not cfgs:
             raise ValueError("ParallelWandbRun needs at least one config")
+        if resume is not None and len(resume) != len(cfgs):
+            raise ValueError(f"resume has {len(resume)} run ids for {len(cfgs)} configs")
         self.project = project
         self.mode = mode
         # wandb rejects empty tags, and `Train.tag` is "" by default.
         self.tags = [tag for tag in tags if tag]
         self.queue_dpath = pathlib.Path(queue_dpath)
-        self.ids: tuple[str, ...] = tuple(make_id() for _ in cfgs)
+        self.ids: tuple[str, ...] = tuple(resume) if resume else tuple(make_id() for _ in cfgs)
         self._finished = False
         self._live_run = wandb.init(
-            project=project, id=self.ids[0], config=config.to_dict(cfgs[0]), mode=mode, tags=self.tags
-        )
+            project=project, id=self.ids[0], config=config.to_dict(cfgs[0]), mode=mode, tags=self.tags,
+            resume="allow" if resume else None,
+        )  # fmt: skip
         self._journals: list[_Journal] = []
         if mode == "disabled":
             return
@@ -101,10 +114,17 @@ class ParallelWandbRun:
                     "tags": self.tags, "mode": mode, "live": index == 0, "group": self.ids[0],
                     "index": index, "created": created,
                 }  # fmt: skip
-                self._journals.append(_Journal(self.queue_dpath / f"{run_id}{SUFFIX}", header))
+                position = resume.get(run_id) if resume else None
+                self._journals.append(_Journal(self.queue_dpath / f"{run_id}{SUFFIX}", header, position))
         except BaseException:
             self._live_run.finish(exit_code=1)
             raise
+
+    def positions(self) -> dict[str, int]:
+        """Run id -> bytes of its journal written so far (0 without journals): what `resume` takes back."""
+        if not self._journals:
+            return {run_id: 0 for run_id in self.ids}
+        return {run_id: j.position() for run_id, j in zip(self.ids, self._journals)}
 
     def log(self, metrics: list[dict[str, object]], *, step: int) -> None:
         """Logs `metrics[i]` for config i at `step`: live for the first, journaled for all.
@@ -178,12 +198,27 @@ class ParallelWandbRun:
 class _Journal:
     """Appends one run's lines to its journal file, flushing each."""
 
-    def __init__(self, fpath: pathlib.Path, header: dict[str, object]):
+    def __init__(self, fpath: pathlib.Path, header: dict[str, object], position: int | None = None):
+        """A new journal starting with `header`; or, given `position`, the existing one cut back to it.
+
+        Cutting back drops what was logged after a snapshot that a resumed run starts from
+        again. A journal that is gone (replayed meanwhile) starts anew.
+        """
         fpath.parent.mkdir(parents=True, exist_ok=True)
         self.fpath = fpath
+        media_dpath = get_media_dpath(fpath)
+        self._n_media = len(list(media_dpath.iterdir())) if media_dpath.is_dir() else 0
+        if position is not None and fpath.is_file() and fpath.stat().st_size >= position > 0:
+            self._fd = open(fpath, "r+", encoding="utf-8")
+            self._fd.truncate(position)
+            self._fd.seek(position)
+            return
         self._fd = open(fpath, "x", encoding="utf-8")
-        self._n_media = 0
         self.write(header)
+
+    def position(self) -> int:
+        """Bytes written so far (all flushed)."""
+        return self._fd.tell()
 
     def write(self, obj: dict[str, object]) -> None:
         self._fd.write(json.dumps(obj, separators=(",", ":")) + "\n")
