@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import pickle
+import shutil
 
 import equinox as eqx
 import jax
@@ -111,7 +112,7 @@ def save(
     sae: sae_lib.SAE,
     dpath: str | os.PathLike,
     cfg: config.Train,
-    metrics: dict[str, object],
+    metrics: dict[str, object] | None = None,
     preprocess: data.Preprocess | None = None,
     freqs: Float[np.ndarray, " d_sae"] | None = None,
 ) -> None:
@@ -120,12 +121,16 @@ def save(
     Everything is written into a temporary sibling directory that is renamed into place
     last, so a crash leaves either the whole checkpoint or none of it. `preprocess` and
     `freqs` are optional only for callers that do not have them; training always passes them.
+    Without `metrics` the checkpoint is unfinished (no metrics.json): training writes the
+    parameters first and adds the evaluation with `add_metrics`. An unfinished checkpoint at
+    `dpath` (a run resumed after a crash) is replaced; a finished one is an error.
     """
     dpath = pathlib.Path(dpath)
-    if dpath.exists():
+    if (dpath / METRICS_FNAME).exists():
         raise FileExistsError(f"{dpath}: checkpoint exists already")
     tmp = dpath.with_name(f".{dpath.name}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     tensors = {name: np.asarray(getattr(sae, name), dtype=np.float32) for name in sae_lib.TENSOR_NAMES}
     safetensors.numpy.save_file(tensors, tmp / SAE_FNAME)
     if preprocess is not None:
@@ -134,8 +139,47 @@ def save(
     if freqs is not None:
         safetensors.numpy.save_file({"freqs": np.asarray(freqs, dtype=np.float32)}, tmp / FREQS_FNAME)
     (tmp / CFG_FNAME).write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
-    (tmp / METRICS_FNAME).write_text(json.dumps(metrics, indent=2) + "\n")
+    if metrics is not None:
+        (tmp / METRICS_FNAME).write_text(json.dumps(metrics, indent=2) + "\n")
+    _fsync_tree(tmp)
+    if dpath.exists():
+        shutil.rmtree(dpath)
     os.replace(tmp, dpath)
+    _fsync(dpath.parent)
+
+
+def add_metrics(
+    dpath: str | os.PathLike, metrics: dict[str, object], freqs: Float[np.ndarray, " d_sae"] | None = None
+) -> None:
+    """Finishes the checkpoint at `dpath`: the evaluation's frequencies, then `metrics.json` (each atomically).
+
+    `metrics.json` comes last: a checkpoint is finished exactly when it has one.
+    """
+    dpath = pathlib.Path(dpath)
+    if freqs is not None:
+        tmp = dpath / f".{FREQS_FNAME}.tmp"
+        safetensors.numpy.save_file({"freqs": np.asarray(freqs, dtype=np.float32)}, tmp)
+        _fsync(tmp)
+        os.replace(tmp, dpath / FREQS_FNAME)
+    tmp = dpath / f".{METRICS_FNAME}.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, dpath / METRICS_FNAME)
+    _fsync(dpath)
+
+
+def _fsync(path: pathlib.Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(dpath: pathlib.Path) -> None:
+    for p in dpath.iterdir():
+        _fsync(p)
+    _fsync(dpath)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

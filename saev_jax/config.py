@@ -141,6 +141,10 @@ class Train:
     """Memory each device may use, in GiB, for the planner; 0 means what the device reports (CPU: the available RAM)."""
     sae_chunk: int = 0
     """SAEs each device updates at once inside the step; 0 lets the planner choose from the memory."""
+    save_every: int = 1000
+    """Snapshot the whole training state every this many steps (and on SIGTERM/SIGINT, and when training ends); 0: only then."""
+    fresh: bool = False
+    """Ignore snapshots and finished groups that an earlier run left in ckpt_path: train everything afresh."""
     slurm: bool = False
     """Accepted for saev sweep files; saev_jax runs where it is started."""
     slurm_acct: str = ""
@@ -152,7 +156,7 @@ class Train:
 CANNOT_PARALLELIZE = frozenset({
     "data", "n_workers", "n_patches", "sae_batch_size", "track", "wandb_project", "tag",
     "log_every", "ckpt_path", "device", "slurm", "slurm_acct", "log_to",
-    "sae.d_vit", "precision", "n_devices", "memory_budget_gib", "sae_chunk",
+    "sae.d_vit", "precision", "n_devices", "memory_budget_gib", "sae_chunk", "save_every", "fresh",
 })  # fmt: skip
 
 
@@ -312,6 +316,7 @@ def validate(cfg: Train) -> None:
         (cfg.n_devices < 0, "n_devices", "must not be negative (0 means every device)"),
         (not cfg.memory_budget_gib >= 0, "memory_budget_gib", "must not be negative (0 means what the device has)"),
         (cfg.sae_chunk < 0, "sae_chunk", "must not be negative (0 lets the planner choose)"),
+        (cfg.save_every < 0, "save_every", "must not be negative (0 snapshots only on signals and at the end)"),
         (cfg.precision not in ("float32", "bfloat16"), "precision", "must be float32 or bfloat16"),
         (cfg.data.patches not in typing.get_args(DataLoad.__annotations__["patches"]), "data.patches", "must be cls, patches or meanpool"),
         (isinstance(cfg.data.layer, str) and cfg.data.layer not in ("all", "meanpool"), "data.layer", "must be an int, 'all' or 'meanpool'"),

@@ -18,9 +18,9 @@ from . import sae as sae_lib
 from .evaluate import EvalMetrics
 
 CSV_FNAME = "summary.csv"
-COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "quality", "d_sae")
+COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "quality", "d_sae", "diverged_step")
 """Columns of summary.csv, in order."""
-TABLE_COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "n_dead", "n_dense", "quality")
+TABLE_COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "n_dead", "n_dense", "quality", "note")
 """Columns of the terminal table, in order."""
 
 Entry = tuple[str, config.Train, EvalMetrics | Mapping[str, object]]
@@ -35,7 +35,13 @@ def make_row(run_id: str, cfg: config.Train, metrics: EvalMetrics | Mapping[str,
         row[key] = float(scalars.get(key, math.nan))
     for key in ("n_dead", "n_almost_dead", "n_dense"):
         row[key] = int(scalars[key]) if key in scalars else -1
+    step = scalars.get("diverged_step")
+    row["diverged_step"] = "" if step is None else int(step)
     return {col: row[col] for col in COLUMNS}
+
+
+def _note(row: dict[str, object]) -> str:
+    return "" if row["diverged_step"] == "" else f"diverged at step {row['diverged_step']}"
 
 
 def _fmt(value: object) -> str:
@@ -46,9 +52,10 @@ def _fmt(value: object) -> str:
 
 def format_table(rows: list[dict[str, object]]) -> str:
     """A fixed-width text table of `TABLE_COLUMNS`; the row with the highest quality is marked `*`."""
-    qualities = [r["quality"] for r in rows]
+    qualities = [r["quality"] if r.get("diverged_step", "") == "" else math.nan for r in rows]
     finite = [q for q in qualities if not math.isnan(q)]
     best = qualities.index(max(finite)) if finite else -1
+    rows = [r | {"note": _note(r)} for r in rows]
     cells = [list(TABLE_COLUMNS)] + [[_fmt(r[c]) for c in TABLE_COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
     lines = []

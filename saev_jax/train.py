@@ -9,11 +9,18 @@ split into) train one after another.
     python -m saev_jax.train sweeps/x.toml --data.shard-root DIR [--lr 1e-3 ...]
 """
 
+import contextlib
 import dataclasses
+import functools
+import json
 import logging
+import os
 import pathlib
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -23,7 +30,7 @@ import tqdm
 import tyro
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import config, data, evaluate, launch, plan, plots, step, summary, wandb_queue
+from . import checkpoint, config, data, evaluate, launch, plan, plots, snapshot, step, summary, wandb_queue
 from . import sae as sae_lib
 
 logger = logging.getLogger(__name__)
@@ -201,38 +208,141 @@ class Layout:
         return out
 
 
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request the training loop answers at its next step.
+
+    The loop then writes a snapshot and exits with status 128 + the signal's number (as a
+    shell reports a process killed by it), so a scheduler's preemption loses nothing.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Snapshots:
+    """A round's snapshots: `<ckpt_path>/snapshots/<name>/`, written by process 0 (snapshot.py)."""
+
+    def __init__(self, cfgs: list[config.Train], name: str):
+        self.name = name
+        self.dpath = pathlib.Path(cfgs[0].ckpt_path) / "snapshots" / name
+        self.cfgs = [config.to_dict(c) for c in cfgs]
+
+    def check_configs(self, saved: list[dict], what: str) -> None:
+        diff = snapshot.diff_configs(saved, self.cfgs)
+        if diff is not None:
+            raise config.InputError(
+                f"{self.dpath}: {what} of {self.name} was made with other configs ({diff}); "
+                "run the command that made it, or pass --fresh to start afresh"
+            )
+
+    def done_ids(self) -> list[str] | None:
+        """The run ids of this round if an earlier run finished it (same configs), else None."""
+        fpath = self.dpath / "done.json"
+        if not fpath.is_file():
+            return None
+        done = json.loads(fpath.read_text())
+        self.check_configs(done["configs"], "the finished run")
+        return list(done["ids"])
+
+    def mark_done(self, ids: list[str]) -> None:
+        """Records the round as finished (its checkpoints are all written) and drops its snapshots."""
+        tmp = self.dpath / ".done.json.tmp"
+        self.dpath.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"ids": ids, "configs": self.cfgs}, indent=1) + "\n")
+        os.replace(tmp, self.dpath / "done.json")
+        snapshot.clear(self.dpath)
+
+    def find(self, like: step.TrainState) -> tuple[step.TrainState, dict] | None:
+        """The latest intact snapshot restored onto `like`'s shardings, and its meta; None if none."""
+        found = snapshot.latest(self.dpath)
+        if found is None:
+            return None
+        state, meta = snapshot.restore(found[1], like)
+        self.check_configs(meta["configs"], f"the snapshot of step {found[0]}")
+        return state, meta
+
+    def save(self, state: step.TrainState, run: wandb_queue.ParallelWandbRun) -> None:
+        """Writes a snapshot of `state` (every process must call: the state is gathered)."""
+        host = to_host(state)
+        if launch.is_lead():
+            step_i = int(host.step)
+            meta = {"name": self.name, "step": step_i, "ids": list(run.ids), "configs": self.cfgs,
+                    "journal_positions": run.positions()}  # fmt: skip
+            t0 = time.perf_counter()
+            snapshot.save(self.dpath, step_i, host, meta)
+            logger.info("Snapshot of %s at step %d written in %.1f s.", self.name, step_i, time.perf_counter() - t0)
+        launch.barrier(f"{self.name} snapshot")
+
+
 def train(
     layout: Layout,
     acts: data.Activations,
     preprocess: data.Preprocess,
     run: wandb_queue.ParallelWandbRun,
+    *,
+    state: step.TrainState | None = None,
+    snapshots: Snapshots | None = None,
 ) -> step.TrainState:
-    """Trains one round of a group; logs through `run`; returns the final state."""
+    """Trains one round of a group from `state` (default: a fresh one); logs through `run`; returns the final state.
+
+    With `snapshots`, the state is saved every `save_every` steps, when training ends, and
+    when SIGTERM or SIGINT arrives (then the process exits with 128 + the signal number).
+    """
     cfg = layout.cfgs[0]
     layout, compiled = layout.compile_within_limit(preprocess)
-    state = layout.init_state(acts, preprocess)
-
+    if state is None:
+        state = layout.init_state(acts, preprocess)
+    start = int(to_host(state.step))
     n_steps = n_train_steps(cfg)
     B = cfg.sae_batch_size
     loader = data.Loader(
-        acts, batch_size=B, shuffle=True, seed=cfg.seed, n_threads=cfg.n_workers, device=layout.replicated
-    )
+        acts, batch_size=B, shuffle=True, seed=cfg.seed, n_threads=cfg.n_workers, device=layout.replicated,
+        start_batch=start,
+    )  # fmt: skip
     batches = iter(loader)
-    bar = tqdm.trange(n_steps, desc=f"train {len(layout.cfgs)} SAEs", unit="step", dynamic_ncols=True)
-    last_t, last_step = time.perf_counter(), 0
+    bar = tqdm.trange(start, n_steps, initial=start, total=n_steps, desc=f"train {len(layout.cfgs)} SAEs", unit="step", dynamic_ncols=True)
+    last_t, last_step = time.perf_counter(), start
     try:
-        for i in bar:
-            x_BD, _ = next(batches)
-            state, metrics = compiled(state, layout.hparams, preprocess, x_BD)
-            if i % cfg.log_every == 0 or i == n_steps - 1:
-                metrics = layout.real_metrics(to_host(metrics))  # The one host transfer of a log step.
-                run.log(_metrics_for_wandb(metrics, n_seen=(i + 1) * B), step=i)
-                now = time.perf_counter()
-                rate = (i + 1 - last_step) * B / max(now - last_t, 1e-9)
-                last_t, last_step = now, i + 1
-                bar.set_postfix(ex_per_s=f"{rate:,.0f}", loss=f"{metrics[0]['loss']:.4g}")
+        with StopSignals() as stop:
+            for i in bar:
+                x_BD, _ = next(batches)
+                state, metrics = compiled(state, layout.hparams, preprocess, x_BD)
+                if i % cfg.log_every == 0 or i == n_steps - 1:
+                    metrics = layout.real_metrics(to_host(metrics))  # The one host transfer of a log step.
+                    run.log(_metrics_for_wandb(metrics, n_seen=(i + 1) * B), step=i)
+                    now = time.perf_counter()
+                    rate = (i + 1 - last_step) * B / max(now - last_t, 1e-9)
+                    last_t, last_step = now, i + 1
+                    bar.set_postfix(ex_per_s=f"{rate:,.0f}", loss=f"{metrics[0]['loss']:.4g}")
+                if snapshots is None:
+                    continue
+                if stop.signum is not None or (cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < n_steps):
+                    snapshots.save(state, run)
+                if stop.signum is not None:
+                    name = signal.Signals(stop.signum).name
+                    logger.warning("%s at step %d: snapshot written; run the same command again to resume.", name, i + 1)
+                    raise SystemExit(128 + stop.signum)
     finally:
         batches.close()
+    if snapshots is not None and start < n_steps:
+        snapshots.save(state, run)  # Evaluation may still fail; the trained state is safe first.
     return state
 
 
@@ -281,42 +391,104 @@ def make_layout(cfgs: list[config.Train]) -> Layout:
 
 
 def train_round(
-    cfgs: list[config.Train], layout: Layout, acts: data.Activations, preprocess: data.Preprocess, *, name: str = "round"
+    cfgs: list[config.Train],
+    layout: Layout,
+    acts: data.Activations,
+    get_preprocess: Callable[[], data.Preprocess],
+    *,
+    name: str = "round",
 ) -> list[str]:
     """Trains, evaluates and checkpoints one round; returns its run ids (the live one first).
 
-    With several processes, process 0 evaluates and writes while the others wait at the
-    barrier `name` (the same on every process); they return no ids.
+    The round `name` (e.g. `group-1`) resumes from its latest snapshot in
+    `<ckpt_path>/snapshots/<name>/` if an earlier run left one, and is skipped if an earlier
+    run finished it. Parameters and configs are written before the evaluation, which then
+    adds its metrics; an SAE whose evaluation fails gets `eval_error` and keeps its parameters.
+    With several processes, process 0 evaluates and writes while the others wait.
+    `get_preprocess()` gives the data's statistics (computed only if the round is not done).
     """
     cfg = cfgs[0]
     ckpt_dpath = pathlib.Path(cfg.ckpt_path)
     lead = launch.is_lead()
+    snapshots = Snapshots(cfgs, name)
+    if cfg.fresh and lead:
+        snapshot.clear(snapshots.dpath)
+        (snapshots.dpath / "done.json").unlink(missing_ok=True)
+    launch.barrier(f"{name} fresh")
+    if (ids := snapshots.done_ids()) is not None:
+        logger.info("%s is complete (%d SAEs, %s): skipping.", name, len(ids), ", ".join(ids))
+        return ids if lead else []
+    preprocess = get_preprocess()
+    found = snapshots.find(layout.abstract_state())
+    state, resume = None, None
+    if found is not None:
+        state, meta = found
+        resume = dict(zip(meta["ids"], (meta["journal_positions"][i] for i in meta["ids"])))
+        logger.info("resuming %s from step %d", name, meta["step"])
     mode = "online" if cfg.track and lead else "disabled"
     # ParallelWandbRun drops the empty tag (saev's default).
-    run = wandb_queue.ParallelWandbRun(cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue")
+    run = wandb_queue.ParallelWandbRun(
+        cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue", resume=resume if lead else None
+    )
     with run:
-        state = train(layout, acts, jax.device_put(preprocess, layout.replicated), run)
+        state = train(layout, acts, jax.device_put(preprocess, layout.replicated), run, state=state, snapshots=snapshots)
         stacks = layout.real_saes(state)
         if not lead:
             launch.barrier(f"{name} written")  # Process 0 evaluates and writes meanwhile.
             return []
-        eval_device = stacks[0][1].b_dec.devices().pop()
-        results: list[evaluate.EvalMetrics | None] = [None] * len(cfgs)
-        diverged_at: list[int] = [-1] * len(cfgs)
+        diverged_at = [-1] * len(cfgs)
         for indices, saes, div in stacks:
-            stack_cfgs = [cfgs[i] for i in indices]
-            for i, r, d in zip(indices, evaluate.evaluate(stack_cfgs, saes, acts, preprocess, eval_device), div):
-                results[i], diverged_at[i] = r, int(d)
-        run.log([r.for_wandb() | {"eval/diverged": d >= 0} for r, d in zip(results, diverged_at)], step=int(state.step))
-        for indices, saes, _ in stacks:
-            for i, sae in zip(indices, sae_lib.unstack(saes)):
-                extra = {"diverged": diverged_at[i] >= 0, "diverged_step": diverged_at[i] if diverged_at[i] >= 0 else None}
-                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], results[i].to_json() | extra, preprocess, results[i].freqs)
-        paths = plots.save_plots(ckpt_dpath, run.ids, cfgs, results)
-        run.log(plots.wandb_images(paths), step=int(state.step))
+            for i, sae, d in zip(indices, sae_lib.unstack(saes), div):
+                diverged_at[i] = int(d)
+                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], None, preprocess)
+        results = evaluate_round(cfgs, stacks, acts, preprocess)
+        final = int(state.step)
+        for i, (run_id, result) in enumerate(zip(run.ids, results)):
+            div = {"diverged": diverged_at[i] >= 0, "diverged_step": diverged_at[i] if diverged_at[i] >= 0 else None}
+            if isinstance(result, evaluate.EvalMetrics):
+                checkpoint.add_metrics(ckpt_dpath / run_id, result.to_json() | div, result.freqs)
+            else:
+                checkpoint.add_metrics(ckpt_dpath / run_id, {"eval_error": result} | div)
+        run.log([
+            (r.for_wandb() if isinstance(r, evaluate.EvalMetrics) else {"eval/error": r}) | {"eval/diverged": d >= 0}
+            for r, d in zip(results, diverged_at)
+        ], step=final)  # fmt: skip
+        ok = [i for i, r in enumerate(results) if isinstance(r, evaluate.EvalMetrics)]
+        if ok:
+            paths = plots.save_plots(ckpt_dpath, [run.ids[i] for i in ok], [cfgs[i] for i in ok], [results[i] for i in ok])
+            images = plots.wandb_images(paths)
+            run.log([images[ok.index(i)] if i in ok else {} for i in range(len(cfgs))], step=final)
     ids = run.finish()
+    snapshots.mark_done(ids)
     launch.barrier(f"{name} written")
     return ids
+
+
+def evaluate_round(
+    cfgs: list[config.Train], stacks: list[tuple[list[int], sae_lib.SAE, np.ndarray]], acts, preprocess
+) -> list["evaluate.EvalMetrics | str"]:
+    """Per config, its EvalMetrics, or one line saying why its evaluation failed (the others still count).
+
+    A stack is evaluated in one pass; if that fails, its SAEs one by one, so one SAE whose
+    statistics break (say, a diverged one) does not cost the others theirs.
+    """
+    results: list[evaluate.EvalMetrics | str] = ["not evaluated"] * len(cfgs)
+    for indices, saes, _ in stacks:
+        device = saes.b_dec.devices().pop()
+        try:
+            for i, r in zip(indices, evaluate.evaluate([cfgs[i] for i in indices], saes, acts, preprocess, device)):
+                results[i] = r
+            continue
+        except Exception as err:  # Anything: the fallback below says which SAE it was.
+            logger.warning("Evaluating a stack failed (%s: %s); evaluating its SAEs one by one.", type(err).__name__, err)
+        for j, i in enumerate(indices):
+            one = jax.tree.map(lambda leaf: leaf[j : j + 1], saes)
+            try:
+                results[i] = evaluate.evaluate([cfgs[i]], one, acts, preprocess, device)[0]
+            except Exception as err:
+                results[i] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                logger.error("Evaluating SAE %d (%s) failed: %s", i, cfgs[i].sae, results[i])
+    return results
 
 
 def main(cfgs: list[config.Train]) -> list[str]:
@@ -334,12 +506,25 @@ def main(cfgs: list[config.Train]) -> list[str]:
         opened = [acts for group, acts in zip(groups, opened) if not group[0].slurm]
         groups = [group for group in groups if not group[0].slurm]
     plans = [plan_group(group) for group in groups]
+    with contextlib.ExitStack() as locks:
+        if launch.is_lead():  # One sweep at a time per ckpt_path.
+            for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
+                locks.enter_context(snapshot.lock_ckpt_dir(ckpt_path))
+        ids = train_groups(groups, opened, plans)
+    if launch.is_lead():
+        for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
+            summary.summarize(ckpt_path, ids)
+    return ids
+
+
+def train_groups(groups, opened, plans) -> list[str]:
+    """Every round of every (opened, planned) group, one after another; returns the run ids."""
     ids = []
     for i, (group, acts, (group_plan, mesh)) in enumerate(zip(groups, opened, plans)):
         logger.info("Group %d/%d: %d SAEs in %d round(s).", i + 1, len(groups), len(group), len(group_plan.rounds))
         for line in group_plan.lines():
             logger.info(line)
-        preprocess = data.make_preprocess(acts, group[0].data)
+        preprocess = functools.cache(lambda acts=acts, cfg=group[0]: data.make_preprocess(acts, cfg.data))
         for r, rnd in enumerate(group_plan.rounds):
             indices = [j for s in rnd.stacks for j in s.cfg_indices]
             round_cfgs = [group[j] for j in sorted(indices)]
@@ -348,10 +533,8 @@ def main(cfgs: list[config.Train]) -> list[str]:
                 dataclasses.replace(s, cfg_indices=tuple(position[j] for j in s.cfg_indices)) for s in rnd.stacks
             ))  # fmt: skip
             layout = Layout(round_cfgs, rnd, mesh, group_plan.limit)
-            ids.extend(train_round(round_cfgs, layout, acts, preprocess, name=f"group {i + 1} round {r + 1}"))
-    if launch.is_lead():
-        for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
-            summary.summarize(ckpt_path, ids)
+            name = f"group-{i + 1}" if len(group_plan.rounds) == 1 else f"group-{i + 1}-round-{r + 1}"
+            ids.extend(train_round(round_cfgs, layout, acts, preprocess, name=name))
     return ids
 
 

@@ -74,7 +74,9 @@ def test_cli_end_to_end(tmp_path, shard_root):
         assert 0 < metrics["l0"] <= 2 * D and metrics["mse"] > 0
         assert (dpath / "hists.png").stat().st_size > 0
     # The checkpoints, the group's overlay figure and the sweep summary; nothing half-written.
-    assert {p.name for p in ckpt.iterdir()} == set(ids) | {f"group-{ids[0]}.png", "summary.csv"}
+    assert {p.name for p in ckpt.iterdir()} == set(ids) | {f"group-{ids[0]}.png", "summary.csv", "snapshots", ".saev_jax.lock"}
+    # The finished group left its record and no snapshot.
+    assert [p.name for p in (ckpt / "snapshots" / "group-1").iterdir()] == ["done.json"]
     rows = (ckpt / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and all(run_id in "".join(rows) for run_id in ids)
 
