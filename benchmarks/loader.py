@@ -19,6 +19,19 @@ Each fast-Loader run maps the files afresh, so its page faults count, as in a fi
 Every figure is a median over `n_repeats` timed runs after a warm-up. It also reports shuffle
 quality: distinct images and shards per shuffled batch against the expectation under uniform
 sampling without replacement. Results go to `<out_dpath>/loader-<device>.{md,json}`.
+
+Cold mode, for shard sets larger than memory (`--cold-only` skips everything above):
+
+    python benchmarks/loader.py --cold-only --cold-dpath /work/bigshards --cold-gb 30
+
+writes (once; kept for reruns unless `--cold-delete`) a shard set of `cold_gb` GB at d_vit 1024
+into `cold_dpath`, then, `cold_repeats` times, alternates: page cache dropped, a rest of
+`cold_rest_s`, the disk's sequential read speed (whole files in order, 16 MiB reads, as `dd`
+does) over `cold_read_gb`; page cache dropped, the same rest, the `blocks` Loader delivering
+`cold_read_gb` of shuffled batches as device arrays (timed from its first batch, so the first
+window's read counts). Each Loader figure is compared with the sequential run just before
+it: cloud disks throttle after a burst, so only neighbours are comparable. Also the shuffle
+quality of `blocks` on that set. Results: `<out_dpath>/loader-cold-<device>.{md,json}`.
 """
 
 import concurrent.futures
@@ -62,6 +75,22 @@ class Args:
     """Timed runs per figure; the median is reported."""
     cold: bool = True
     """Also time with the page cache dropped (needs permission to write /proc/sys/vm/drop_caches)."""
+    cold_only: bool = False
+    """Only the cold, larger-than-memory benchmark."""
+    cold_dpath: str = ""
+    """Where the larger-than-memory shard set lives (written if absent); empty: no cold benchmark."""
+    cold_gb: float = 30.0
+    """Size of that shard set in GB (make it larger than the RAM)."""
+    cold_read_gb: float = 4.0
+    """GB read per timed cold run (sequential and Loader alike)."""
+    cold_repeats: int = 3
+    """Sequential / Loader pairs."""
+    cold_rest_s: float = 5.0
+    """Pause after dropping the page cache, before each timed cold run."""
+    cold_io_threads: int = 16
+    """Reads in flight in the blocks Loader."""
+    cold_delete: bool = False
+    """Delete the cold shard set afterwards."""
     tmp_dpath: str = tempfile.gettempdir()
     """Where the temporary shard sets go (deleted afterwards)."""
     out_dpath: str = "benchmarks/results"
@@ -69,6 +98,10 @@ class Args:
 
 
 def main(args: Args) -> None:
+    if args.cold_dpath:
+        cold_main(args)
+    if args.cold_only:
+        return
     load_start = os.getloadavg()
     results = []
     for d_vit in args.d_vits:
@@ -153,6 +186,120 @@ def bench_one(args: Args, d_vit: int, shard_dpath: pathlib.Path) -> dict:
     return row
 
 
+def write_cold_shards(dpath: pathlib.Path, gb: float, d_vit: int = 1024, n_patches: int = 256) -> data.Metadata:
+    """A shard set of about `gb` GB (1 GB shards, one layer, [CLS] + 256 patches) of normal noise.
+
+    Contents only need to be finite and not constant: one block of random images is written
+    again and again, its first value changed per block, so writing is disk-bound.
+    """
+    n_tokens, per_shard = n_patches + 1, max(1, int(1e9 // ((n_patches + 1) * d_vit * 4)))
+    n_shards = max(1, round(gb * 1e9 / (per_shard * n_tokens * d_vit * 4)))
+    md = data.Metadata("bench", "bench", (-2,), n_patches, True, d_vit, 0, per_shard * n_shards,
+                       per_shard * n_tokens, "cold loader benchmark: normal noise")  # fmt: skip
+    dpath.mkdir(parents=True, exist_ok=True)
+    chunk = np.random.default_rng(0).standard_normal((16 * n_tokens, d_vit), dtype=np.float32)
+    for shard_i in range(n_shards):
+        with open(dpath / data.shard_fname(shard_i), "wb") as fd:
+            for j in range(0, per_shard, 16):
+                chunk[0, 0] = shard_i * per_shard + j
+                fd.write(chunk[: min(16, per_shard - j) * n_tokens].tobytes())
+    md.dump(dpath)  # last, so a half-written set is never taken for a whole one
+    return md
+
+
+def sequential_gb_per_s(dpath: pathlib.Path, nbytes: float, first_file: int) -> float:
+    """Cold sequential read speed: whole shard files in order from `first_file`, 16 MiB at a time."""
+    files = sorted(dpath.glob("acts*.bin"))
+    buf = bytearray(2**24)
+    done, start = 0, time.perf_counter()
+    for i in range(len(files)):
+        with open(files[(first_file + i) % len(files)], "rb", buffering=0) as fd:
+            while done < nbytes and (n := fd.readinto(buf)):
+                done += n
+        if done >= nbytes:
+            break
+    return done / (time.perf_counter() - start) / 1e9
+
+
+def cold_main(args: Args) -> None:
+    """The larger-than-memory benchmark: the blocks Loader against the disk's sequential speed."""
+    dpath = pathlib.Path(args.cold_dpath)
+    if not (dpath / "metadata.json").exists():
+        start = time.perf_counter()
+        write_cold_shards(dpath, args.cold_gb)
+        print(f"wrote {dpath} in {time.perf_counter() - start:.0f} s")
+    data_cfg = config.DataLoad(shard_root=str(dpath), scale_mean=False, scale_norm=False)
+    acts = data.Activations(data_cfg)
+    md = acts.metadata
+    set_gb = md.n_shards * acts.shard_nbytes / 1e9
+    report = {"machine": machine(), "args": dataclasses.asdict(args), "load_avg_start": os.getloadavg(),
+              "shard_set_gb": set_gb, "mem_available_gb": data.available_memory() / 1e9,
+              "auto_read_mode": data.choose_read_mode(acts), "n_shards": md.n_shards, "runs": []}  # fmt: skip
+    n_batches = max(2, int(args.cold_read_gb * 1e9 / (args.batch_size * acts.d_vit * 4)))
+    for r in range(args.cold_repeats):
+        drop_caches() or exit("cold mode needs to drop the page cache (root)")
+        time.sleep(args.cold_rest_s)
+        seq = sequential_gb_per_s(dpath, n_batches * args.batch_size * acts.d_vit * 4, first_file=5 * r)
+        drop_caches()
+        time.sleep(args.cold_rest_s)
+        loader = data.Loader(data.Activations(data_cfg), batch_size=args.batch_size, shuffle=True, seed=r,
+                             read_mode="blocks", io_threads=args.cold_io_threads)  # fmt: skip
+        s_per_batch = time_batches(iter(loader), n_warmup=0, n_timed=n_batches)
+        got = args.batch_size * acts.d_vit * 4 / s_per_batch / 1e9
+        run = {"sequential_gb_per_s": seq, "loader_gb_per_s": got, "ratio": got / seq, "n_batches": n_batches,
+               "load_avg": os.getloadavg()[0]}  # fmt: skip
+        print(json.dumps(run))
+        report["runs"].append(run)
+    loader = data.Loader(acts, batch_size=args.batch_size, shuffle=True, seed=0, read_mode="blocks")
+    report["window_examples"] = loader.order.window_n
+    report["block_examples"] = loader.order.block_n
+    report["shuffle_quality_blocks"] = shuffle_quality(acts, args.batch_size, read_mode="blocks")
+    report["shuffle_quality_random"] = shuffle_quality(acts, args.batch_size, read_mode="random")
+    report["load_avg_end"] = os.getloadavg()
+    if args.cold_delete:
+        shutil.rmtree(dpath)
+    out = pathlib.Path(args.out_dpath)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"loader-cold-{jax.default_backend()}"
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(cold_markdown(report))
+    print(cold_markdown(report))
+
+
+def cold_markdown(report: dict) -> str:
+    m, args = report["machine"], report["args"]
+    ratios = [run["ratio"] for run in report["runs"]]
+    lines = [
+        "# Loader on a cold page cache, shard set larger than RAM",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB RAM ({report['mem_available_gb']:.1f} GB "
+        f"available at the start); JAX device {m['jax_device']}. Load average at start / end: "
+        f"{report['load_avg_start'][0]:.1f} / {report['load_avg_end'][0]:.1f} (other jobs shared the 2 cores).",
+        "",
+        f"Shard set: {report['shard_set_gb']:.1f} GB in {report['n_shards']} shards, d_vit 1024, 256 patches + [CLS] "
+        f"per image, `patches` mode (`read_mode=auto` picks `{report['auto_read_mode']}` here). Batch "
+        f"{args['batch_size']}; `blocks` Loader with {args['cold_io_threads']} reads in flight, "
+        f"blocks of {report['block_examples']} examples, windows of {report['window_examples']:,} examples. "
+        f"Each pair: page cache dropped and {args['cold_rest_s']:.0f} s rest before each of (a) a sequential read "
+        f"of {args['cold_read_gb']} GB (whole files, 16 MiB reads) and (b) the Loader delivering as many bytes of "
+        "shuffled device arrays, timed from its first batch.",
+        "",
+        "| pair | sequential GB/s | blocks Loader GB/s | Loader / sequential | load avg |",
+        "|---|---|---|---|---|",
+    ]
+    for i, run in enumerate(report["runs"]):
+        lines.append(f"| {i} | {run['sequential_gb_per_s']:.2f} | {run['loader_gb_per_s']:.2f} | "
+                     f"{run['ratio']:.2f} | {run['load_avg']:.1f} |")  # fmt: skip
+    lines += ["", f"Median ratio: **{statistics.median(ratios):.2f}** (min {min(ratios):.2f}, max {max(ratios):.2f}).", "",
+              "Shuffle quality (mean over 20 batches; ideal = uniform sampling without replacement):", "",
+              "| mode | distinct images / batch | ideal | distinct shards / batch | ideal |", "|---|---|---|---|---|"]  # fmt: skip
+    for mode in ("random", "blocks"):
+        q = report[f"shuffle_quality_{mode}"]
+        lines.append(f"| {mode} | {q['distinct_images_per_batch']:.1f} | {q['ideal_distinct_images_per_batch']:.1f} | "
+                     f"{q['distinct_shards_per_batch']:.2f} | {q['ideal_distinct_shards_per_batch']:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def time_batches(it, *, n_warmup: int, n_timed: int) -> float:
     """Seconds per batch to draw `n_timed` batches after `n_warmup`."""
     try:
@@ -206,9 +353,9 @@ def summarize(seconds_per_batch: list[float], batch_size: int, example_bytes: in
             "gb_per_s": batch_size * example_bytes / median / 1e9}  # fmt: skip
 
 
-def shuffle_quality(acts: data.Activations, batch_size: int, n_batches: int = 20) -> dict:
+def shuffle_quality(acts: data.Activations, batch_size: int, n_batches: int = 20, read_mode: str = "random") -> dict:
     """Distinct images and shards per shuffled batch, and their expectation under uniform sampling."""
-    loader = data.Loader(acts, batch_size=batch_size, shuffle=True, seed=0)
+    loader = data.Loader(acts, batch_size=batch_size, shuffle=True, seed=0, read_mode=read_mode)
     md, n = acts.metadata, len(acts)
     images, shards = [], []
     for b in range(n_batches):

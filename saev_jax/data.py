@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import itertools
 import json
 import math
@@ -346,7 +347,8 @@ class Activations:
         return (hi - lo) * self.d_vit * 4
 
     def read_images(
-        self, img_a: int, img_b: int, *, out: Float[np.ndarray, "n d_vit"], scratch: list | None = None
+        self, img_a: int, img_b: int, *, out: Float[np.ndarray, "n d_vit"], scratch: list | None = None,
+        direct: bool = False,
     ) -> Float[np.ndarray, "n d_vit"]:
         """Every example of images `[img_a, img_b)`, in dataset order, into `out`; returns it.
 
@@ -355,6 +357,7 @@ class Activations:
         (its needed rows only). Raises InputError naming the file and byte offset when a read
         fails or comes back short (a file that shrank or vanished), and for non-finite values.
         `scratch`, a one-element list, lets a thread recycle its read buffer between calls.
+        `direct` reads around the page cache where alignment allows (`O_DIRECT`).
         """
         md = self.metadata
         per_img, d_vit = self.examples_per_image, md.d_vit
@@ -375,17 +378,17 @@ class Activations:
             if scratch is not None and scratch[0] is not None and scratch[0].shape[0] >= n_rows:
                 buf = scratch[0]
             else:
-                buf = np.empty((n_rows, d_vit), dtype=np.float32)
+                buf = _aligned_empty((n_rows, d_vit))
                 if scratch is not None:
                     scratch[0] = buf
             with self._files.use(shard_i) as shard_file:
                 if merge:
                     offset = (first * n_image_rows + lo) * row_nbytes
-                    shard_file.pread_into(buf[lo:n_rows], offset)
+                    shard_file.pread_into(buf[lo:n_rows], offset, direct=direct)
                 else:
                     for j in range(k):
                         offset = ((first + j) * n_image_rows + lo) * row_nbytes
-                        shard_file.pread_into(buf[j * stride + lo : j * stride + hi], offset)
+                        shard_file.pread_into(buf[j * stride + lo : j * stride + hi], offset, direct=direct)
             # Image j's row r sits at buffer row j * stride + r: view the buffer as whole images
             # (overlapping ones when stride < an image; only rows in [lo, hi) are ever touched).
             view_ILTD = np.lib.stride_tricks.as_strided(
@@ -478,6 +481,8 @@ class _ShardFile:
         self.users = 0
         self.evicted = False
         self._mmap = None
+        self._no_readahead = False
+        self._direct_fd: int | None = None
 
     def check_size(self) -> None:
         """InputError unless the file still has its full size (a shrunk file would SIGBUS a map)."""
@@ -492,14 +497,30 @@ class _ShardFile:
             self._mmap = mmap.mmap(self.fd, self.nbytes, prot=mmap.PROT_READ)
         return np.frombuffer(self._mmap, dtype=np.float32).reshape(shape)
 
-    def pread_into(self, buf: np.ndarray, offset: int) -> None:
-        """Fills the C-contiguous `buf` from byte `offset`; InputError naming file and offset if it cannot."""
+    def pread_into(self, buf: np.ndarray, offset: int, *, direct: bool = False) -> None:
+        """Fills the C-contiguous `buf` from byte `offset`; InputError naming file and offset if it cannot.
+
+        `direct`: bypass the page cache (`O_DIRECT`) when buffer, offset and size are 4 KiB
+        aligned and the file system allows it: the disk then writes straight into `buf`, which
+        saves the kernel's copy and its page-cache bookkeeping (most of the CPU of a cold read).
+        """
+        if not self._no_readahead and hasattr(os, "posix_fadvise"):
+            # Reads here are large and at random offsets: the kernel's readahead (often several
+            # MB past each read) would only fetch bytes nobody asked for.
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self._no_readahead = True
         view = memoryview(buf).cast("B")
+        fd = self.fd
+        if direct and buf.ctypes.data % 4096 == 0 and offset % 4096 == 0 and view.nbytes % 4096 == 0:
+            fd = self._direct()
         done = 0
         while done < view.nbytes:
             try:
-                n = os.preadv(self.fd, [view[done:]], offset + done)
+                n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as err:
+                if fd != self.fd and err.errno == errno.EINVAL:  # O_DIRECT refused after all
+                    self._direct_fd, fd = -1, self.fd
+                    continue
                 raise config.InputError(f"{self.fpath}: read error at byte {offset + done}: {err}") from None
             if n == 0:
                 size = os.fstat(self.fd).st_size
@@ -508,10 +529,21 @@ class _ShardFile:
                 )
             done += n
 
+    def _direct(self) -> int:
+        # The O_DIRECT descriptor, opened on first use; the plain one where it cannot be had.
+        if self._direct_fd is None:
+            try:
+                self._direct_fd = os.open(self.fpath, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else -1
+            except OSError:
+                self._direct_fd = -1
+        return self.fd if self._direct_fd < 0 else self._direct_fd
+
     def close(self) -> None:
         # A map outlives the descriptor; arrays still viewing it keep it alive until they go.
         self._mmap = None
         os.close(self.fd)
+        if self._direct_fd is not None and self._direct_fd >= 0:
+            os.close(self._direct_fd)
 
 
 class _ShardFiles:
@@ -880,6 +912,7 @@ class Loader:
         shuffle_buffer_bytes: int | None = None,
         block_bytes: int = 2**22,
         io_threads: int = 16,
+        direct_io: bool = True,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -910,6 +943,7 @@ class Loader:
         self.n_threads = max(1, min(n_threads, os.cpu_count() or 1))
         # Reads wait on the disk, not the CPU: many in flight keep its queue full.
         self.io_threads = max(1, io_threads)
+        self.direct_io = direct_io
         self.n_buffered = max(2, buffer_bytes // (self.local_batch_size * acts.d_vit * 4))
         self.device = device if device is not None else jax.devices()[0]
         self.order = None
@@ -1082,7 +1116,7 @@ class _Pipeline:
                 local.scratch = [None]
             img_a, img_b = order.block_images(int(block))
             rows = slice(j * order.block_n, j * order.block_n + (img_b - img_a) * order.per_img)
-            acts.read_images(img_a, img_b, out=buf[rows], scratch=local.scratch)
+            acts.read_images(img_a, img_b, out=buf[rows], scratch=local.scratch, direct=loader.direct_io)
 
         with concurrent.futures.ThreadPoolExecutor(loader.io_threads, thread_name_prefix="saev-io") as pool:
             for g in itertools.count(first):
