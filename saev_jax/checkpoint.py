@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 SAE_FNAME = "sae.safetensors"
 PREPROCESS_FNAME = "preprocess.safetensors"
 FREQS_FNAME = "freqs.safetensors"
+KIND_FNAME = "kind.safetensors"
+"""What a kind other than ReLU needs at inference beyond the four tensors (e.g. `threshold [d_sae]`)."""
 CFG_FNAME = "cfg.json"
 METRICS_FNAME = "metrics.json"
 SAEV_FNAME = "sae.pt"
@@ -115,8 +117,11 @@ def save(
     metrics: dict[str, object] | None = None,
     preprocess: data.Preprocess | None = None,
     freqs: Float[np.ndarray, " d_sae"] | None = None,
+    kind_tensors: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Writes a checkpoint directory (see the module docstring) into `dpath`, atomically.
+
+    `kind_tensors` (`Kind.inference_tensors`), if any, go to `kind.safetensors`.
 
     Everything is written into a temporary sibling directory that is renamed into place
     last, so a crash leaves either the whole checkpoint or none of it. `preprocess` and
@@ -138,6 +143,8 @@ def save(
         safetensors.numpy.save_file(stats, tmp / PREPROCESS_FNAME)
     if freqs is not None:
         safetensors.numpy.save_file({"freqs": np.asarray(freqs, dtype=np.float32)}, tmp / FREQS_FNAME)
+    if kind_tensors:
+        safetensors.numpy.save_file({k: np.asarray(v, np.float32) for k, v in kind_tensors.items()}, tmp / KIND_FNAME)
     (tmp / CFG_FNAME).write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
     if metrics is not None:
         (tmp / METRICS_FNAME).write_text(json.dumps(metrics, indent=2) + "\n")
@@ -239,6 +246,9 @@ def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:
             f"{fpath}: W_enc is {d_vit} x {d_sae} but {CFG_FNAME} says d_vit = {cfg.sae.d_vit}, d_sae = {cfg.sae.d_sae}"
         )
     _check_sae_shapes(tensors, d_vit, d_sae, fpath)
+    if cfg is not None and cfg.sae.kind != "relu":
+        # Checkpoint.encode_raw is the ReLU encoder; the kind's own is not wired in here yet.
+        logger.warning("%s: a %s SAE; Checkpoint encodes with ReLU, not its %s selection (see %s)", fpath, cfg.sae.kind, cfg.sae.kind, KIND_FNAME)
 
     preprocess = freqs = None
     if dpath and (dpath / PREPROCESS_FNAME).is_file():

@@ -94,6 +94,15 @@ class SparseAutoencoder:
     def d_sae(self) -> int:
         return self.d_vit * self.exp_factor
 
+    @property
+    def kind_label(self) -> str:
+        """The kind and its sparsity knob, for tables and legends: `relu`, `topk k=32`, `jumprelu l0=0.001`."""
+        if self.kind in ("topk", "batchtopk", "matryoshka"):
+            return f"{self.kind} k={self.k}"
+        if self.kind == "jumprelu":
+            return f"jumprelu l0={self.l0_coefficient:g}"
+        return self.kind
+
 
 @dataclasses.dataclass(frozen=True)
 class Train:
@@ -325,11 +334,6 @@ def validate(cfg: Train) -> None:
         (cfg.data.max_open_shards <= 0, "data.max_open_shards", "must be positive"),
     ]  # fmt: skip
     checks += _kind_checks(cfg)
-    # Until the step trains the kinds and schedules (issue 13, phase 2), nothing else is trainable.
-    checks += [
-        (cfg.sae.kind != "relu", "sae.kind", "not trainable yet: only relu"),
-        (cfg.lr_schedule != "constant", "lr_schedule", "not trainable yet: only constant"),
-    ]
     for bad, key, why in checks:
         if bad:
             value = _canonical(cfg, key)

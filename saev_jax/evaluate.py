@@ -18,7 +18,7 @@ import tqdm
 import wandb
 from jaxtyping import Array, Float, Int
 
-from . import config, data
+from . import config, data, kinds
 from . import quality as quality_lib
 from . import sae as sae_lib
 
@@ -51,6 +51,9 @@ class EvalMetrics:
     """Threshold for an "almost dead" feature."""
     dense_threshold: float
     """Threshold for a dense feature."""
+    l0_batch: float | None = None
+    """Mean L0 of the training form (BatchTopK, Matryoshka: the k * B largest of each full batch; None
+    without a full batch); for the other kinds the same as l0."""
     quality: float = math.nan
     """Bits per example saved by sending the data through this SAE instead of raw (higher is better; docs/quality.md)."""
 
@@ -90,6 +93,8 @@ class _Sums(eqx.Module):
     code_sq_err: Float[Array, "M T"]
     code_gram: Float[Array, "M T 3"]
     code_cross: Float[Array, "M T 2"]
+    batch_n: Int[Array, ""]
+    batch_fired: Int[Array, " M"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +115,10 @@ class PassStats:
     code_sq_err: Float[np.ndarray, "M T"]
     code_gram: Float[np.ndarray, "M T 3"]
     code_cross: Float[np.ndarray, "M T 2"]
+    batch_n: int
+    """Number of examples (in full batches) the `batch_fired` counts are over."""
+    batch_fired: Float[np.ndarray, " M"]
+    """Activations that fired in the training form (batch-coupled kinds only; else 0)."""
     w_dec_norms: Float[np.ndarray, "M d_sae"]
     """L2 norm of every decoder row, from the parameters as evaluated."""
 
@@ -138,6 +147,8 @@ def _zero_sums(n_saes: int, d_sae: int, d_vit: int) -> _Sums:
         code_sq_err=jnp.zeros((n_saes, T), jnp.float32),
         code_gram=jnp.zeros((n_saes, T, 3), jnp.float32),
         code_cross=jnp.zeros((n_saes, T, 2), jnp.float32),
+        batch_n=jnp.zeros((), jnp.int32),
+        batch_fired=jnp.zeros(n_saes, jnp.int32),
     )
 
 
@@ -162,7 +173,7 @@ def _code_sums(sae: sae_lib.SAE, x_BD, f_BS, rms_B1, valid_B1):
 @functools.partial(jax.jit, donate_argnums=0, static_argnames="with_code")
 def _accumulate(
     sums: _Sums,
-    saes: sae_lib.SAE,
+    saes: kinds.Inference,
     preprocess: data.Preprocess,
     x_BD: Float[Array, "B d_vit"],
     n_valid: Int[Array, ""],
@@ -180,16 +191,23 @@ def _accumulate(
         f_BS = jnp.where(valid_B1, f_BS, 0.0)
         sq_err = jnp.sum(jnp.where(valid_B1, (x_hat_BD - x_BD) ** 2, 0.0))
         basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err)
+        if type(sae.sae).batch_coupled:
+            # The training form couples the examples of a batch: count full batches only.
+            full = n_valid == x_BD.shape[0]
+            basic += (jnp.where(full, jnp.sum(sae.encode_batch(x_BD) > 0, dtype=jnp.int32), 0),)
+        else:
+            basic += (jnp.zeros((), jnp.int32),)
         if not with_code:
             return basic, None
         return basic, _code_sums(sae, x_BD, f_BS, rms_B1, valid_B1)
 
-    (n_fired, values, sq_err), code = jax.vmap(one)(saes)
+    (n_fired, values, sq_err, batch_fired), code = jax.vmap(one)(saes)
     sums = eqx.tree_at(
-        lambda s: (s.n_fired, s.values, s.sq_err, s.x_sum, s.x_sq_sum),
+        lambda s: (s.n_fired, s.values, s.sq_err, s.x_sum, s.x_sq_sum, s.batch_n, s.batch_fired),
         sums,
         (sums.n_fired + n_fired, sums.values + values, sums.sq_err + sq_err,
-         sums.x_sum + jnp.sum(x_BD, axis=0), sums.x_sq_sum + jnp.sum(x_BD**2, axis=0)),
+         sums.x_sum + jnp.sum(x_BD, axis=0), sums.x_sq_sum + jnp.sum(x_BD**2, axis=0),
+         sums.batch_n + jnp.where(n_valid == x_BD.shape[0], n_valid, 0), sums.batch_fired + batch_fired),
     )  # fmt: skip
     if not with_code:
         return sums
@@ -204,7 +222,7 @@ def _accumulate(
 
 def evaluate(
     cfgs: list[config.Train],
-    saes: sae_lib.SAE,
+    saes: "kinds.Inference | sae_lib.SAE",
     acts: data.Activations,
     preprocess: data.Preprocess,
     device: jax.Device | None = None,
@@ -231,7 +249,7 @@ def evaluate(
 
 
 def accumulate(
-    saes: sae_lib.SAE,
+    saes: "kinds.Inference | sae_lib.SAE",
     batches: Iterable[tuple[Float[Array, "B d_vit"], int]],
     preprocess: data.Preprocess,
     device: jax.Device | None = None,
@@ -246,6 +264,7 @@ def accumulate(
     every `quality_stride`-th batch only). Sums accumulate in float32 on the device and leave it
     once, at the end.
     """
+    saes = kinds.as_inference(saes)
     n_saes, d_sae = saes.b_enc.shape
     d_vit = saes.b_dec.shape[1]
     sums = jax.device_put(_zero_sums(n_saes, d_sae, d_vit), device)
@@ -257,6 +276,9 @@ def accumulate(
         raise ValueError("evaluate: no examples")
     host = {f.name: np.asarray(jax.device_get(getattr(sums, f.name)), np.float64) for f in dataclasses.fields(sums)}
     host["code_n"] = int(host["code_n"])
+    host["batch_n"] = int(host["batch_n"])
+    if not type(saes.sae).batch_coupled:
+        host["batch_n"], host["batch_fired"] = n, host["n_fired"].sum(axis=1)  # the same as l0
     return PassStats(n=n, w_dec_norms=np.linalg.norm(np.asarray(saes.W_dec, np.float64), axis=-1), **host)
 
 
@@ -271,6 +293,7 @@ def metrics_from_stats(
     return [
         EvalMetrics(
             l0=float(stats.n_fired[m].sum() / n),
+            l0_batch=float(stats.batch_fired[m] / stats.batch_n) if stats.batch_n else None,
             l1=float(stats.values[m].sum() / n),
             mse=float(stats.sq_err[m] / (n * d_vit)),
             n_dead=int((freqs[m] == 0).sum()),
@@ -302,7 +325,7 @@ def code_bits(stats: PassStats, m: int) -> list[quality_lib.Bits]:
 
 
 def evaluate_batches(
-    saes: sae_lib.SAE,
+    saes: "kinds.Inference | sae_lib.SAE",
     batches: Iterable[tuple[Float[Array, "B d_vit"], int]],
     preprocess: data.Preprocess,
     device: jax.Device | None = None,

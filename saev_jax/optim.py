@@ -76,9 +76,9 @@ def remove_parallel_grads(enabled: Bool[ArrayLike, ""]) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(lr: ArrayLike, n_lr_warmup: ArrayLike, remove_parallel: ArrayLike) -> optax.GradientTransformation:
-    """One SAE's optimizer: parallel-gradient removal, then Adam with a linear learning-rate warm-up."""
+def make_optimizer(learning_rate: optax.Schedule, remove_parallel: ArrayLike) -> optax.GradientTransformation:
+    """One SAE's optimizer: parallel-gradient removal, then Adam with this learning-rate schedule."""
     return optax.chain(
         remove_parallel_grads(remove_parallel),
-        optax.adam(warmup(lr, n_lr_warmup), b1=0.9, b2=0.999, eps=1e-8),
+        optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8),
     )

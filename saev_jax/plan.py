@@ -187,10 +187,10 @@ def available_ram() -> int:
 
 
 def shapes_of(cfgs: list[config.Train]) -> list[tuple[int, ...]]:
-    """Config positions grouped by SAE shape, in first-seen order: one stack each."""
+    """Config positions grouped by SAE kind and shape, in first-seen order: one stack each."""
     stacks: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
-        stacks.setdefault((c.sae.d_vit, c.sae.d_sae), []).append(i)
+        stacks.setdefault((c.sae.kind, c.sae.d_vit, c.sae.d_sae), []).append(i)
     return [tuple(v) for v in stacks.values()]
 
 
@@ -223,7 +223,7 @@ def make_plan(cfgs: list[config.Train], devices: list[jax.Device], limit: int, l
             placed = False
             if rounds:
                 trial = [list(s) for s in rounds[-1]]
-                same = [s for s in trial if cfgs[s[0]].sae.d_sae == cfgs[i].sae.d_sae]
+                same = [s for s in trial if (cfgs[s[0]].sae.kind, cfgs[s[0]].sae.d_sae) == (cfgs[i].sae.kind, cfgs[i].sae.d_sae)]
                 if same:
                     same[0].append(i)
                 else:

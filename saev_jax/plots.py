@@ -38,7 +38,9 @@ class PlotPaths:
 
 
 def label(cfg: config.Train) -> str:
-    """A short legend label: learning rate and sparsity coefficient."""
+    """A short legend label: learning rate and the sparsity knob (the kind's, for kinds other than ReLU)."""
+    if cfg.sae.kind != "relu":
+        return f"lr={cfg.lr:.3g} {cfg.sae.kind_label}"
     return f"lr={cfg.lr:.3g} λ={cfg.sae.sparsity_coeff:.3g}"
 
 

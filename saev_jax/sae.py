@@ -111,12 +111,13 @@ def save(
     metrics: dict[str, object],
     preprocess: "data.Preprocess | None" = None,
     freqs: Float[np.ndarray, " d_sae"] | None = None,
+    kind_tensors: "dict[str, np.ndarray] | None" = None,
 ) -> None:
     """Writes a checkpoint directory atomically: `checkpoint.save` (sae.safetensors, the
-    preprocessing statistics, the feature frequencies, cfg.json, metrics.json)."""
+    preprocessing statistics, the feature frequencies, the kind's inference tensors, cfg.json, metrics.json)."""
     from . import checkpoint
 
-    checkpoint.save(sae, dpath, cfg, metrics, preprocess, freqs)
+    checkpoint.save(sae, dpath, cfg, metrics, preprocess, freqs, kind_tensors)
 
 
 def load(path: str | os.PathLike, precision: str = "float32") -> "checkpoint.Checkpoint":

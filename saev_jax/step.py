@@ -21,42 +21,62 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
-from . import config, data, optim
+from . import config, data, kinds, optim
 from . import sae as sae_lib
 
 SAE_AXIS = "sae"
 """The mesh axis the stack axis of every `Stack` is split over."""
 
 
+def n_train_steps(cfg: config.Train) -> int:
+    """Steps until more than `n_patches` examples have been seen (saev's BatchLimiter)."""
+    return cfg.n_patches // cfg.sae_batch_size + 1
+
+
 class Hparams(eqx.Module):
-    """What may differ between the SAEs of a stack: one entry per SAE."""
+    """What may differ between the SAEs of a stack: one entry per SAE.
+
+    `kind` holds the SAE kind's own settings (`kinds.make_hparams`: the ReLU's sparsity
+    coefficient, TopK's k, ...); everything else here is the optimiser's.
+    """
 
     lr: Float[Array, " M"]
     n_lr_warmup: Int[Array, " M"]
-    sparsity_coeff: Float[Array, " M"]
-    n_sparsity_warmup: Int[Array, " M"]
+    lr_schedule: Int[Array, " M"]
+    """Index into `optim.SCHEDULES`."""
+    lr_decay_frac: Float[Array, " M"]
+    n_steps: Int[Array, " M"]
     normalize_w_dec: Bool[Array, " M"]
     remove_parallel_grads: Bool[Array, " M"]
+    kind: eqx.Module
 
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
         return cls(
             lr=jnp.array([c.lr for c in cfgs], dtype=jnp.float32),
             n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], dtype=jnp.int32),
-            sparsity_coeff=jnp.array([c.sae.sparsity_coeff for c in cfgs], dtype=jnp.float32),
-            n_sparsity_warmup=jnp.array([c.n_sparsity_warmup for c in cfgs], dtype=jnp.int32),
+            lr_schedule=jnp.array([optim.SCHEDULES.index(c.lr_schedule) for c in cfgs], dtype=jnp.int32),
+            lr_decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], dtype=jnp.float32),
+            n_steps=jnp.array([n_train_steps(c) for c in cfgs], dtype=jnp.int32),
             normalize_w_dec=jnp.array([c.sae.normalize_w_dec for c in cfgs]),
             remove_parallel_grads=jnp.array([c.sae.remove_parallel_grads for c in cfgs]),
+            kind=kinds.make_hparams(cfgs),
         )
+
+    def learning_rate(self) -> optax.Schedule:
+        """This SAE's learning rate as a function of the step (call on one SAE's entry)."""
+        return optim.warmup_decay(self.lr, self.n_lr_warmup, self.n_steps, self.lr_schedule, self.lr_decay_frac)
 
 
 class Stack(eqx.Module):
-    """SAEs of one shape and everything of theirs that changes in training; leading axis M."""
+    """SAEs of one kind and shape and everything of theirs that changes in training; leading axis M."""
 
-    saes: sae_lib.SAE
+    saes: kinds.Kind
     opt_state: optax.OptState
     diverged_at: Int[Array, " M"]
     """The step at which each SAE's update first was not finite (it is frozen since); -1 if never."""
+    state: eqx.Module
+    """The kind's non-trainable state (dead-latent counters, BatchTopK's threshold; empty for ReLU)."""
 
     @property
     def n_saes(self) -> int:
@@ -74,15 +94,19 @@ class TrainState(eqx.Module):
     step: Int[Array, ""]
 
 
-def make_stack(saes: sae_lib.SAE, hparams: Hparams) -> Stack:
-    """A fresh stack: each SAE's optimizer state initialised from its own parameters."""
+def make_stack(saes: "kinds.Kind | sae_lib.SAE", hparams: Hparams) -> Stack:
+    """A fresh stack: each SAE's optimizer state initialised from its own parameters, its kind's state at step 0.
+
+    A stack of `sae.SAE` trains as the ReLU kind (the same SAE).
+    """
+    saes = kinds.as_kind(saes)
 
     def init_one(sae, hp):
-        return optim.make_optimizer(hp.lr, hp.n_lr_warmup, hp.remove_parallel_grads).init(sae)
+        return optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads).init(sae)
 
-    opt_state = jax.vmap(init_one)(saes, hparams)
+    opt_state = eqx.filter_vmap(init_one)(saes, hparams)
     n = hparams.lr.shape[0]
-    return Stack(saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32))
+    return Stack(saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32), state=kinds.init_state(saes))
 
 
 def make_state(stacks: tuple[Stack, ...]) -> TrainState:
@@ -98,7 +122,7 @@ def state_sharding(state: TrainState, mesh: Mesh) -> TrainState:
     )
 
 
-def init_single(saes: sae_lib.SAE, hparams: Hparams, mesh: Mesh) -> tuple[TrainState, tuple[Hparams]]:
+def init_single(saes: kinds.Kind, hparams: Hparams, mesh: Mesh) -> tuple[TrainState, tuple[Hparams]]:
     """A one-stack state and its hyper-parameters placed on `mesh` (for tests, benchmarks and tools).
 
     Then `train_step(state, hparams, preprocess, x_BD, chunks=(M,), mesh=mesh)`.
@@ -114,31 +138,27 @@ def _all_finite(tree) -> Bool[Array, ""]:
 
 
 def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: Int[Array, ""]):
-    """One SAE's update (SPEC 3 steps 1-4), dropped if anything came out non-finite.
+    """One SAE's update (SPEC 3 steps 1-4, the loss being its kind's), dropped if anything came out non-finite.
 
     `stack` and `hp` are this SAE's own (no leading axis); returns its new Stack entry and metrics.
     """
     sae = stack.saes
     W_dec = jnp.where(hp.normalize_w_dec, sae.normalize_w_dec().W_dec, sae.W_dec)
     normed = eqx.tree_at(lambda s: s.W_dec, sae, W_dec)
-    sparsity_coeff = optim.warmup(hp.sparsity_coeff, hp.n_sparsity_warmup)(step)
-    (loss, metrics), grads = eqx.filter_value_and_grad(sae_lib.loss, has_aux=True)(normed, x_BD, sparsity_coeff)
-    optimizer = optim.make_optimizer(hp.lr, hp.n_lr_warmup, hp.remove_parallel_grads)
+    loss_fn = lambda s: s.loss(stack.state, x_BD, hp.kind, step)  # noqa: E731
+    (loss, (metrics, kind_state)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(normed)
+    optimizer = optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads)
     updates, opt_state = optimizer.update(grads, stack.opt_state, normed)
     updated = eqx.apply_updates(normed, updates)
 
     # A diverged SAE keeps the parameters it had before its first non-finite step, for good.
-    ok = jnp.isfinite(loss) & _all_finite(updated) & _all_finite(opt_state)
+    ok = jnp.isfinite(loss) & _all_finite(updated) & _all_finite(opt_state) & _all_finite(kind_state)
     alive = stack.diverged_at < 0
     keep = ok & alive
-    new = Stack(saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at)
+    new = Stack(saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at, state=kind_state)
     new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, stack)
     new = eqx.tree_at(lambda s: s.diverged_at, new, jnp.where(alive & ~ok, step, stack.diverged_at))
-    metrics |= {
-        "learning_rate": optim.warmup(hp.lr, hp.n_lr_warmup)(step),
-        "sparsity_coeff": sparsity_coeff,
-        "diverged": ~(ok & alive),
-    }
+    metrics |= {"learning_rate": hp.learning_rate()(step), "diverged": ~(ok & alive)}
     return new, metrics
 
 

@@ -30,7 +30,7 @@ import tqdm
 import tyro
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import checkpoint, config, data, evaluate, launch, plan, plots, snapshot, step, summary, wandb_queue
+from . import checkpoint, config, data, evaluate, kinds, launch, plan, plots, snapshot, step, summary, wandb_queue
 from . import sae as sae_lib
 
 logger = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ def to_host(tree):
 
 def n_train_steps(cfg: config.Train) -> int:
     """Steps until more than `n_patches` examples have been seen (saev's BatchLimiter)."""
-    return cfg.n_patches // cfg.sae_batch_size + 1
+    return step.n_train_steps(cfg)
 
 
 def pad_cfgs(cfgs: list[config.Train], n_padded: int) -> list[config.Train]:
@@ -125,7 +125,7 @@ class Layout:
         stacks = []
         for cfgs, hparams in zip(self.padded_cfgs, self.hparams):
             build = jax.jit(
-                lambda hp, cfgs=cfgs: step.make_stack(sae_lib.make_saes([c.sae for c in cfgs], precision), hp),
+                lambda hp, cfgs=cfgs: step.make_stack(kinds.make_stack(cfgs, precision), hp),
                 out_shardings=self.stacked,
             )
             stacks.append(build(hparams))
@@ -137,7 +137,7 @@ class Layout:
         """Shapes, dtypes and shardings of `init_state`'s result, without allocating it."""
         precision = self.cfgs[0].precision
         stacks = tuple(
-            step.make_stack(sae_lib.make_saes([c.sae for c in cfgs], precision), hp)
+            step.make_stack(kinds.make_stack(cfgs, precision), hp)
             for cfgs, hp in zip(self.padded_cfgs, self.hparams)
         )
         shapes = jax.eval_shape(lambda: step.make_state(stacks))
@@ -194,17 +194,18 @@ class Layout:
                 out[i] = {key: value[j] for key, value in m.items()}
         return out
 
-    def real_saes(self, state: step.TrainState) -> list[tuple[list[int], sae_lib.SAE, np.ndarray]]:
+    def real_saes(self, state: step.TrainState) -> list[tuple[list[int], kinds.Inference, np.ndarray]]:
         """Per stack: config positions, the real SAEs (pads dropped) on this process's first device, and their `diverged_at`.
 
-        Every process must call it (with several processes it gathers the stacks).
+        The SAEs come with their kind's state and settings (`kinds.Inference`), as evaluation
+        needs them. Every process must call it (with several processes it gathers the stacks).
         """
         device = jax.local_devices(backend=self.mesh.devices.flat[0].platform)[0]
         out = []
-        for s, stack in zip(self.round.stacks, state.stacks):
-            saes, diverged_at = to_host((stack.saes, stack.diverged_at))
-            saes = jax.tree.map(lambda leaf: jax.device_put(leaf[: s.n_saes], device), saes)
-            out.append((list(s.cfg_indices), saes, np.asarray(diverged_at)[: s.n_saes]))
+        for s, stack, hp in zip(self.round.stacks, state.stacks, self.hparams):
+            bundle, diverged_at = to_host((kinds.Inference(stack.saes, stack.state, hp.kind), stack.diverged_at))
+            bundle = jax.tree.map(lambda leaf: jax.device_put(leaf[: s.n_saes], device), bundle)
+            out.append((list(s.cfg_indices), bundle, np.asarray(diverged_at)[: s.n_saes]))
         return out
 
 
@@ -347,17 +348,26 @@ def train(
 
 
 def _metrics_for_wandb(metrics: list[dict[str, np.ndarray]], *, n_seen: int) -> list[dict[str, object]]:
-    """One wandb dict per SAE with SPEC 3's keys (and `diverged`), from each SAE's host metrics."""
+    """One wandb dict per SAE with SPEC 3's keys (and `diverged`), from each SAE's host metrics.
+
+    Keys a kind does not have are left out (TopK has no sparsity coefficient); a kind's own
+    metrics go under `losses/` (its loss terms) or `metrics/`.
+    """
     keys = {
         "losses/mse": "mse", "losses/l1": "l1", "losses/sparsity": "sparsity", "losses/loss": "loss",
         "metrics/l0": "l0", "metrics/l1": "l1",
         "progress/learning_rate": "learning_rate", "progress/sparsity_coeff": "sparsity_coeff",
     }  # fmt: skip
-    return [
-        {name: float(m[key]) for name, key in keys.items()}
-        | {"progress/n_patches_seen": n_seen, "progress/diverged": bool(m["diverged"])}
-        for m in metrics
-    ]
+    kind_losses = {"fvu", "recon", "aux_loss"}
+    out = []
+    for m in metrics:
+        dct = {name: float(m[key]) for name, key in keys.items() if key in m}
+        dct |= {
+            f"{'losses' if key in kind_losses else 'metrics'}/{key}": float(value)
+            for key, value in m.items() if key not in keys.values() and key != "diverged"
+        }  # fmt: skip
+        out.append(dct | {"progress/n_patches_seen": n_seen, "progress/diverged": bool(m["diverged"])})
+    return out
 
 
 def open_group(cfgs: list[config.Train]) -> data.Activations:
@@ -438,9 +448,11 @@ def train_round(
             return []
         diverged_at = [-1] * len(cfgs)
         for indices, saes, div in stacks:
-            for i, sae, d in zip(indices, sae_lib.unstack(saes), div):
+            for j, (i, d) in enumerate(zip(indices, div)):
                 diverged_at[i] = int(d)
-                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], None, preprocess)
+                sae, kind_state = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.state))
+                kind_tensors = jax.device_get(sae.inference_tensors(kind_state))
+                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], None, preprocess, None, kind_tensors)
         results = evaluate_round(cfgs, stacks, acts, preprocess)
         final = int(state.step)
         for i, (run_id, result) in enumerate(zip(run.ids, results)):
@@ -465,7 +477,7 @@ def train_round(
 
 
 def evaluate_round(
-    cfgs: list[config.Train], stacks: list[tuple[list[int], sae_lib.SAE, np.ndarray]], acts, preprocess
+    cfgs: list[config.Train], stacks: list[tuple[list[int], kinds.Inference, np.ndarray]], acts, preprocess
 ) -> list["evaluate.EvalMetrics | str"]:
     """Per config, its EvalMetrics, or one line saying why its evaluation failed (the others still count).
 
@@ -539,20 +551,26 @@ def train_groups(groups, opened, plans) -> list[str]:
 
 
 def cli(argv: list[str] | None = None) -> list[str]:
-    """`python -m saev_jax.train [SWEEP.toml] [--field value ...]`.
+    """`python -m saev_jax.train [SWEEP.toml ...] [--field value ...]`.
 
     Flags override `Train`'s defaults; a sweep file's values override the flags and its
-    lists become a grid. (`__main__` also takes the multi-process flags of `launch.py`.)
+    lists become a grid. Several sweep files give the union of their grids (grouped as one
+    sweep), e.g. ReLU over sparsity coefficients and TopK over k, trained in one pass. (`__main__` also takes the multi-process flags of `launch.py`.)
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    sweep_fpath = args.pop(0) if args and not args[0].startswith("-") else None
+    sweep_fpaths = []
+    while args and not args[0].startswith("-"):
+        sweep_fpaths.append(args.pop(0))
     base = tyro.cli(
         config.Train,
         args=args,
-        prog="python -m saev_jax.train [SWEEP.toml]",
+        prog="python -m saev_jax.train [SWEEP.toml ...]",
         description=__doc__,
     )
-    cfgs = config.grid(base, config.load_sweep(sweep_fpath)) if sweep_fpath else [base]
+    cfgs = [base] if not sweep_fpaths else []
+    for fpath in sweep_fpaths:
+        # Seeds continue from the previous file's, so two files never share one.
+        cfgs += config.grid(dataclasses.replace(base, seed=base.seed + len(cfgs)), config.load_sweep(fpath))
     logger.info("%d configs in %d groups.", len(cfgs), len(config.split_cfgs(cfgs)))
     return main(cfgs)
 

@@ -34,6 +34,8 @@ class Kind(eqx.Module):
 
     name: ClassVar[str]
     """The `sae.kind` value that selects this kind."""
+    batch_coupled: ClassVar[bool]
+    """Whether the training form couples the examples of a batch (then `encode` differs from `encode_train`)."""
 
     @classmethod
     @abc.abstractmethod
@@ -62,6 +64,10 @@ class Kind(eqx.Module):
         self, state: eqx.Module, x_BD: Float[Array, "B d_vit"], hp: eqx.Module, step: Int[Array, ""]
     ) -> tuple[Float[Array, ""], tuple[dict[str, Float[Array, ""]], eqx.Module]]:
         """`(total, (metrics, new_state))` on a batch: differentiate `total`; metrics are scalars."""
+
+    @abc.abstractmethod
+    def inference_tensors(self, state: eqx.Module) -> dict[str, Float[Array, "..."]]:
+        """What inference needs besides the four tensors and the config, for checkpoints (ReLU, TopK: none)."""
 
     def matmul(self, a: Array, b: Array) -> Array:
         """A matrix product at this SAE's precision (float32 products, or bf16 with float32 sums)."""

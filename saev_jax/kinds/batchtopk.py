@@ -62,6 +62,7 @@ class BatchTopK(base.Kind):
     precision: str = eqx.field(static=True)
 
     name: typing.ClassVar[str] = "batchtopk"
+    batch_coupled: typing.ClassVar[bool] = True
 
     def __init__(self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, precision: str = "float32"):
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = base.tied_tensors(d_vit, d_sae, key)
@@ -75,6 +76,10 @@ class BatchTopK(base.Kind):
     @classmethod
     def make_hparams(cls, cfgs: list[config.Train]) -> BatchTopKHparams:
         return BatchTopKHparams.from_cfgs(cfgs)
+
+    def inference_tensors(self, state) -> dict[str, Array]:
+        # One threshold for every latent, as SAELens saves BatchTopK (as a JumpReLU).
+        return {"threshold": jnp.full(self.b_enc.shape, state.threshold)}
 
     def init_state(self) -> ThresholdState:
         return ThresholdState.initial(self.b_enc.shape[-1])

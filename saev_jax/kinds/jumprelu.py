@@ -91,6 +91,7 @@ class JumpReLU(base.Kind):
     precision: str = eqx.field(static=True)
 
     name: typing.ClassVar[str] = "jumprelu"
+    batch_coupled: typing.ClassVar[bool] = False
 
     def __init__(
         self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, init_threshold: float | Array, precision: str = "float32"
@@ -113,6 +114,9 @@ class JumpReLU(base.Kind):
             n_sparsity_warmup=jnp.array([c.n_sparsity_warmup for c in cfgs], jnp.int32),
             bandwidth=jnp.array([bandwidth(c.sae) for c in cfgs], jnp.float32),
         )
+
+    def inference_tensors(self, state) -> dict[str, Array]:
+        return {"threshold": jnp.exp(self.log_threshold)}
 
     def init_state(self) -> base.NoState:
         return base.NoState()

@@ -56,6 +56,7 @@ class Matryoshka(base.Kind):
     precision: str = eqx.field(static=True)
 
     name: typing.ClassVar[str] = "matryoshka"
+    batch_coupled: typing.ClassVar[bool] = True
 
     def __init__(self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, block_ends: tuple[int, ...], precision: str = "float32"):
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = base.tied_tensors(d_vit, d_sae, key)
@@ -82,6 +83,9 @@ class Matryoshka(base.Kind):
             weights[m, [ends.index(w) for w in mine]] = 1 / len(mine)
         base_hp = batchtopk.BatchTopKHparams.from_cfgs(cfgs)
         return MatryoshkaHparams(base_hp.k, base_hp.topk_threshold_lr, jnp.asarray(weights), base_hp.aux)
+
+    def inference_tensors(self, state) -> dict[str, Array]:
+        return {"threshold": jnp.full(self.b_enc.shape, state.threshold)}
 
     def init_state(self) -> batchtopk.ThresholdState:
         return batchtopk.ThresholdState.initial(self.b_enc.shape[-1])

@@ -30,6 +30,7 @@ class ReLU(base.Kind):
     precision: str = eqx.field(static=True)
 
     name: typing.ClassVar[str] = "relu"
+    batch_coupled: typing.ClassVar[bool] = False
 
     def __init__(self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, precision: str = "float32"):
         # The same draws as sae.SAE, so a seed gives the same SAE either way.
@@ -47,6 +48,9 @@ class ReLU(base.Kind):
             sparsity_coeff=jnp.array([c.sae.sparsity_coeff for c in cfgs], jnp.float32),
             n_sparsity_warmup=jnp.array([c.n_sparsity_warmup for c in cfgs], jnp.int32),
         )
+
+    def inference_tensors(self, state) -> dict[str, Array]:
+        return {}
 
     def init_state(self) -> base.NoState:
         return base.NoState()

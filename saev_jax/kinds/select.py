@@ -23,9 +23,11 @@ def kth_largest_nonneg(a: Float[Array, "..."], n: Int[Array, ""], axis: int | No
     If `a` has fewer than n entries (along `axis`), the result is 0.
     """
     bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
-    shape = () if axis is None else tuple(1 if i == axis % a.ndim else s for i, s in enumerate(a.shape))
-    lo = jnp.zeros(shape, jnp.int32)  # invariant: count(bits >= lo) >= n
-    hi = jnp.full(shape, _POS_INF_BITS, jnp.int32)  # invariant: count(bits >= hi) < n
+    # The bounds derive from `bits` so that inside `shard_map` they vary over the same mesh
+    # axes as the loop body's results (a fori_loop carry must keep its type).
+    zero = jnp.min(bits, axis=axis, keepdims=axis is not None) * 0
+    lo = zero  # invariant: count(bits >= lo) >= n
+    hi = zero + _POS_INF_BITS  # invariant: count(bits >= hi) < n
 
     def body(_, lohi):
         lo, hi = lohi

@@ -30,6 +30,7 @@ class TopK(base.Kind):
     precision: str = eqx.field(static=True)
 
     name: typing.ClassVar[str] = "topk"
+    batch_coupled: typing.ClassVar[bool] = False
 
     def __init__(self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, precision: str = "float32"):
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = base.tied_tensors(d_vit, d_sae, key)
@@ -43,6 +44,9 @@ class TopK(base.Kind):
     @classmethod
     def make_hparams(cls, cfgs: list[config.Train]) -> TopKHparams:
         return TopKHparams(k=jnp.array([c.sae.k for c in cfgs], jnp.int32), aux=select.AuxKHparams.from_cfgs(cfgs))
+
+    def inference_tensors(self, state) -> dict[str, Array]:
+        return {}
 
     def init_state(self) -> select.DeadCounts:
         return select.DeadCounts.zeros(self.b_enc.shape[-1])
