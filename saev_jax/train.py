@@ -41,15 +41,16 @@ def init_b_dec(
 ) -> list[step.Stack]:
     """Sets each SAE's b_dec to the mean of the first `n_reinit_samples` examples of one permutation.
 
-    The permutation is drawn with the first config's `sae.seed` (as saev does) and one
-    read of the largest count serves every stack of the group. SAEs with
+    The permutation is keyed by the first config's `sae.seed` (`data.sample_indices`; saev drew
+    a full `np.random.permutation`) and one read of the largest count serves every stack of the group. SAEs with
     `n_reinit_samples = 0` keep their b_dec.
     """
     counts = [[c.sae.n_reinit_samples for c in cfgs] for cfgs in stack_cfgs]
     if max(max(c) for c in counts) == 0:
         return stacks
     n_max = min(max(max(c) for c in counts), len(acts))
-    perm = np.random.default_rng(stack_cfgs[0][0].sae.seed).permutation(len(acts))[:n_max]
+    # A keyed permutation's prefix (data.sample_indices): memory grows with n_max, not with the data set.
+    perm = data.sample_indices(len(acts), n_max, stack_cfgs[0][0].sae.seed)
     sum_fn = jax.jit(lambda x_BD: jnp.sum(preprocess(x_BD), axis=0))
 
     # Prefix sums of the permutation at every count some SAE asks for.

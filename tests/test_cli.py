@@ -93,7 +93,7 @@ def test_b_dec_is_the_mean_of_a_seeded_permutation(shard_root):
     stack_cfgs = [[cfgs[0], cfgs[2]], [cfgs[1]]]
     stacks = [step.make_stack(sae_lib.make_saes([c.sae for c in s]), step.Hparams.from_cfgs(s)) for s in stack_cfgs]
     stacks = train.init_b_dec(stacks, stack_cfgs, acts, pre)
-    perm = np.random.default_rng(cfgs[0].sae.seed).permutation(len(acts))
+    perm = data.sample_indices(len(acts), 100, cfgs[0].sae.seed)
     x = np.asarray(pre(acts.read(perm[:100])), np.float64)
     np.testing.assert_allclose(stacks[0].saes.b_dec[0], x.mean(axis=0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stacks[0].saes.b_dec[1], x[:37].mean(axis=0), rtol=1e-5, atol=1e-6)
