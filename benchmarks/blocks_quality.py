@@ -152,7 +152,7 @@ def markdown(report: dict) -> str:
         "(1/16, 1/8, 1/4 of the set); `random, seed 1` shows the spread from the seed alone, `ordered` (no shuffle) "
         "that the set is adversarial.",
         "",
-        "Per batch (mean over 20): " + "; ".join(
+        "Per batch (mean over 20; blocks with 512-image windows): " + "; ".join(
             f"{m}: {v['classes_per_batch']:.1f} classes of 32, {v['images_per_batch']:.0f} images" for m, v in report["mix"].items()),
         "",
         "| lr | sparsity | mode | eval MSE | vs random | L0 | vs random | dead |",
