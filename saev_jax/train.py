@@ -9,6 +9,7 @@ split into) train one after another.
     python -m saev_jax.train sweeps/x.toml --data.shard-root DIR [--lr 1e-3 ...]
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -147,10 +148,17 @@ class Layout:
             shapes, step.state_sharding(shapes, self.mesh),
         )  # fmt: skip
 
-    def compile(self, preprocess: data.Preprocess):
-        """The compiled step of this layout, and XLA's peak-memory estimate per device in bytes."""
+    def compile(self, preprocess: data.Preprocess | None = None):
+        """The compiled step of this layout, and XLA's peak-memory estimate per device in bytes.
+
+        Only `preprocess`'s shapes matter (None: those of any statistics), so this can run
+        while the statistics are still being computed.
+        """
         cfg = self.cfgs[0]
         x = jax.ShapeDtypeStruct((cfg.sae_batch_size, cfg.sae.d_vit), jnp.float32, sharding=self.replicated)
+        if preprocess is None:
+            shapes = data.Preprocess(1e5, np.zeros(cfg.sae.d_vit, np.float32), 1.0)
+            preprocess = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), shapes)
         lowered = step.train_step.lower(
             self.abstract_state(), self.hparams, preprocess, x, chunks=self.chunks, mesh=self.mesh
         )
@@ -161,7 +169,7 @@ class Layout:
             peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
         return compiled, peak
 
-    def compile_within_limit(self, preprocess: data.Preprocess) -> "tuple[Layout, object]":
+    def compile_within_limit(self, preprocess: data.Preprocess | None = None) -> "tuple[Layout, object]":
         """This layout, or one with smaller chunks, whose compiled step XLA says fits `limit`; and that step.
 
         The planner's estimate is checked against XLA's memory analysis of the compiled
@@ -301,14 +309,16 @@ def train(
     *,
     state: step.TrainState | None = None,
     snapshots: Snapshots | None = None,
+    compiled: "tuple[Layout, object] | None" = None,
 ) -> step.TrainState:
     """Trains one round of a group from `state` (default: a fresh one); logs through `run`; returns the final state.
 
     With `snapshots`, the state is saved every `save_every` steps, when training ends, and
     when SIGTERM or SIGINT arrives (then the process exits with 128 + the signal number).
+    `compiled` is `layout.compile_within_limit()`'s result if the caller already has it.
     """
     cfg = layout.cfgs[0]
-    layout, compiled = layout.compile_within_limit(preprocess)
+    layout, compiled = compiled or layout.compile_within_limit(preprocess)
     if state is None:
         state = layout.init_state(acts, preprocess)
     start = int(to_host(state.step))
@@ -429,7 +439,11 @@ def train_round(
     if (ids := snapshots.done_ids()) is not None:
         logger.info("%s is complete (%d SAEs, %s): skipping.", name, len(ids), ", ".join(ids))
         return ids if lead else []
-    preprocess = get_preprocess()
+    # Compile (seconds, in XLA, mostly without the GIL) while the statistics are read.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saev-compile") as pool:
+        compiling = pool.submit(layout.compile_within_limit)
+        preprocess = get_preprocess()
+        compiled = compiling.result()
     found = snapshots.find(layout.abstract_state())
     state, resume = None, None
     if found is not None:
@@ -442,7 +456,10 @@ def train_round(
         cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue", resume=resume if lead else None
     )
     with run:
-        state = train(layout, acts, jax.device_put(preprocess, layout.replicated), run, state=state, snapshots=snapshots)
+        state = train(
+            layout, acts, jax.device_put(preprocess, layout.replicated), run,
+            state=state, snapshots=snapshots, compiled=compiled,
+        )  # fmt: skip
         stacks = layout.real_saes(state)
         if not lead:
             launch.barrier(f"{name} written")  # Process 0 evaluates and writes meanwhile.
