@@ -68,8 +68,11 @@ def recovery(w_dec_SD: np.ndarray, truth_FD: np.ndarray) -> float:
     return float(np.abs(t @ w.T).max(axis=1).mean())
 
 
-def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | None, save_dpath: pathlib.Path | None = None) -> tuple[list[dict], dict]:
-    """Trains and evaluates the sweep of one setting; one row of scores per SAE, and timings."""
+def run_setting(
+    setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | None, save_dpath: pathlib.Path | None = None,
+    load_dpath: pathlib.Path | None = None, quality_stride: int | None = None,
+) -> tuple[list[dict], dict]:
+    """Trains (or loads) and evaluates the sweep of one setting; one row of scores per SAE, and timings."""
     shard_dpath = root / setting.name
     t0 = time.perf_counter()
     synthetic.write_shards(shard_dpath, setting.synth)
@@ -92,13 +95,19 @@ def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     B, n_steps = setting.batch_size, train.n_train_steps(base)
-    order = np.concatenate([rng.permutation(len(acts)) for _ in range(-(-n_steps * B // len(acts)))])
+    loaded = load_dpath / f"saes_{setting.name}.npz" if load_dpath is not None else None
+    if loaded is not None and loaded.exists():  # The SAEs of an earlier run (--save-saes): evaluation only.
+        tensors = np.load(loaded)
+        saes = eqx.tree_at(lambda s: tuple(getattr(s, k) for k in sae_lib.TENSOR_NAMES), state.stacks[0].saes, tuple(jnp.asarray(tensors[k]) for k in sae_lib.TENSOR_NAMES))
+        state = eqx.tree_at(lambda s: s.stacks[0].saes, state, saes)
+        n_steps = 0
+    order = np.concatenate([rng.permutation(len(acts)) for _ in range(-(-n_steps * B // len(acts)))] or [np.zeros(0, int)])
     for i in range(n_steps):
         x_BD = jnp.asarray(x_ND[order[i * B : (i + 1) * B]])
         state, _ = step.train_step(state, hparams, preprocess, x_BD, chunks=(len(cfgs),), mesh=mesh)
     jax.block_until_ready(state)
     t_train = time.perf_counter() - t0
-    if save_dpath is not None:
+    if save_dpath is not None and n_steps:
         save_dpath.mkdir(parents=True, exist_ok=True)
         np.savez(save_dpath / f"saes_{setting.name}.npz", **{k: np.asarray(getattr(state.stacks[0].saes, k)) for k in sae_lib.TENSOR_NAMES})
 
@@ -110,7 +119,8 @@ def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | 
             x = x_ND[start : start + B]
             yield jnp.asarray(np.pad(x, ((0, B - len(x)), (0, 0)))), len(x)
 
-    stats = evaluate.accumulate(state.stacks[0].saes, batches(), preprocess, quality_stride=max(1, -(-n // B) // -(-evaluate.QUALITY_EXAMPLES // B)))
+    stride = evaluate.quality_stride(n, B) if quality_stride is None else quality_stride
+    stats = evaluate.accumulate(state.stacks[0].saes, batches(), preprocess, quality_stride=stride)
     results = evaluate.metrics_from_stats(stats)
     t_eval = time.perf_counter() - t0
     print(f"{setting.name}: data {t_data:.0f}s, train {len(cfgs)} SAEs x {n_steps} steps {t_train:.0f}s, eval {t_eval:.0f}s", file=sys.stderr)
@@ -130,7 +140,7 @@ def run_setting(setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | 
             recovery=recovery(np.asarray(state.stacks[0].saes.W_dec[m]), truth),
             mse=r.mse, l0=r.l0, l1=r.l1, n_dead=r.n_dead, n_dense=r.n_dense, d_sae=cfg.sae.d_sae,
         ) | scores(stats, m, r))  # fmt: skip
-    return rows, dict(data_s=t_data, train_s=t_train, eval_s=t_eval, n_examples=n, n_steps=n_steps, n_saes=len(cfgs))
+    return rows, dict(data_s=t_data, train_s=t_train, eval_s=t_eval, n_examples=n, n_steps=n_steps, n_saes=len(cfgs), quality_stride=stride, quality_examples=stats.code_n)
 
 
 def scores(stats: evaluate.PassStats, m: int, r: evaluate.EvalMetrics) -> dict[str, float]:
@@ -148,6 +158,7 @@ def scores(stats: evaluate.PassStats, m: int, r: evaluate.EvalMetrics) -> dict[s
     fixed_value_bits = float(np.sum(freqs * np.maximum(np.log2(np.e * np.maximum(vals, 1e-30) / step), 0)))
     return {
         "quality": r.quality,
+        "quality_stderr": r.quality_stderr,
         "mdl_no_pruning": as_is.quality,
         "mdl_no_pruning_no_debias": no_debias.quality,
         "mdl_no_pruning_fixed_resolution": as_is.residual_saved - as_is.support - fixed_value_bits,
@@ -214,13 +225,19 @@ def main():
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.json and OUT.md")
     parser.add_argument("--save-saes", default="", help="directory to save each sweep's trained SAEs in (saes_<setting>.npz)")
+    parser.add_argument("--load-saes", default="", help="evaluate the SAEs saved there by --save-saes instead of training (where present)")
+    parser.add_argument("--quality-stride", type=int, default=None, help="sample every this many examples for quality (default: evaluate.quality_stride)")
     parser.add_argument("--figs", default="docs", help="where sweep_<setting>.png and sae_<setting>_{best,worst}.png go ('' for none)")
     args = parser.parse_args()
     t0 = time.perf_counter()
     rows, timings = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:
-            setting_rows, timings[name] = run_setting(SETTINGS[name], pathlib.Path(tmp), pathlib.Path(args.figs) if args.figs else None, pathlib.Path(args.save_saes) if args.save_saes else None)
+            setting_rows, timings[name] = run_setting(
+                SETTINGS[name], pathlib.Path(tmp), pathlib.Path(args.figs) if args.figs else None,
+                pathlib.Path(args.save_saes) if args.save_saes else None,
+                pathlib.Path(args.load_saes) if args.load_saes else None, args.quality_stride,
+            )
             rows += setting_rows
     settings = [SETTINGS[name] for name in args.settings]
     md = report(rows, timings, settings) + f"\nTotal wall time: {time.perf_counter() - t0:.0f} s.\n"

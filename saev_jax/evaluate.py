@@ -1,8 +1,11 @@
 """Evaluates a stack of SAEs in one pass over the data: feature frequencies, L0, L1, MSE, quality.
 
-One jitted reduction per batch updates running sums for every SAE of the stack at once;
-`quality` (bits per example saved by coding the data through the SAE, see `quality.py` and
-`docs/quality.md`) is computed on the host from those sums.
+One jitted reduction per batch updates running sums for every SAE of the stack at once (the
+stack runs `chunk` SAEs at a time); `quality` (bits per example saved by coding the data
+through the SAE, see `quality.py` and `docs/quality.md`) is computed on the host from those
+sums. Everything is exact over the whole pass except the residual half of `quality`, whose
+decoder products are taken on a systematic sample of the examples; its standard error is
+reported beside it.
 """
 
 import dataclasses
@@ -15,16 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-import wandb
 from jaxtyping import Array, Float, Int
 
 from . import config, data, kinds
 from . import quality as quality_lib
 from . import sae as sae_lib
 
-
-QUALITY_EXAMPLES = 2**18
-"""evaluate() measures `quality` on evenly spaced batches of at least this many examples in all."""
+QUALITY_EXAMPLES = 2**11
+"""evaluate() samples at least this many examples (or all) for `quality`'s code sums ..."""
+QUALITY_MAX_STRIDE = 32
+"""... and at least one example in this many: the sums cost 2 * len(PRUNE_LEVELS) decoder
+products per sampled example, so 1 in 32 keeps them near 1/5 of the forward pass."""
+FLUSH_BATCHES = 128
+"""The device sums move into float64/int64 host totals every this many batches: int32 counts
+can then never wrap (128 batches of < 2^24 rows), and float32 sums never grow long."""
+JACKKNIFE_BLOCKS = 32
+"""The sampled residual sums are kept in 32 to 64 contiguous blocks for the standard error."""
+N_CODE = 6
+"""Scalar residual sums per SAE and pruning level: e.e, z.z, z.u, u.u, e.z, e.u (see _Sums)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,8 @@ class EvalMetrics:
     without a full batch); for the other kinds the same as l0."""
     quality: float = math.nan
     """Bits per example saved by sending the data through this SAE instead of raw (higher is better; docs/quality.md)."""
+    quality_stderr: float = math.nan
+    """Standard error of `quality` from sampling its residual sums (0 when every example was used; NaN if unknown)."""
 
     def to_json(self) -> dict[str, float | int]:
         """The scalar fields, for `metrics.json`."""
@@ -65,6 +78,8 @@ class EvalMetrics:
 
     def for_wandb(self) -> dict[str, object]:
         """`eval/<field>` keys; the two per-feature arrays as wandb tables."""
+        import wandb  # Only here: importing wandb costs seconds.
+
         dct = self.to_json() | {
             "freqs": wandb.Table(columns=["freq"], data=self.freqs[:, None].tolist()),
             "mean_values": wandb.Table(columns=["mean_value"], data=self.mean_values[:, None].tolist()),
@@ -73,13 +88,14 @@ class EvalMetrics:
 
 
 class _Sums(eqx.Module):
-    """Running sums of one evaluation pass on the device: per SAE (leading M axis) and of the data.
+    """Running sums of one evaluation pass on the device since the last flush: per SAE (leading M axis) and of the data.
 
-    The `code_*` sums feed `quality` and are taken on every `quality_stride`-th batch only. For
-    each pruning level t (`quality.PRUNE_LEVELS`) a feature counts as sent when
-    f * |W_dec row| > level_t * rms(x); with f_t the sent values, z = f_t @ W_dec,
-    u = 1[sent] @ W_dec and e = x - b_dec - z, they hold per level the sent counts and values,
-    e.e, (z.z, z.u, u.u) and (e.z, e.u): what `quality.debias` needs.
+    For each pruning level t (`quality.PRUNE_LEVELS`) a feature counts as sent when
+    f * |W_dec row| > level_t * rms(x). `code_n_fired` and `code_values` (sent counts and
+    values) and the residual sums (returned per batch by `_accumulate`) are taken on a sample
+    of one example in `stride` only: with f_t the sent values, z = f_t @ W_dec, u = 1[sent] @ W_dec
+    and e = x - b_dec - z, the residual sums are per level e.e, z.z, z.u, u.u, e.z, e.u:
+    what `quality.debias` needs.
     """
 
     n_fired: Int[Array, "M d_sae"]
@@ -87,12 +103,8 @@ class _Sums(eqx.Module):
     sq_err: Float[Array, " M"]
     x_sum: Float[Array, " d_vit"]
     x_sq_sum: Float[Array, " d_vit"]
-    code_n: Int[Array, ""]
     code_n_fired: Int[Array, "M T d_sae"]
     code_values: Float[Array, "M T d_sae"]
-    code_sq_err: Float[Array, "M T"]
-    code_gram: Float[Array, "M T 3"]
-    code_cross: Float[Array, "M T 2"]
     batch_n: Int[Array, ""]
     batch_fired: Int[Array, " M"]
 
@@ -108,17 +120,18 @@ class PassStats:
     sq_err: Float[np.ndarray, " M"]
     x_sum: Float[np.ndarray, " d_vit"]
     x_sq_sum: Float[np.ndarray, " d_vit"]
-    code_n: int
-    """Number of examples the `code_*` sums are over."""
     code_n_fired: Float[np.ndarray, "M T d_sae"]
+    """Per pruning level, how often each feature was sent on the sampled examples."""
     code_values: Float[np.ndarray, "M T d_sae"]
-    code_sq_err: Float[np.ndarray, "M T"]
-    code_gram: Float[np.ndarray, "M T 3"]
-    code_cross: Float[np.ndarray, "M T 2"]
+    """Per pruning level, the sum of each feature's sent values on the sampled examples."""
     batch_n: int
     """Number of examples (in full batches) the `batch_fired` counts are over."""
     batch_fired: Float[np.ndarray, " M"]
     """Activations that fired in the training form (batch-coupled kinds only; else 0)."""
+    code_block_n: Float[np.ndarray, " K"]
+    """Number of sampled examples in each of the K blocks of the residual sums (contiguous in the pass)."""
+    code_blocks: Float[np.ndarray, "K M T 6"]
+    """The residual sums (e.e, z.z, z.u, u.u, e.z, e.u) of each block's sampled examples."""
     w_dec_norms: Float[np.ndarray, "M d_sae"]
     """L2 norm of every decoder row, from the parameters as evaluated."""
 
@@ -132,92 +145,124 @@ class PassStats:
         mean = self.x_sum / self.n
         return float(np.mean(self.x_sq_sum / self.n - mean**2))
 
+    @property
+    def code_n(self) -> int:
+        """Number of examples the residual sums are over."""
+        return int(self.code_block_n.sum())
+
+    @property
+    def code_sq_err(self) -> Float[np.ndarray, "M T"]:
+        """e.e per SAE and level, summed over the sample."""
+        return self.code_blocks[..., 0].sum(0)
+
+    @property
+    def code_gram(self) -> Float[np.ndarray, "M T 3"]:
+        """(z.z, z.u, u.u) per SAE and level, summed over the sample."""
+        return self.code_blocks[..., 1:4].sum(0)
+
+    @property
+    def code_cross(self) -> Float[np.ndarray, "M T 2"]:
+        """(e.z, e.u) per SAE and level, summed over the sample."""
+        return self.code_blocks[..., 4:6].sum(0)
+
 
 def _zero_sums(n_saes: int, d_sae: int, d_vit: int) -> _Sums:
     T = len(quality_lib.PRUNE_LEVELS)
     return _Sums(
-        n_fired=jnp.zeros((n_saes, d_sae), jnp.int32),
-        values=jnp.zeros((n_saes, d_sae), jnp.float32),
-        sq_err=jnp.zeros(n_saes, jnp.float32),
-        x_sum=jnp.zeros(d_vit, jnp.float32),
-        x_sq_sum=jnp.zeros(d_vit, jnp.float32),
-        code_n=jnp.zeros((), jnp.int32),
-        code_n_fired=jnp.zeros((n_saes, T, d_sae), jnp.int32),
-        code_values=jnp.zeros((n_saes, T, d_sae), jnp.float32),
-        code_sq_err=jnp.zeros((n_saes, T), jnp.float32),
-        code_gram=jnp.zeros((n_saes, T, 3), jnp.float32),
-        code_cross=jnp.zeros((n_saes, T, 2), jnp.float32),
-        batch_n=jnp.zeros((), jnp.int32),
-        batch_fired=jnp.zeros(n_saes, jnp.int32),
+        n_fired=np.zeros((n_saes, d_sae), np.int32),
+        values=np.zeros((n_saes, d_sae), np.float32),
+        sq_err=np.zeros(n_saes, np.float32),
+        x_sum=np.zeros(d_vit, np.float32),
+        x_sq_sum=np.zeros(d_vit, np.float32),
+        code_n_fired=np.zeros((n_saes, T, d_sae), np.int32),
+        code_values=np.zeros((n_saes, T, d_sae), np.float32),
+        batch_n=np.zeros((), np.int32),
+        batch_fired=np.zeros(n_saes, np.int32),
     )
 
 
-def _code_sums(sae: sae_lib.SAE, x_BD, f_BS, rms_B1, valid_B1):
-    """Per pruning level: sent counts and values, e.e, (z.z, z.u, u.u), (e.z, e.u) (see _Sums)."""
+def _one_sae(sae: kinds.Inference, x_BD, valid_B1, rms_B1, rows_b, sampled_b1, n_valid):
+    """One SAE's contribution to the sums of a batch: the plain ones over every row, the code's on the sampled rows."""
+    levels_T11 = jnp.asarray(quality_lib.PRUNE_LEVELS, np.float32)[:, None, None]
+    x_hat_BD, f_BS = jax.vmap(sae)(x_BD)
+    f_BS = jnp.where(valid_B1, f_BS, 0.0)
+    sq_err = jnp.sum(jnp.where(valid_B1, (x_hat_BD - x_BD) ** 2, 0.0))
+    basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err)
+    if type(sae.sae).batch_coupled:
+        # The training form couples the examples of a batch: count full batches only.
+        full = n_valid == x_BD.shape[0]
+        basic += (jnp.where(full, jnp.sum(sae.encode_batch(x_BD) > 0, dtype=jnp.int32), 0),)
+    else:
+        basic += (jnp.zeros((), jnp.int32),)
+
+    # The code's sums, per pruning level, on the sampled rows only: which features are sent and
+    # their values (elementwise, but 7 levels of it cost more than the forward pass on a CPU),
+    # and z and u (2T decoder products, done as one product of the stacked [f_t; 1[sent_t]]).
+    f_bS, x_bD, rms_b1 = f_BS[rows_b], x_BD[rows_b], rms_B1[rows_b]
+    f_bS = jnp.where(sampled_b1, f_bS, 0.0)
     norms_S = jnp.linalg.norm(sae.W_dec, axis=1)
-    out = []
-    for level in quality_lib.PRUNE_LEVELS:
-        sent_BS = (f_BS * norms_S) > level * rms_B1
-        f_t_BS = jnp.where(sent_BS, f_BS, 0.0)
-        z_BD = sae.decode(f_t_BS) - sae.b_dec
-        u_BD = sae.decode(sent_BS.astype(jnp.float32)) - sae.b_dec
-        e_BD = jnp.where(valid_B1, x_BD - sae.b_dec - z_BD, 0.0)  # z and u are 0 on padding rows (f is)
-        out.append((
-            jnp.sum(sent_BS, axis=0, dtype=jnp.int32), jnp.sum(f_t_BS, axis=0), jnp.sum(e_BD * e_BD),
-            jnp.stack([jnp.sum(z_BD * z_BD), jnp.sum(z_BD * u_BD), jnp.sum(u_BD * u_BD)]),
-            jnp.stack([jnp.sum(e_BD * z_BD), jnp.sum(e_BD * u_BD)]),
-        ))  # fmt: skip
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+    sent_TbS = (f_bS * norms_S) > levels_T11 * rms_b1
+    f_TbS = jnp.where(sent_TbS, f_bS, 0.0)
+    levels = (jnp.sum(sent_TbS, axis=1, dtype=jnp.int32), jnp.sum(f_TbS, axis=1))
+    T, b, S = sent_TbS.shape
+    stacked = jnp.concatenate([f_TbS, sent_TbS.astype(jnp.float32)]).reshape(2 * T * b, S)
+    zu = (sae.decode(stacked) - sae.b_dec).reshape(2, T, b, -1)
+    z_TbD, u_TbD = zu[0], zu[1]  # 0 on padding rows: f is.
+    e_TbD = jnp.where(sampled_b1, x_bD - sae.b_dec, 0.0) - z_TbD
+    dot = lambda a, c: jnp.sum(a * c, axis=(1, 2))  # noqa: E731
+    code = jnp.stack([dot(e_TbD, e_TbD), dot(z_TbD, z_TbD), dot(z_TbD, u_TbD), dot(u_TbD, u_TbD), dot(e_TbD, z_TbD), dot(e_TbD, u_TbD)], axis=1)
+    return basic, levels, code
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames="with_code")
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("stride", "chunk"))
 def _accumulate(
     sums: _Sums,
     saes: kinds.Inference,
     preprocess: data.Preprocess,
     x_BD: Float[Array, "B d_vit"],
     n_valid: Int[Array, ""],
+    offset: Int[Array, ""],
     *,
-    with_code: bool,
-) -> _Sums:
-    """Adds one raw batch (of which the first `n_valid` rows are real) to the sums of every SAE."""
+    stride: int,
+    chunk: int,
+) -> tuple[_Sums, Float[Array, "M T 6"], Int[Array, ""]]:
+    """Adds one raw batch (of which the first `n_valid` rows are real) to the sums of every SAE.
+
+    The code's sums are taken on rows offset, offset + stride, ... Returns the new sums, this
+    batch's residual sums and its number of sampled rows.
+    """
     x_BD = preprocess(x_BD)
     valid_B1 = (jnp.arange(x_BD.shape[0]) < n_valid)[:, None]
     x_BD = jnp.where(valid_B1, x_BD, 0.0)
     rms_B1 = jnp.sqrt(jnp.mean(x_BD**2, axis=1, keepdims=True))
-
-    def one(sae):
-        x_hat_BD, f_BS = jax.vmap(sae)(x_BD)
-        f_BS = jnp.where(valid_B1, f_BS, 0.0)
-        sq_err = jnp.sum(jnp.where(valid_B1, (x_hat_BD - x_BD) ** 2, 0.0))
-        basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err)
-        if type(sae.sae).batch_coupled:
-            # The training form couples the examples of a batch: count full batches only.
-            full = n_valid == x_BD.shape[0]
-            basic += (jnp.where(full, jnp.sum(sae.encode_batch(x_BD) > 0, dtype=jnp.int32), 0),)
-        else:
-            basic += (jnp.zeros((), jnp.int32),)
-        if not with_code:
-            return basic, None
-        return basic, _code_sums(sae, x_BD, f_BS, rms_B1, valid_B1)
-
-    (n_fired, values, sq_err, batch_fired), code = jax.vmap(one)(saes)
-    sums = eqx.tree_at(
-        lambda s: (s.n_fired, s.values, s.sq_err, s.x_sum, s.x_sq_sum, s.batch_n, s.batch_fired),
-        sums,
-        (sums.n_fired + n_fired, sums.values + values, sums.sq_err + sq_err,
-         sums.x_sum + jnp.sum(x_BD, axis=0), sums.x_sq_sum + jnp.sum(x_BD**2, axis=0),
-         sums.batch_n + jnp.where(n_valid == x_BD.shape[0], n_valid, 0), sums.batch_fired + batch_fired),
+    rows_b = offset + stride * jnp.arange(-(-x_BD.shape[0] // stride))
+    sampled_b1 = ((rows_b < n_valid) & (rows_b < x_BD.shape[0]))[:, None]
+    rows_b = jnp.minimum(rows_b, x_BD.shape[0] - 1)
+    one = functools.partial(_one_sae, x_BD=x_BD, valid_B1=valid_B1, rms_B1=rms_B1, rows_b=rows_b, sampled_b1=sampled_b1, n_valid=n_valid)
+    if chunk >= saes.b_dec.shape[0]:
+        out = jax.vmap(one)(saes)
+    else:  # Only `chunk` SAEs' [B, d_sae] activations alive at once.
+        out = jax.lax.map(one, saes, batch_size=chunk)
+    (n_fired, values, sq_err, batch_fired), (code_n_fired, code_values), code = out
+    new = _Sums(
+        n_fired=sums.n_fired + n_fired, values=sums.values + values, sq_err=sums.sq_err + sq_err,
+        x_sum=sums.x_sum + jnp.sum(x_BD, axis=0), x_sq_sum=sums.x_sq_sum + jnp.sum(x_BD**2, axis=0),
+        code_n_fired=sums.code_n_fired + code_n_fired, code_values=sums.code_values + code_values,
+        batch_n=sums.batch_n + jnp.where(n_valid == x_BD.shape[0], n_valid, 0), batch_fired=sums.batch_fired + batch_fired,
     )  # fmt: skip
-    if not with_code:
-        return sums
-    n_f, vals, se, gram, cross = code
-    return eqx.tree_at(
-        lambda s: (s.code_n, s.code_n_fired, s.code_values, s.code_sq_err, s.code_gram, s.code_cross),
-        sums,
-        (sums.code_n + n_valid, sums.code_n_fired + n_f, sums.code_values + vals, sums.code_sq_err + se,
-         sums.code_gram + gram, sums.code_cross + cross),
-    )  # fmt: skip
+    return new, code, jnp.sum(sampled_b1, dtype=jnp.int32)
+
+
+def quality_stride(n: int, batch_size: int) -> int:
+    """The sampling stride evaluate() uses for `quality`'s residual sums on `n` examples.
+
+    The largest power of two that keeps at least `QUALITY_EXAMPLES` examples (all of them on
+    a small dataset), at most `QUALITY_MAX_STRIDE` and at most the batch size.
+    """
+    stride = 1
+    while 2 * stride <= min(QUALITY_MAX_STRIDE, batch_size) and n // (2 * stride) >= QUALITY_EXAMPLES:
+        stride *= 2
+    return stride
 
 
 def evaluate(
@@ -229,13 +274,15 @@ def evaluate(
     *,
     almost_dead_threshold: float = 1e-7,
     dense_threshold: float = 1e-2,
+    chunk: int | None = None,
 ) -> list[EvalMetrics]:
     """Evaluates every SAE of a stack in one ordered pass over `acts`, with the parameters as given.
 
     Returns one EvalMetrics per SAE, in stack order (SPEC 4). The batches come from the fast
     loader without shuffling, `cfgs[0].sae_batch_size` examples each, the last one zero-padded.
-    Everything is exact over the whole pass except `quality`, measured on evenly spaced batches
-    totalling at least `QUALITY_EXAMPLES` examples (all of them on a smaller dataset).
+    Everything is exact over the whole pass except `quality`'s residual sums, taken on every
+    `quality_stride(len(acts), batch size)`-th example (`quality_stderr` says how much that
+    matters). `chunk` SAEs run at once (default: the whole stack); results do not depend on it.
     """
     cfg = cfgs[0]
     loader = data.Loader(acts, batch_size=cfg.sae_batch_size, shuffle=False, seed=cfg.seed, n_threads=cfg.n_workers, device=device)
@@ -244,8 +291,37 @@ def evaluate(
     return evaluate_batches(
         saes, batches, preprocess, device,
         almost_dead_threshold=almost_dead_threshold, dense_threshold=dense_threshold,
-        quality_stride=max(1, n_batches // -(-QUALITY_EXAMPLES // cfg.sae_batch_size)),
+        quality_stride=quality_stride(len(acts), cfg.sae_batch_size), chunk=chunk,
     )  # fmt: skip
+
+
+class _Blocks:
+    """Contiguous blocks of per-batch residual sums, `JACKKNIFE_BLOCKS` to twice that many; pairs merge as the pass grows."""
+
+    def __init__(self):
+        self.n: list[float] = []
+        self.sums: list[np.ndarray] = []
+        self.size = 1  # batches per full block
+        self.filled = 0  # batches in the last block
+
+    def add(self, n: float, sums: np.ndarray) -> None:
+        if self.n and self.filled < self.size:
+            self.n[-1] += n
+            self.sums[-1] = self.sums[-1] + sums
+            self.filled += 1
+            return
+        if len(self.n) == 2 * JACKKNIFE_BLOCKS:  # Full: merge neighbours, blocks twice as long.
+            self.n = [a + b for a, b in zip(self.n[::2], self.n[1::2])]
+            self.sums = [a + b for a, b in zip(self.sums[::2], self.sums[1::2])]
+            self.size *= 2
+        self.n.append(n)
+        self.sums.append(sums)
+        self.filled = 1
+
+    def arrays(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        if not self.n:
+            return np.zeros(0), np.zeros((0, *shape))
+        return np.asarray(self.n, np.float64), np.stack(self.sums)
 
 
 def accumulate(
@@ -255,43 +331,73 @@ def accumulate(
     device: jax.Device | None = None,
     *,
     quality_stride: int = 1,
+    chunk: int | None = None,
 ) -> PassStats:
     """One pass over `(raw x_BD, n_valid)` batches, one jitted reduction per batch for the whole stack.
 
     Only the first `n_valid` rows of a batch count. Every batch should have the same shape (pad
-    the last one), so the kernel compiles once (twice with a `quality_stride` > 1: the sums that
-    `quality` needs cost about 2 * len(PRUNE_LEVELS) decoder products, so they are taken on
-    every `quality_stride`-th batch only). Sums accumulate in float32 on the device and leave it
-    once, at the end.
+    the last one), so the kernel compiles once. `quality`'s code sums are taken on rows
+    o, o + s, o + 2s, ... of each batch (s = `quality_stride`, o drawn afresh per batch: every
+    example is sampled with probability 1/s, evenly over the whole pass), the rest on every row. Sums accumulate on the device and move into float64/int64 host
+    totals every `FLUSH_BATCHES` batches. `chunk` SAEs run at once (default: all).
     """
     saes = kinds.as_inference(saes)
     n_saes, d_sae = saes.b_enc.shape
     d_vit = saes.b_dec.shape[1]
-    sums = jax.device_put(_zero_sums(n_saes, d_sae, d_vit), device)
+    chunk = n_saes if chunk is None else max(1, min(int(chunk), n_saes))
+    T = len(quality_lib.PRUNE_LEVELS)
+    zero = lambda: jax.device_put(_zero_sums(n_saes, d_sae, d_vit), device)  # noqa: E731
+    sums = zero()
+    counts = ("n_fired", "code_n_fired", "batch_n", "batch_fired")
+    host = {f.name: np.zeros(getattr(sums, f.name).shape, np.int64 if f.name in counts else np.float64) for f in dataclasses.fields(sums)}
+    blocks, pending = _Blocks(), []
+    # A fresh offset into every batch: a fixed one would sample the same patch positions of every image.
+    offsets = np.random.default_rng(0)
+
+    def flush():
+        nonlocal sums, pending
+        got, codes = jax.device_get((sums, pending))
+        for f in dataclasses.fields(got):
+            host[f.name] += np.asarray(getattr(got, f.name), host[f.name].dtype)
+        for code, n_code in codes:
+            blocks.add(float(n_code), np.asarray(code, np.float64))
+        sums, pending = zero(), []
+
     n = 0
-    for i, (x_BD, n_valid) in enumerate(batches):
-        sums = _accumulate(sums, saes, preprocess, x_BD, jnp.asarray(n_valid, jnp.int32), with_code=i % quality_stride == 0)
+    for x_BD, n_valid in batches:
+        if x_BD.shape[0] >= 2**31 // FLUSH_BATCHES:
+            raise ValueError(f"evaluate: batches of {x_BD.shape[0]} rows could overflow the int32 counts")
+        offset = jnp.asarray(offsets.integers(quality_stride), jnp.int32)
+        sums, code, n_code = _accumulate(sums, saes, preprocess, x_BD, jnp.asarray(n_valid, jnp.int32), offset, stride=quality_stride, chunk=chunk)
+        pending.append((code, n_code))
         n += int(n_valid)
+        if len(pending) == FLUSH_BATCHES:
+            flush()
+    flush()
     if n == 0:
         raise ValueError("evaluate: no examples")
-    host = {f.name: np.asarray(jax.device_get(getattr(sums, f.name)), np.float64) for f in dataclasses.fields(sums)}
-    host["code_n"] = int(host["code_n"])
+    block_n, block_sums = blocks.arrays((n_saes, T, N_CODE))
     host["batch_n"] = int(host["batch_n"])
     if not type(saes.sae).batch_coupled:
         host["batch_n"], host["batch_fired"] = n, host["n_fired"].sum(axis=1)  # the same as l0
-    return PassStats(n=n, w_dec_norms=np.linalg.norm(np.asarray(saes.W_dec, np.float64), axis=-1), **host)
+    return PassStats(
+        n=n, **host, code_block_n=block_n, code_blocks=block_sums,
+        w_dec_norms=np.linalg.norm(np.asarray(saes.W_dec, np.float64), axis=-1),
+    )  # fmt: skip
 
 
 def metrics_from_stats(
     stats: PassStats, *, almost_dead_threshold: float = 1e-7, dense_threshold: float = 1e-2
 ) -> list[EvalMetrics]:
-    """One EvalMetrics per SAE of the pass, in stack order (SPEC 4, plus `quality`)."""
+    """One EvalMetrics per SAE of the pass, in stack order (SPEC 4, plus `quality` and its standard error)."""
     n, d_vit = stats.n, stats.d_vit
     freqs = stats.n_fired / n
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_values = stats.values / stats.n_fired
-    return [
-        EvalMetrics(
+    out = []
+    for m in range(len(stats.sq_err)):
+        quality, stderr = quality_with_stderr(stats, m)
+        out.append(EvalMetrics(
             l0=float(stats.n_fired[m].sum() / n),
             l0_batch=float(stats.batch_fired[m] / stats.batch_n) if stats.batch_n else None,
             l1=float(stats.values[m].sum() / n),
@@ -303,25 +409,73 @@ def metrics_from_stats(
             mean_values=mean_values[m].astype(np.float32),
             almost_dead_threshold=almost_dead_threshold,
             dense_threshold=dense_threshold,
-            quality=max(b.quality for b in code_bits(stats, m)),
-        )
-        for m in range(len(stats.sq_err))
-    ]
+            quality=quality,
+            quality_stderr=stderr,
+        ))  # fmt: skip
+    return out
+
+
+def _level_code(stats: PassStats, m: int, t: int) -> tuple[Float[np.ndarray, " d_sae"], Float[np.ndarray, " d_sae"]]:
+    """Frequencies and mean values of the features SAE m sends at pruning level t, over the whole pass.
+
+    Level 0 sends every fired feature: its statistics are the exact ones. A level's are the
+    exact level-0 ones times what the sample says pruning keeps of each feature (the fraction
+    of its sampled firings still sent, and the ratio of the sent values' mean to the sampled
+    firings' mean; for a feature with no sampled firing, the same ratios pooled over all
+    features). With every example sampled this is exact.
+    """
+    fired, values = stats.n_fired[m], stats.values[m]
+    s0, v0 = stats.code_n_fired[m, 0], stats.code_values[m, 0]
+    st, vt = stats.code_n_fired[m, t], stats.code_values[m, t]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kept = np.where(s0 > 0, st / s0, st.sum() / s0.sum() if s0.sum() > 0 else 0.0)
+        pooled_growth = (vt.sum() / st.sum()) / (v0.sum() / s0.sum()) if st.sum() > 0 else 1.0
+        growth = np.where(st > 0, (vt / st) / (v0 / s0), pooled_growth)  # Pruning drops the small values.
+        mean_values = values / fired * growth
+    freqs = fired / stats.n * kept * (stats.w_dec_norms[m] > 0)  # A zero row moves nothing and is never sent.
+    return freqs, mean_values
+
+
+def _level_bits(stats: PassStats, m: int, t: int, code_T6: Float[np.ndarray, "T 6"]) -> quality_lib.Bits:
+    """The code of SAE m at pruning level t, with residual sums `code_T6` (every level's) from the sample.
+
+    The debiased squared error of the sample is scaled by the ratio of the exact level-0 error
+    (the SAE's own, summed over the whole pass) to the sample's: a ratio estimator, exact when
+    every example is sampled, that cancels most of the sample's luck since every level's
+    residual moves with level 0's.
+    """
+    code = code_T6[t]
+    scale, shift, sq_err = quality_lib.debias(code[0], code[1:4], code[4:6])
+    ratio = stats.sq_err[m] / code_T6[0, 0] if code_T6[0, 0] > 0 else stats.n / max(stats.code_n, 1)
+    freqs, mean_values = _level_code(stats, m, t)
+    return quality_lib.description_bits(
+        freqs, scale * mean_values + shift, sq_err * ratio / (stats.n * stats.d_vit), stats.data_var, stats.d_vit, stats.w_dec_norms[m]
+    )  # fmt: skip
 
 
 def code_bits(stats: PassStats, m: int) -> list[quality_lib.Bits]:
     """The description-length terms of the m-th SAE's code at every pruning level (docs/quality.md)."""
-    n, d_vit = stats.code_n, stats.d_vit
-    out = []
-    for t in range(len(quality_lib.PRUNE_LEVELS)):
-        scale, shift, sq_err = quality_lib.debias(stats.code_sq_err[m, t], stats.code_gram[m, t], stats.code_cross[m, t])
-        n_sent = stats.code_n_fired[m, t]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean_values = stats.code_values[m, t] / n_sent
-        out.append(quality_lib.description_bits(
-            n_sent / n, scale * mean_values + shift, sq_err / (n * d_vit), stats.data_var, d_vit, stats.w_dec_norms[m]
-        ))  # fmt: skip
-    return out
+    total = stats.code_blocks[:, m].sum(0)
+    return [_level_bits(stats, m, t, total) for t in range(len(quality_lib.PRUNE_LEVELS))]
+
+
+def quality_with_stderr(stats: PassStats, m: int) -> tuple[float, float]:
+    """`quality` of the m-th SAE (the best level's) and its delete-one-block jackknife standard error.
+
+    The error is that of the best level's value from sampling the residual sums, with the
+    finite-population correction sqrt(1 - sample / n): 0 when every example was sampled; NaN
+    with fewer than two blocks. (The per-feature ratios of `_level_code` are held fixed.)
+    """
+    levels = [b.quality for b in code_bits(stats, m)]
+    best = int(np.nanargmax(levels)) if np.any(np.isfinite(levels)) else 0
+    K, n_code = len(stats.code_block_n), stats.code_n
+    if K < 2 or not math.isfinite(levels[best]):
+        return float(levels[best]), math.nan
+    total = stats.code_blocks[:, m].sum(0)
+    loo = np.array([_level_bits(stats, m, best, total - stats.code_blocks[k, m]).quality for k in range(K)])
+    var = (K - 1) / K * np.sum((loo - loo.mean()) ** 2)
+    fpc = max(0.0, 1.0 - n_code / stats.n)
+    return float(levels[best]), float(math.sqrt(var * fpc))
 
 
 def evaluate_batches(
@@ -333,9 +487,10 @@ def evaluate_batches(
     almost_dead_threshold: float = 1e-7,
     dense_threshold: float = 1e-2,
     quality_stride: int = 1,
+    chunk: int | None = None,
 ) -> list[EvalMetrics]:
     """`evaluate` over any iterable of `(raw x_BD, n_valid)`: only the first `n_valid` rows count."""
-    stats = accumulate(saes, batches, preprocess, device, quality_stride=quality_stride)
+    stats = accumulate(saes, batches, preprocess, device, quality_stride=quality_stride, chunk=chunk)
     return metrics_from_stats(stats, almost_dead_threshold=almost_dead_threshold, dense_threshold=dense_threshold)
 
 

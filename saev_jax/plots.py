@@ -58,7 +58,7 @@ def _value_range(metrics: list[EvalMetrics]) -> tuple[float, float]:
 
 
 def _stats_line(m: EvalMetrics) -> str:
-    return f"L0={m.l0:.3g}  MSE={m.mse:.3g}  dead={m.n_dead}  dense={m.n_dense}  quality={m.quality:.1f} bits"
+    return f"L0={m.l0:.3g}  MSE={m.mse:.3g}  dead={m.n_dead}  dense={m.n_dense}  quality={m.quality:.1f}±{m.quality_stderr:.1f} bits"
 
 
 def _freq_axis(ax, m: EvalMetrics) -> None:

@@ -18,7 +18,7 @@ from . import sae as sae_lib
 from .evaluate import EvalMetrics
 
 CSV_FNAME = "summary.csv"
-COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "quality", "d_sae", "diverged_step", "kind")
+COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "quality", "quality_stderr", "d_sae", "diverged_step", "kind")
 """Columns of summary.csv, in order."""
 TABLE_COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "n_dead", "n_dense", "quality", "note", "kind")
 """Columns of the terminal table, in order."""
@@ -31,7 +31,7 @@ def make_row(run_id: str, cfg: config.Train, metrics: EvalMetrics | Mapping[str,
     """The summary row of one SAE; a metric missing from an old metrics.json is NaN."""
     scalars = metrics.to_json() if isinstance(metrics, EvalMetrics) else metrics
     row: dict[str, object] = {"run_id": run_id, "kind": cfg.sae.kind_label.replace(" ", ":"), "sparsity_coeff": cfg.sae.sparsity_coeff, "lr": cfg.lr, "d_sae": cfg.sae.d_sae}
-    for key in ("mse", "l0", "l1", "quality"):
+    for key in ("mse", "l0", "l1", "quality", "quality_stderr"):
         row[key] = float(scalars.get(key, math.nan))
     for key in ("n_dead", "n_almost_dead", "n_dense"):
         row[key] = int(scalars[key]) if key in scalars else -1

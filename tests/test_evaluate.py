@@ -13,6 +13,7 @@ import pytest
 import wandb
 
 from saev_jax import config, data, evaluate, plots, summary, synthetic
+from saev_jax import quality as quality_lib
 from saev_jax import sae as sae_lib
 
 D, EXP, M = 8, 4, 3
@@ -104,6 +105,80 @@ def test_quality_stride_changes_only_quality():
     np.testing.assert_allclose(every.code_sq_err[:, 0], every.sq_err, rtol=1e-5)
 
 
+def reference_code_sums(saes: sae_lib.SAE, pre: data.Preprocess, x_ND: np.ndarray, batch_size: int, stride: int):
+    """The code sums of the sampled rows, plainly in NumPy float64: the rows evaluate samples are
+    o, o + stride, ... of each batch, o drawn per batch from default_rng(0) (as `accumulate` documents)."""
+    offsets = np.random.default_rng(0)
+    rows = []
+    for start in range(0, len(x_ND), batch_size):
+        o = int(offsets.integers(stride))
+        rows += [start + r for r in range(o, batch_size, stride) if start + r < len(x_ND)]
+    x = (np.clip(x_ND[rows].astype(np.float64), -3.0, 3.0) - np.asarray(pre.act_mean, np.float64)) / float(pre.scalar)
+    rms = np.sqrt((x**2).mean(1, keepdims=True))
+    n_fired, values, code = [], [], []
+    for m in range(M):
+        W_enc, b_enc, W_dec, b_dec = (np.asarray(getattr(saes, n)[m], np.float64) for n in sae_lib.TENSOR_NAMES)
+        f = np.maximum((x - b_dec) @ W_enc + b_enc, 0)
+        norms = np.linalg.norm(W_dec, axis=1)
+        per_level = []
+        for c in quality_lib.PRUNE_LEVELS:
+            sent = f * norms > c * rms
+            z, u = np.where(sent, f, 0) @ W_dec, sent @ W_dec
+            e = x - b_dec - z
+            per_level.append((sent.sum(0), np.where(sent, f, 0).sum(0), [(e * e).sum(), (z * z).sum(), (z * u).sum(), (u * u).sum(), (e * z).sum(), (e * u).sum()]))
+        n_fired.append([p[0] for p in per_level])
+        values.append([p[1] for p in per_level])
+        code.append([p[2] for p in per_level])
+    return len(rows), np.array(n_fired), np.array(values), np.array(code)
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_code_sums_match_numpy_on_the_sampled_rows(stride):
+    rng = np.random.default_rng(5)
+    x_ND = (rng.normal(size=(70, D)) * 2 + 0.5).astype(np.float32)
+    saes, pre = make_saes(), make_preprocess()
+    stats = evaluate.accumulate(saes, padded_batches(x_ND, 16, 1e3), pre, quality_stride=stride)
+    n_code, n_fired, values, code = reference_code_sums(saes, pre, x_ND, 16, stride)
+    assert stats.code_n == n_code and (stride > 1) == (n_code < 70)
+    np.testing.assert_array_equal(stats.code_n_fired, n_fired)
+    np.testing.assert_allclose(stats.code_values, values, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats.code_blocks.sum(0), code, rtol=1e-4, atol=1e-4)
+    assert len(stats.code_block_n) == 5  # one block per batch at this size
+
+
+def test_chunks_and_flushes_change_nothing(monkeypatch):
+    """Chunks of the stack and host flushes are bookkeeping: the same sums either way; counts are int64 on the host."""
+    rng = np.random.default_rng(6)
+    x_ND = rng.normal(size=(100, D)).astype(np.float32)
+    saes, pre = make_saes(), make_preprocess()
+    whole = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2)
+    assert whole.n_fired.dtype == np.int64 and whole.code_n_fired.dtype == np.int64
+    monkeypatch.setattr(evaluate, "FLUSH_BATCHES", 1)
+    for chunk in (1, 2):
+        other = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2, chunk=chunk)
+        for f in dataclasses.fields(whole):
+            np.testing.assert_allclose(getattr(other, f.name), getattr(whole, f.name), rtol=1e-5, atol=1e-5, err_msg=f.name)
+    results = evaluate.metrics_from_stats(other)
+    assert [r.quality for r in results] == pytest.approx([r.quality for r in evaluate.metrics_from_stats(whole)], rel=1e-4)
+
+
+def test_sampled_quality_reports_its_error():
+    """Every example sampled: exact, error 0. One in four: an error estimate, and the estimate within a few of it."""
+    rng = np.random.default_rng(7)
+    x_ND = (rng.normal(size=(1024, D)) * 2 + 0.5).astype(np.float32)
+    saes, pre = make_saes(), make_preprocess()
+    exact = evaluate.evaluate_batches(saes, padded_batches(x_ND, 32, 0.0), pre)
+    sampled = evaluate.evaluate_batches(saes, padded_batches(x_ND, 32, 0.0), pre, quality_stride=4)
+    for e, s in zip(exact, sampled):
+        assert e.quality_stderr == 0.0 and 0 < s.quality_stderr < 0.2 * abs(e.quality)
+        assert abs(s.quality - e.quality) < 4 * s.quality_stderr
+        assert (s.mse, s.l0, s.l1) == (e.mse, e.l0, e.l1)  # the plain statistics stay exact
+        np.testing.assert_array_equal(s.freqs, e.freqs)
+    assert evaluate.quality_stride(10**6, 1024) == evaluate.QUALITY_MAX_STRIDE
+    assert evaluate.quality_stride(10**6, 16) == 16
+    assert evaluate.quality_stride(evaluate.QUALITY_EXAMPLES, 1024) == 1
+
+
 def test_evaluate_reads_shards_in_one_pass(tmp_path):
     """The public evaluate(): synthetic shards through Activations and the fast loader, last batch padded."""
     synthetic.write_shards(tmp_path, synthetic.Synthetic(d_vit=D, n_features=16, k=2, n_imgs=5, n_patches_per_img=7, n_patches_per_shard=64))
@@ -120,7 +195,7 @@ def make_metrics(**kw) -> evaluate.EvalMetrics:
     freqs = np.array([0.0, 1e-8, 0.2, 0.9], np.float32)
     fields = dict(
         l0=1.1, l1=2.5, mse=0.3, n_dead=1, n_almost_dead=2, n_dense=2, freqs=freqs,
-        mean_values=np.array([np.nan, 0.5, 1.0, 2.0], np.float32), almost_dead_threshold=1e-7, dense_threshold=1e-2, quality=3.5,
+        mean_values=np.array([np.nan, 0.5, 1.0, 2.0], np.float32), almost_dead_threshold=1e-7, dense_threshold=1e-2, quality=3.5, quality_stderr=0.25,
     )  # fmt: skip
     return evaluate.EvalMetrics(**(fields | kw))
 
