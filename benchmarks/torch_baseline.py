@@ -143,6 +143,12 @@ class Trainer:
         ]
 
 
+def set_tf32(on: bool) -> None:
+    """saev's matmul setting: `saev/training.py` turns TF32 on for CUDA matmuls and cuDNN (no effect on a CPU)."""
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
 def make_saes(cfgs, device: torch.device) -> list[SAE]:
     """One torch SAE per `saev_jax.config.Train`, seeded with torch's RNG from `sae.seed` (as saev)."""
     saes = []
@@ -225,7 +231,9 @@ def main() -> None:
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False, help="TF32 matmuls, as saev runs on a GPU (default: full float32)")
     args = parser.parse_args()
+    set_tf32(args.tf32)
 
     device = torch.device(args.device)
     data_cfg = config.DataLoad(shard_root=args.shard_root)

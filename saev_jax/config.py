@@ -142,8 +142,9 @@ class Train:
     """JAX platform to train on: auto (JAX's default), cpu, gpu (or cuda) or tpu."""
     seed: int = 42
     """Seed of everything but the SAE weights (data order)."""
-    precision: Literal["float32", "bfloat16"] = "float32"
-    """Matmul precision: bfloat16 multiplies in bf16 with float32 accumulation; parameters and Adam state stay float32."""
+    precision: Literal["float32", "tensorfloat32", "bfloat16"] = "float32"
+    """Matmul precision: bfloat16 multiplies in bf16 with float32 accumulation; tensorfloat32 lets the device use TF32
+    (saev's setting on GPUs; bf16x3 on TPUs; the same as float32 on CPUs); parameters and Adam state stay float32."""
     n_devices: int = 0
     """Train on the first this many devices of the platform; 0 means all of them."""
     memory_budget_gib: float = 0.0
@@ -326,7 +327,7 @@ def validate(cfg: Train) -> None:
         (not cfg.memory_budget_gib >= 0, "memory_budget_gib", "must not be negative (0 means what the device has)"),
         (cfg.sae_chunk < 0, "sae_chunk", "must not be negative (0 lets the planner choose)"),
         (cfg.save_every < 0, "save_every", "must not be negative (0 snapshots only on signals and at the end)"),
-        (cfg.precision not in ("float32", "bfloat16"), "precision", "must be float32 or bfloat16"),
+        (cfg.precision not in ("float32", "tensorfloat32", "bfloat16"), "precision", "must be float32, tensorfloat32 or bfloat16"),
         (cfg.data.patches not in typing.get_args(DataLoad.__annotations__["patches"]), "data.patches", "must be cls, patches or meanpool"),
         (isinstance(cfg.data.layer, str) and cfg.data.layer not in ("all", "meanpool"), "data.layer", "must be an int, 'all' or 'meanpool'"),
         (cfg.data.read_mode not in typing.get_args(DataLoad.__annotations__["read_mode"]), "data.read_mode", "must be auto, random or blocks"),

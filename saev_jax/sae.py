@@ -15,7 +15,7 @@ if typing.TYPE_CHECKING:
     from . import checkpoint, data
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 
 
 class SAE(eqx.Module):
@@ -45,9 +45,12 @@ class SAE(eqx.Module):
 
     def _matmul(self, a: Array, b: Array) -> Array:
         # float32: full float32 products (JAX would otherwise use TF32 on recent GPUs).
+        # tensorfloat32: TF32 products on GPUs (saev turns TF32 on), bf16x3 on TPUs, float32 on CPUs.
         # bfloat16: bf16 operands, float32 accumulation; parameters stay float32.
         if self.precision == "bfloat16":
             return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        if self.precision == "tensorfloat32":
+            return jnp.matmul(a, b, precision=jax.lax.Precision.HIGH)
         return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
     def encode(self, x: Float[Array, " d_vit"]) -> Float[Array, " d_sae"]:

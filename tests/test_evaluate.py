@@ -179,6 +179,21 @@ def test_sampled_quality_reports_its_error():
     assert evaluate.quality_stride(evaluate.QUALITY_EXAMPLES, 1024) == 1
 
 
+def test_tensorfloat32_is_float32_on_a_cpu():
+    """The `tensorfloat32` precision only lets a GPU use TF32: on a CPU its evaluation is float32's."""
+    rng = np.random.default_rng(8)
+    x_ND = rng.normal(size=(32, D)).astype(np.float32)
+    saes, pre = make_saes(), make_preprocess()
+    fresh = sae_lib.make_saes([config.SparseAutoencoder(d_vit=D, exp_factor=EXP, seed=s) for s in range(M)], "tensorfloat32")
+    names = sae_lib.TENSOR_NAMES
+    tf32 = eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), fresh, tuple(getattr(saes, n) for n in names))
+    assert tf32.precision == "tensorfloat32"
+    a = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre)
+    b = evaluate.accumulate(tf32, padded_batches(x_ND, 16, 0.0), pre)
+    np.testing.assert_allclose(b.sq_err, a.sq_err, rtol=1e-6)
+    np.testing.assert_array_equal(b.n_fired, a.n_fired)
+
+
 def test_evaluate_reads_shards_in_one_pass(tmp_path):
     """The public evaluate(): synthetic shards through Activations and the fast loader, last batch padded."""
     synthetic.write_shards(tmp_path, synthetic.Synthetic(d_vit=D, n_features=16, k=2, n_imgs=5, n_patches_per_img=7, n_patches_per_shard=64))
