@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import config
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 
 
 class Kind(eqx.Module):
@@ -73,6 +73,8 @@ class Kind(eqx.Module):
         """A matrix product at this SAE's precision (float32 products, or bf16 with float32 sums)."""
         if self.precision == "bfloat16":
             return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        if self.precision == "tensorfloat32":  # TF32 on GPUs (saev's setting), bf16x3 on TPUs, float32 on CPUs
+            return jnp.matmul(a, b, precision=jax.lax.Precision.HIGH)
         return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
     def pre_acts(self, x_BD: Float[Array, "B d_vit"]) -> Float[Array, "B d_sae"]:
