@@ -471,7 +471,7 @@ def train_round(
                 sae, kind_state = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.state))
                 kind_tensors = jax.device_get(sae.inference_tensors(kind_state))
                 sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], None, preprocess, None, kind_tensors)
-        results = evaluate_round(cfgs, stacks, acts, preprocess)
+        results = evaluate_round(cfgs, stacks, acts, preprocess, [s.chunk for s in layout.round.stacks])
         final = int(state.step)
         for i, (run_id, result) in enumerate(zip(run.ids, results)):
             div = {"diverged": diverged_at[i] >= 0, "diverged_step": diverged_at[i] if diverged_at[i] >= 0 else None}
@@ -495,18 +495,24 @@ def train_round(
 
 
 def evaluate_round(
-    cfgs: list[config.Train], stacks: list[tuple[list[int], kinds.Inference, np.ndarray]], acts, preprocess
+    cfgs: list[config.Train],
+    stacks: list[tuple[list[int], kinds.Inference, np.ndarray]],
+    acts,
+    preprocess,
+    chunks: list[int],
 ) -> list["evaluate.EvalMetrics | str"]:
     """Per config, its EvalMetrics, or one line saying why its evaluation failed (the others still count).
 
-    A stack is evaluated in one pass; if that fails, its SAEs one by one, so one SAE whose
-    statistics break (say, a diverged one) does not cost the others theirs.
+    A stack is evaluated in one pass, `chunks[k]` SAEs at a time (the training plan's chunk,
+    so the activations in flight fit as they did in training); if that fails, its SAEs one
+    by one, so one SAE whose statistics break (say, a diverged one) does not cost the others theirs.
     """
     results: list[evaluate.EvalMetrics | str] = ["not evaluated"] * len(cfgs)
-    for indices, saes, _ in stacks:
+    for (indices, saes, _), chunk in zip(stacks, chunks, strict=True):
         device = saes.b_dec.devices().pop()
         try:
-            for i, r in zip(indices, evaluate.evaluate([cfgs[i] for i in indices], saes, acts, preprocess, device)):
+            stack_cfgs = [cfgs[i] for i in indices]
+            for i, r in zip(indices, evaluate.evaluate(stack_cfgs, saes, acts, preprocess, device, chunk=chunk)):
                 results[i] = r
             continue
         except Exception as err:  # Anything: the fallback below says which SAE it was.
