@@ -6,6 +6,9 @@ DIR is a ParallelWandbRun's `queue_dpath` (`saev_jax.train` uses `<ckpt_path>/wa
 Every journal in it is replayed into a wandb run with its recorded id, config, mode and
 tags (plus "queued" for the runs that were not live), then deleted. The ids are printed,
 one a line. Replaying is what `ParallelWandbRun.finish()` does too (`wandb_queue.replay_file`).
+
+Journals that a running process is still writing (it holds their lock) are not touched:
+the replay refuses before replaying anything, naming that process.
 """
 
 import json
@@ -38,7 +41,8 @@ def find_journals(dpath: pathlib.Path) -> list[pathlib.Path]:
 def replay(dpath: pathlib.Path) -> list[str]:
     """Replays every journal in `dpath` (see `wandb_queue.replay_file`); returns the run ids.
 
-    Raises config.InputError if `dpath` is not a directory or holds no journal.
+    Raises config.InputError if `dpath` is not a directory, holds no journal, or holds a
+    journal that a running process is still writing (then nothing is replayed).
     """
     dpath = pathlib.Path(dpath)
     if not dpath.is_dir():
@@ -46,6 +50,9 @@ def replay(dpath: pathlib.Path) -> list[str]:
     fpaths = find_journals(dpath)
     if not fpaths:
         raise config.InputError(f"{dpath}: no wandb queue files (*{wandb_queue.SUFFIX}) to replay")
+    for fpath in fpaths:
+        with open(fpath, encoding="utf-8") as fd:
+            wandb_queue.lock(fd, fpath)  # Released at once; replay_file takes it again.
     ids = [wandb_queue.replay_file(fpath) for fpath in fpaths]
     return [run_id for run_id in ids if run_id is not None]
 

@@ -12,7 +12,7 @@ each line flushed as it is written:
 
     {"format": "saev_jax.wandb_queue/1", "id": "...", "project": "...", "config": {...},
      "tags": [...], "mode": "online", "live": false, "group": "<live id>", "index": 1,
-     "created": 1795705575.9}
+     "created": 1795705575.9, "pid": 4242, "host": "node7"}
     {"step": 0, "metrics": {"losses/mse": 0.5, "eval/freqs": {"_type": "table", ...}}}
     ...
     {"exit_code": 0}
@@ -25,15 +25,26 @@ written as Python's `json` writes them), strings, booleans, or tagged objects:
 `{"_type": "histogram", "values": [...], "bins": [...]}`, and
 `{"_type": "image", "path": "<run id>.media/000000.png", "caption": ...}`, the path
 (relative to the journal's directory) of a copy of the image file made when it was logged.
+
+The writing process holds an exclusive `flock` on each journal until `finish()`, and a
+replay takes it first, so journals of a process that still runs are never replayed (and
+deleted) under it: the replay refuses, naming the writer's pid and host.
+
+The mode: `resolve_mode` gives what the environment asks for (`WANDB_MODE`; wandb reads
+its other variables, `WANDB_DIR` and so on, itself). When an online `wandb.init` fails
+(no login, no network), the run falls back to offline files with one warning.
 """
 
 import dataclasses
+import fcntl
 import json
 import logging
 import operator
+import os
 import pathlib
 import secrets
 import shutil
+import socket
 import string
 import time
 
@@ -50,11 +61,51 @@ SUFFIX = ".queue.jsonl"
 """A journal's file name is its run id followed by this."""
 
 _ID_CHARS = string.ascii_lowercase + string.digits
+INIT_TIMEOUT_S = 30.0
+"""How long an online `wandb.init` may try to reach the server before falling back to offline."""
 
 
 def make_id() -> str:
     """A fresh wandb run id: 8 random base-36 characters, as wandb makes them."""
     return "".join(secrets.choice(_ID_CHARS) for _ in range(8))
+
+
+def resolve_mode(track: bool) -> str:
+    """The wandb mode a run with `track` gets: "disabled" if not tracking, else what the environment says.
+
+    `WANDB_MODE` (online, offline, disabled, or wandb's older names run and dryrun) and
+    `WANDB_DISABLED` are respected; otherwise "online" (which falls back to offline at
+    `wandb.init` if there is no login or no network). Raises config.InputError for an
+    unknown `WANDB_MODE`.
+    """
+    if not track:
+        return "disabled"
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
+        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    modes = {"": "online", "online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+    if env not in modes:
+        raise config.InputError(f"WANDB_MODE = {env!r}: must be online, offline or disabled")
+    return modes[env]
+
+
+def init_run(*, mode: str, **kwargs) -> "wandb.sdk.wandb_run.Run":
+    """`wandb.init(mode=mode, **kwargs)`; an online init that fails falls back to offline with one warning.
+
+    An online init is given `INIT_TIMEOUT_S` to reach the server. Returns the run; its
+    `settings.mode` says which mode it got.
+    """
+    if mode != "online":
+        return wandb.init(mode=mode, **kwargs)
+    settings = kwargs.pop("settings", None) or wandb.Settings()
+    settings.init_timeout = INIT_TIMEOUT_S
+    try:
+        return wandb.init(mode="online", settings=settings, **kwargs)
+    except Exception as err:  # UsageError (no login), CommError (no network), and what else init raises.
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        logger.warning("wandb cannot log online (%s); logging to offline files instead (`wandb sync` them later).", first)
+        wandb.teardown()  # A half-started online service must not serve the offline run.
+        return wandb.init(mode="offline", settings=settings, **kwargs)
 
 
 class ParallelWandbRun:
@@ -70,7 +121,8 @@ class ParallelWandbRun:
     Args:
         project: The wandb project of every run.
         cfgs: One config per run, attached to it; the first one's run is live.
-        mode: wandb's mode ("online", "offline" or "disabled"); disabled writes no journal.
+        mode: wandb's mode ("online", "offline" or "disabled", see `resolve_mode`); online
+            falls back to offline if wandb cannot log online; disabled writes no journal.
         tags: Tags of every run (empty strings dropped); queued runs also get "queued".
         queue_dpath: Where the journals go; created when needed, removed by `finish()` if left empty.
         resume: To continue runs a killed process left: their ids, in config order, each with
@@ -93,30 +145,33 @@ class ParallelWandbRun:
         if resume is not None and len(resume) != len(cfgs):
             raise ValueError(f"resume has {len(resume)} run ids for {len(cfgs)} configs")
         self.project = project
-        self.mode = mode
         # wandb rejects empty tags, and `Train.tag` is "" by default.
         self.tags = [tag for tag in tags if tag]
         self.queue_dpath = pathlib.Path(queue_dpath)
         self.ids: tuple[str, ...] = tuple(resume) if resume else tuple(make_id() for _ in cfgs)
         self._finished = False
-        self._live_run = wandb.init(
+        self._live_run = init_run(
             project=project, id=self.ids[0], config=config.to_dict(cfgs[0]), mode=mode, tags=self.tags,
             resume="allow" if resume else None,
         )  # fmt: skip
+        got = self._live_run.settings.mode
+        self.mode = "disabled" if mode == "disabled" else {"dryrun": "offline", "run": "online"}.get(got, got)
         self._journals: list[_Journal] = []
-        if mode == "disabled":
+        if self.mode == "disabled":
             return
         created = time.time()
         try:
             for index, (run_id, cfg) in enumerate(zip(self.ids, cfgs)):
                 header = {
                     "format": FORMAT, "id": run_id, "project": project, "config": config.to_dict(cfg),
-                    "tags": self.tags, "mode": mode, "live": index == 0, "group": self.ids[0],
-                    "index": index, "created": created,
+                    "tags": self.tags, "mode": self.mode, "live": index == 0, "group": self.ids[0],
+                    "index": index, "created": created, "pid": os.getpid(), "host": socket.gethostname(),
                 }  # fmt: skip
                 position = resume.get(run_id) if resume else None
                 self._journals.append(_Journal(self.queue_dpath / f"{run_id}{SUFFIX}", header, position))
         except BaseException:
+            for journal in self._journals:
+                journal.release()
             self._live_run.finish(exit_code=1)
             raise
 
@@ -196,7 +251,7 @@ class ParallelWandbRun:
 
 
 class _Journal:
-    """Appends one run's lines to its journal file, flushing each."""
+    """Appends one run's lines to its journal file, flushing each; holds its lock until closed."""
 
     def __init__(self, fpath: pathlib.Path, header: dict[str, object], position: int | None = None):
         """A new journal starting with `header`; or, given `position`, the existing one cut back to it.
@@ -210,11 +265,20 @@ class _Journal:
         self._n_media = len(list(media_dpath.iterdir())) if media_dpath.is_dir() else 0
         if position is not None and fpath.is_file() and fpath.stat().st_size >= position > 0:
             self._fd = open(fpath, "r+", encoding="utf-8")
+            self._lock()
             self._fd.truncate(position)
             self._fd.seek(position)
             return
         self._fd = open(fpath, "x", encoding="utf-8")
+        self._lock()
         self.write(header)
+
+    def _lock(self) -> None:
+        try:
+            lock(self._fd, self.fpath)
+        except BaseException:
+            self._fd.close()
+            raise
 
     def position(self) -> int:
         """Bytes written so far (all flushed)."""
@@ -237,6 +301,26 @@ class _Journal:
     def close(self, exit_code: int) -> None:
         self.write({"exit_code": exit_code})
         self._fd.close()
+
+    def release(self) -> None:
+        """Closes the file (and so its lock) without an exit line."""
+        self._fd.close()
+
+
+def lock(fd, fpath: pathlib.Path) -> None:
+    """Takes the exclusive lock on an open journal; config.InputError naming its writer if another process holds it."""
+    try:
+        fcntl.flock(fd.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fd.seek(0)
+        try:
+            header = json.loads(fd.readline())
+            who = f"pid {header['pid']} on {header['host']}"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        raise config.InputError(
+            f"{fpath}: still being written by {who}; replay it after that process has ended"
+        ) from None
 
 
 def get_media_dpath(fpath: pathlib.Path) -> pathlib.Path:
@@ -366,24 +450,26 @@ def replay_file(fpath: pathlib.Path) -> str | None:
     journal with no complete header holds no metrics: it is deleted and None returned.
     If replaying fails, the journal stays on disk.
     """
-    journal = read_journal(fpath)
-    if journal is None:
-        logger.warning("%s: no complete header, so no metrics; removing it.", fpath)
-        remove_journal(pathlib.Path(fpath))
-        return None
-    h = journal.header
-    run = wandb.init(
-        project=h["project"], id=h["id"], config=h["config"], mode=h["mode"],
-        tags=list(h["tags"]) + ([] if h["live"] else ["queued"]), resume="allow",
-        # System metrics and console output of the replaying process would describe nothing of the run.
-        settings=wandb.Settings(x_disable_stats=True, console="off"),
-    )  # fmt: skip
-    try:
-        for step, metrics in journal.steps:
-            run.log({key: decode(value, journal.fpath.parent) for key, value in metrics.items()}, step=step)
-    except BaseException:
-        run.finish(exit_code=1)
-        raise
-    run.finish(exit_code=1 if journal.exit_code is None else journal.exit_code)
-    remove_journal(journal.fpath)
+    with open(fpath, encoding="utf-8") as fd:
+        lock(fd, pathlib.Path(fpath))  # Held until the journal is removed: no writer, no second replay.
+        journal = read_journal(fpath)
+        if journal is None:
+            logger.warning("%s: no complete header, so no metrics; removing it.", fpath)
+            remove_journal(pathlib.Path(fpath))
+            return None
+        h = journal.header
+        run = init_run(
+            project=h["project"], id=h["id"], config=h["config"], mode=h["mode"],
+            tags=list(h["tags"]) + ([] if h["live"] else ["queued"]), resume="allow",
+            # System metrics and console output of the replaying process would describe nothing of the run.
+            settings=wandb.Settings(x_disable_stats=True, console="off"),
+        )  # fmt: skip
+        try:
+            for step, metrics in journal.steps:
+                run.log({key: decode(value, journal.fpath.parent) for key, value in metrics.items()}, step=step)
+        except BaseException:
+            run.finish(exit_code=1)
+            raise
+        run.finish(exit_code=1 if journal.exit_code is None else journal.exit_code)
+        remove_journal(journal.fpath)
     return h["id"]

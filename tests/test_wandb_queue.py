@@ -6,6 +6,7 @@ tests read back the offline transaction logs (`run-<id>.wandb`) that wandb write
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import pathlib
@@ -475,3 +476,148 @@ def test_encode_gives_plain_json_that_decodes_back():
     assert table == {"_type": "table", "columns": ["a", "b"], "data": [[1.0, 2.0]]}
     back = wandb_queue.decode(table, pathlib.Path("."))
     assert isinstance(back, wandb.Table) and back.data == [[1.0, 2.0]]
+
+
+# --- Faults: a journal still being written, wandb's environment, no login, resuming --------------
+
+
+def test_replay_refuses_journals_that_a_running_process_writes(wandb_root, tmp_path):
+    queue_dpath = tmp_path / "queue"
+    with wandb_queue.ParallelWandbRun(PROJECT, make_cfgs(2), "offline", [], queue_dpath) as run:
+        run.log([scalars(m, 0) for m in range(2)], step=0)
+        journals = sorted(queue_dpath.glob(f"*{wandb_queue.SUFFIX}"))
+        assert json.loads(journals[0].read_text().splitlines()[0])["pid"] == os.getpid()
+        who = f"still being written by pid {os.getpid()} on "
+        with pytest.raises(config.InputError, match=who):
+            replay.replay(queue_dpath)
+        with pytest.raises(config.InputError, match=who):
+            wandb_queue.replay_file(journals[1])
+        proc = subprocess.run(
+            [sys.executable, "-m", "saev_jax.replay", str(queue_dpath)],
+            capture_output=True, text=True, env=subprocess_env(), timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and who in proc.stderr
+        # Nothing was replayed or removed under the writer.
+        assert sorted(queue_dpath.glob(f"*{wandb_queue.SUFFIX}")) == journals
+        assert all(len(p.read_text().splitlines()) == 2 for p in journals)
+    ids = run.finish()
+    flush_wandb()
+    assert not queue_dpath.exists()
+    assert only_offline_run(wandb_root, ids[1]).history == {0: expected_row(1, 0)}
+
+
+@pytest.mark.parametrize(
+    "track, env, mode",
+    [
+        (False, {"WANDB_MODE": "online"}, "disabled"),
+        (True, {}, "online"),
+        (True, {"WANDB_MODE": "offline"}, "offline"),
+        (True, {"WANDB_MODE": "dryrun"}, "offline"),
+        (True, {"WANDB_MODE": "Disabled"}, "disabled"),
+        (True, {"WANDB_DISABLED": "true"}, "disabled"),
+    ],
+)
+def test_resolve_mode_respects_wandbs_environment(monkeypatch, track, env, mode):
+    for key in ("WANDB_MODE", "WANDB_DISABLED"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert wandb_queue.resolve_mode(track) == mode
+
+
+def test_resolve_mode_rejects_an_unknown_mode(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(config.InputError, match="WANDB_MODE = 'sometimes': must be online, offline or disabled"):
+        wandb_queue.resolve_mode(True)
+
+
+def no_login(monkeypatch, tmp_path):
+    """Online mode as the environment's default, and no API key anywhere wandb looks."""
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    wandb.teardown()
+
+
+def test_online_without_a_login_falls_back_to_offline_with_one_warning(wandb_root, tmp_path, monkeypatch, caplog):
+    no_login(monkeypatch, tmp_path)
+    queue_dpath = tmp_path / "queue"
+    mode = wandb_queue.resolve_mode(True)
+    assert mode == "online"
+    with caplog.at_level(logging.WARNING, logger="saev_jax.wandb_queue"):
+        with wandb_queue.ParallelWandbRun(PROJECT, make_cfgs(2), mode, [], queue_dpath) as run:
+            assert run.mode == "offline"
+            run.log([scalars(m, 0) for m in range(2)], step=0)
+            headers = [json.loads(p.read_text().splitlines()[0]) for p in sorted(queue_dpath.iterdir())]
+            assert {h["mode"] for h in headers} == {"offline"}  # So the queued runs replay offline too.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "logging to offline files instead" in warnings[0]
+    assert "No API key" in warnings[0] and "\n" not in warnings[0]
+    ids = run.finish()
+    flush_wandb()
+    for m, run_id in enumerate(ids):
+        assert only_offline_run(wandb_root, run_id).history == {0: expected_row(m, 0)}
+
+
+@pytest.mark.slow  # wandb-core retries until its init timeout (INIT_TIMEOUT_S) and takes a while to stop.
+def test_online_without_a_network_falls_back_to_offline(wandb_root, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)  # A well-formed key that no server will ever see.
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # Nothing listens on the discard port.
+    monkeypatch.setattr(wandb_queue, "INIT_TIMEOUT_S", 3.0)
+    wandb.teardown()
+    with caplog.at_level(logging.WARNING, logger="saev_jax.wandb_queue"):
+        run = wandb_queue.init_run(project=PROJECT, id="nonet001", mode="online")
+    assert run.settings.mode == "offline" and run.id == "nonet001"
+    assert "logging to offline files instead" in caplog.text
+    run.finish()
+
+
+RESUMED_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    import numpy as np
+    from saev_jax import config, wandb_queue
+    cfgs = [config.Train(lr=1e-4 * (i + 1)) for i in range(3)]
+    run = wandb_queue.ParallelWandbRun("{project}", cfgs, "offline", [], sys.argv[1])
+    for step in range(4):
+        run.log([{{"x": step + m / 4}} for m in range(3)], step=step)
+        if step == 1:
+            info = run.positions()  # What a snapshot taken after step 1 records.
+    print(json.dumps(info), flush=True)
+    time.sleep(600)  # Killed by the test.
+    """
+)
+
+
+def test_resumed_runs_keep_their_ids_and_journals_without_doubled_steps(wandb_root, tmp_path):
+    queue_dpath = tmp_path / "queue"
+    child = subprocess.Popen(
+        [sys.executable, "-c", RESUMED_CHILD.format(project=PROJECT), str(queue_dpath)],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+    )  # fmt: skip
+    try:
+        info = json.loads(child.stdout.readline())
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+    ids = list(info)
+    assert len(ids) == 3 and all(n > 0 for n in info.values())
+    # The child logged steps 2 and 3 after its snapshot; the resumed process logs them again.
+    with wandb_queue.ParallelWandbRun(PROJECT, make_cfgs(3), "offline", [], queue_dpath, resume=info) as run:
+        assert list(run.ids) == ids
+        for step in (2, 3):
+            run.log([{"x": 10 * step + m} for m in range(3)], step=step)
+        for m, run_id in enumerate(ids):
+            header, *lines = journal_lines(queue_dpath / f"{run_id}{wandb_queue.SUFFIX}")
+            assert header["id"] == run_id and header["index"] == m
+            assert lines == [{"step": s, "metrics": {"x": s + m / 4}} for s in (0, 1)] + [
+                {"step": s, "metrics": {"x": 10 * s + m}} for s in (2, 3)
+            ]
+    run.finish()
+    flush_wandb()
+    for m, run_id in enumerate(ids[1:], start=1):
+        history = only_offline_run(wandb_root, run_id).history
+        assert history == {0: {"x": m / 4}, 1: {"x": 1 + m / 4}, 2: {"x": 20 + m}, 3: {"x": 30 + m}}
