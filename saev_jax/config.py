@@ -111,7 +111,7 @@ class Train:
     data: DataLoad = dataclasses.field(default_factory=DataLoad)
     """Which activations to train on."""
     n_workers: int = 32
-    """Reader threads of the data loader (saev: DataLoader workers)."""
+    """Reader threads of the data loader (saev: DataLoader workers); 0 (saev: read in the main process) means one."""
     n_patches: int = 100_000_000
     """Train until more than this many examples have been seen."""
     sae: SparseAutoencoder = dataclasses.field(default_factory=SparseAutoencoder)
@@ -318,6 +318,9 @@ def validate(cfg: Train) -> None:
         (cfg.sae_batch_size <= 0, "sae_batch_size", "must be positive"),
         (cfg.n_patches <= 0, "n_patches", "must be positive"),
         (cfg.log_every <= 0, "log_every", "must be positive"),
+        (cfg.n_workers < 0, "n_workers", "must not be negative (0 means one reader thread)"),
+        (cfg.seed < 0, "seed", "must not be negative (NumPy's generators take no negative seed)"),
+        (cfg.sae.seed < 0, "sae.seed", "must not be negative"),
         (cfg.lr < 0, "lr", "must not be negative"),
         (cfg.n_lr_warmup < 0, "n_lr_warmup", "must not be negative"),
         (cfg.n_sparsity_warmup < 0, "n_sparsity_warmup", "must not be negative"),

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -165,3 +166,82 @@ def test_cli_help_documents_fields():
     assert result.returncode == 0
     for text in ("--data.shard-root", "--sae.sparsity-coeff", "Adam learning rate", "--n-patches"):
         assert text in result.stdout, text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("seed = -1", "seed = -1: must not be negative (NumPy's generators take no negative seed)"),
+        ("n_workers = -2", "n_workers = -2: must not be negative (0 means one reader thread)"),
+        ('[sae]\nseed = -100', "sae.seed = -58: must not be negative"),
+    ],
+)
+def test_bad_values_are_caught_before_statistics_wandb_and_b_dec(tmp_path, shard_root, monkeypatch, extra, message):
+    sweep = write_sweep(tmp_path, shard_root).read_text()
+    if extra.startswith("[sae]"):
+        sweep = sweep.replace("[sae]\n", extra + "\n")
+    else:
+        sweep = sweep.replace("n_workers = 1\n", "") + "\n"
+        sweep = extra + "\n" + sweep
+    (tmp_path / "sweep.toml").write_text(sweep)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("reached before the configs were validated")
+
+    monkeypatch.setattr(data, "make_preprocess", too_late)
+    monkeypatch.setattr(data, "estimate_stats", too_late, raising=False)
+    monkeypatch.setattr(train, "init_b_dec", too_late)
+    monkeypatch.setattr(train.wandb_queue, "ParallelWandbRun", too_late)
+    with pytest.raises(config.InputError) as info:
+        train.cli([str(tmp_path / "sweep.toml")])
+    assert str(info.value) == message
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_cli_negative_seed_is_one_error_line(tmp_path, shard_root):
+    result = run_cli(str(write_sweep(tmp_path, shard_root)), "--seed", "-3")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: seed = -3: must not be negative (NumPy's generators take no negative seed)"
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_n_workers_zero_means_one_reader_thread(shard_root):
+    # saev's n_workers = 0 loads in the main process; here it is valid and reads with one thread.
+    cfg = config.Train(n_workers=0, data=config.DataLoad(shard_root=str(shard_root), layer=-1), sae=config.SparseAutoencoder(d_vit=D))
+    config.validate(cfg)
+    acts = data.Activations(cfg.data)
+    streams = []
+    for n_threads in (0, 1):
+        loader = data.Loader(acts, batch_size=64, shuffle=True, seed=3, n_threads=n_threads)
+        assert loader.n_threads == 1
+        batches = iter(loader)
+        streams.append([np.asarray(next(batches)[0]) for _ in range(5)])
+        batches.close()
+    for a, b in zip(*streams):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "wandb_mode",
+    [None, pytest.param("offline", marks=pytest.mark.slow)],  # resolve_mode's own test covers WANDB_MODE fast.
+    ids=["no-login", "WANDB_MODE=offline"],
+)
+def test_track_true_without_login_or_offline_trains_to_offline_files(tmp_path, shard_root, wandb_mode):
+    sweep = write_sweep(tmp_path, shard_root).read_text().replace("track = false", "track = true")
+    sweep = sweep.replace("sparsity_coeff = [1e-3, 1e-2]", "sparsity_coeff = 1e-3")
+    (tmp_path / "sweep.toml").write_text(sweep)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    # No API key anywhere wandb looks, its files under tmp_path.
+    env |= {"HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc"), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    if wandb_mode:
+        env["WANDB_MODE"] = wandb_mode
+    result = subprocess.run(
+        [sys.executable, "-m", "saev_jax.train", str(tmp_path / "sweep.toml")], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = result.stdout.split()[-1]  # The ids come last, after the summary table.
+    assert (tmp_path / "ckpt" / run_id / "sae.safetensors").is_file()
+    assert list(tmp_path.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    fallback = "logging to offline files instead"
+    assert result.stderr.count(fallback) == (0 if wandb_mode else 1)
+    assert "Traceback" not in result.stderr
