@@ -450,7 +450,7 @@ def train_round(
         state, meta = found
         resume = dict(zip(meta["ids"], (meta["journal_positions"][i] for i in meta["ids"])))
         logger.info("resuming %s from step %d", name, meta["step"])
-    mode = "online" if cfg.track and lead else "disabled"
+    mode = wandb_queue.resolve_mode(cfg.track) if lead else "disabled"
     # ParallelWandbRun drops the empty tag (saev's default).
     run = wandb_queue.ParallelWandbRun(
         cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue", resume=resume if lead else None
