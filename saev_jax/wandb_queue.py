@@ -204,6 +204,21 @@ class ParallelWandbRun:
                 _encode_metrics(m, None, i)
         self._live_run.log(dict(metrics[0]), step=step)
 
+    def suspend(self) -> list[str]:
+        """Stops logging to be resumed later (after SIGTERM, say); returns every id.
+
+        The live run finishes with exit code 1 (a later `resume` continues it); the
+        journals stay on disk, unfinished and unlocked, for a process given `resume_info()`
+        (or for `python -m saev_jax.replay`). Nothing is replayed. Afterwards `finish()`
+        and leaving the with-block do nothing.
+        """
+        if not self._finished:
+            self._finished = True
+            for journal in self._journals:
+                journal.release()
+            self._live_run.finish(exit_code=1)
+        return list(self.ids)
+
     def finish(self, exit_code: int = 0) -> list[str]:
         """Finishes the live run, replays the others into their own runs; returns every id.
 

@@ -621,3 +621,20 @@ def test_resumed_runs_keep_their_ids_and_journals_without_doubled_steps(wandb_ro
     for m, run_id in enumerate(ids[1:], start=1):
         history = only_offline_run(wandb_root, run_id).history
         assert history == {0: {"x": m / 4}, 1: {"x": 1 + m / 4}, 2: {"x": 20 + m}, 3: {"x": 30 + m}}
+
+
+def test_suspend_keeps_the_journals_unlocked_for_a_resume(wandb_root, tmp_path):
+    queue_dpath = tmp_path / "queue"
+    with wandb_queue.ParallelWandbRun(PROJECT, make_cfgs(2), "offline", [], queue_dpath) as run:
+        run.log([scalars(m, 0) for m in range(2)], step=0)
+        info = run.resume_info()
+        assert run.suspend() == list(run.ids)
+    assert run.finish() == list(run.ids)  # Does nothing more: nothing replayed, nothing removed.
+    journals = {p.name: journal_lines(p) for p in queue_dpath.glob(f"*{wandb_queue.SUFFIX}")}
+    assert set(journals) == {f"{i}{wandb_queue.SUFFIX}" for i in run.ids}
+    assert all(len(lines) == 2 and "exit_code" not in lines[-1] for lines in journals.values())
+    with wandb_queue.ParallelWandbRun(PROJECT, make_cfgs(2), "offline", [], queue_dpath, resume=info) as resumed:
+        resumed.log([scalars(m, 1) for m in range(2)], step=1)
+    flush_wandb()
+    assert not queue_dpath.exists()
+    assert only_offline_run(wandb_root, run.ids[1]).history == {s: expected_row(1, s) for s in (0, 1)}
