@@ -208,7 +208,7 @@ class ParallelWandbRun:
         """Stops logging to be resumed later (after SIGTERM, say); returns every id.
 
         The live run finishes with exit code 1 (a later `resume` continues it); the
-        journals stay on disk, unfinished and unlocked, for a process given `resume_info()`
+        journals stay on disk, unfinished and unlocked, for a process given `positions()` as `resume`
         (or for `python -m saev_jax.replay`). Nothing is replayed. Afterwards `finish()`
         and leaving the with-block do nothing.
         """

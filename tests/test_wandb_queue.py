@@ -627,7 +627,7 @@ def test_suspend_keeps_the_journals_unlocked_for_a_resume(wandb_root, tmp_path):
     queue_dpath = tmp_path / "queue"
     with wandb_queue.ParallelWandbRun(PROJECT, make_cfgs(2), "offline", [], queue_dpath) as run:
         run.log([scalars(m, 0) for m in range(2)], step=0)
-        info = run.resume_info()
+        info = run.positions()
         assert run.suspend() == list(run.ids)
     assert run.finish() == list(run.ids)  # Does nothing more: nothing replayed, nothing removed.
     journals = {p.name: journal_lines(p) for p in queue_dpath.glob(f"*{wandb_queue.SUFFIX}")}
