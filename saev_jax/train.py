@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import signal
 import sys
 import threading
@@ -470,6 +471,9 @@ def train_round(
                 diverged_at[i] = int(d)
                 sae, kind_state = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.state))
                 kind_tensors = jax.device_get(sae.inference_tensors(kind_state))
+                # An earlier attempt of this round (same run ids, from its snapshot) may have been
+                # killed after writing some checkpoints: the resumed state is the same, so rewrite them.
+                shutil.rmtree(ckpt_dpath / run.ids[i], ignore_errors=True)
                 sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], None, preprocess, None, kind_tensors)
         results = evaluate_round(cfgs, stacks, acts, preprocess, [s.chunk for s in layout.round.stacks])
         final = int(state.step)
