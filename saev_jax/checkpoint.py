@@ -31,7 +31,7 @@ import numpy as np
 import safetensors.numpy
 from jaxtyping import Array, Float
 
-from . import config, data
+from . import config, data, snapshot
 from . import sae as sae_lib
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def save(
     if dpath.exists():
         shutil.rmtree(dpath)
     os.replace(tmp, dpath)
-    _fsync(dpath.parent)
+    snapshot.fsync(dpath.parent)
 
 
 def add_metrics(
@@ -166,27 +166,19 @@ def add_metrics(
     if freqs is not None:
         tmp = dpath / f".{FREQS_FNAME}.tmp"
         safetensors.numpy.save_file({"freqs": np.asarray(freqs, dtype=np.float32)}, tmp)
-        _fsync(tmp)
+        snapshot.fsync(tmp)
         os.replace(tmp, dpath / FREQS_FNAME)
     tmp = dpath / f".{METRICS_FNAME}.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    _fsync(tmp)
+    snapshot.fsync(tmp)
     os.replace(tmp, dpath / METRICS_FNAME)
-    _fsync(dpath)
-
-
-def _fsync(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    snapshot.fsync(dpath)
 
 
 def _fsync_tree(dpath: pathlib.Path) -> None:
     for p in dpath.iterdir():
-        _fsync(p)
-    _fsync(dpath)
+        snapshot.fsync(p)
+    snapshot.fsync(dpath)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

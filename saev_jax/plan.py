@@ -16,13 +16,12 @@ checked, and the chunks shrunk if needed, with XLA's own memory analysis of the 
 import dataclasses
 import logging
 import math
-import os
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from . import config
+from . import config, data
 from .step import SAE_AXIS
 
 logger = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ def device_limit(cfg: config.Train, devices: list[jax.Device]) -> tuple[int, str
     if stats and "bytes_limit" in stats:
         limit, source = int(stats["bytes_limit"] - stats.get("bytes_in_use", 0)), f"{local[0].platform} memory_stats"
     else:  # CPU devices share the host's RAM.
-        limit, source = available_ram() // len(local), "available RAM"
+        limit, source = data.available_memory() // len(local), "available RAM"
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -172,18 +171,6 @@ def device_limit(cfg: config.Train, devices: list[jax.Device]) -> tuple[int, str
         limit_mib = multihost_utils.process_allgather(np.array([limit // 2**20], np.int32))
         limit = int(np.min(limit_mib)) * 2**20
     return limit, source
-
-
-def available_ram() -> int:
-    """What the OS says is available (MemAvailable), in bytes."""
-    try:
-        with open("/proc/meminfo") as fd:
-            for line in fd:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def shapes_of(cfgs: list[config.Train]) -> list[tuple[int, ...]]:

@@ -88,11 +88,11 @@ def save(dpath: str | os.PathLike, step: int, state, meta: dict[str, object]) ->
         files = {_TENSORS: _write_tensors(tmp / _TENSORS, state), _META: _write_bytes(tmp / _META, meta_bytes)}
         manifest = {"format": FORMAT, "step": step, "files": files}
         _write_bytes(tmp / _MANIFEST, json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync(tmp)
         if final.exists():
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(dpath)
+        fsync(dpath)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not final.exists():
@@ -323,8 +323,9 @@ def _write_bytes(fpath: pathlib.Path, payload: bytes) -> dict[str, object]:
     return {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
 
-def _fsync_dir(dpath: pathlib.Path) -> None:
-    fd = os.open(dpath, os.O_RDONLY)
+def fsync(path: str | os.PathLike) -> None:
+    """Flushes a file's or a directory's entries to the disk (a directory: so renames in it survive a crash)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -13,16 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from saev_jax import synthetic
-
-D = 16
-
-
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory) -> pathlib.Path:
-    root = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=96, n_patches_per_img=8, n_patches_per_shard=640))
-    return root
+from .test_cli import D, shard_root  # noqa: F401 (fixture)
 
 
 def sweep_text(shard_root: pathlib.Path, ckpt: pathlib.Path, lrs: str = "[3e-3, 1e-2]") -> str:
