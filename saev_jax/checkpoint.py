@@ -118,6 +118,8 @@ def save(
     preprocess: data.Preprocess | None = None,
     freqs: Float[np.ndarray, " d_sae"] | None = None,
     kind_tensors: dict[str, np.ndarray] | None = None,
+    *,
+    replace: bool = False,
 ) -> None:
     """Writes a checkpoint directory (see the module docstring) into `dpath`, atomically.
 
@@ -128,10 +130,11 @@ def save(
     `freqs` are optional only for callers that do not have them; training always passes them.
     Without `metrics` the checkpoint is unfinished (no metrics.json): training writes the
     parameters first and adds the evaluation with `add_metrics`. An unfinished checkpoint at
-    `dpath` (a run resumed after a crash) is replaced; a finished one is an error.
+    `dpath` (a run resumed after a crash) is replaced; a finished one is an error unless
+    `replace` (a resumed round rewriting what a killed attempt of it had written).
     """
     dpath = pathlib.Path(dpath)
-    if (dpath / METRICS_FNAME).exists():
+    if (dpath / METRICS_FNAME).exists() and not replace:
         raise FileExistsError(f"{dpath}: checkpoint exists already")
     tmp = dpath.with_name(f".{dpath.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

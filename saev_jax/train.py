@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import threading
@@ -33,7 +32,6 @@ import tyro
 from jax.sharding import NamedSharding, PartitionSpec
 
 from . import checkpoint, config, data, evaluate, kinds, launch, plan, plots, snapshot, step, summary, wandb_queue
-from . import sae as sae_lib
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +46,10 @@ def init_b_dec(
     `n_reinit_samples = 0` keep their b_dec.
     """
     counts = [[c.sae.n_reinit_samples for c in cfgs] for cfgs in stack_cfgs]
-    if max(max(c) for c in counts) == 0:
+    n_max = max(max(c) for c in counts)
+    if n_max == 0:
         return stacks
-    n_max = min(max(max(c) for c in counts), len(acts))
+    n_max = min(n_max, len(acts))
     # A keyed permutation's prefix (data.sample_indices): memory grows with n_max, not with the data set.
     perm = data.sample_indices(len(acts), n_max, stack_cfgs[0][0].sae.seed)
     sum_fn = jax.jit(lambda x_BD: jnp.sum(preprocess(x_BD), axis=0))
@@ -473,8 +472,7 @@ def train_round(
                 kind_tensors = jax.device_get(sae.inference_tensors(kind_state))
                 # An earlier attempt of this round (same run ids, from its snapshot) may have been
                 # killed after writing some checkpoints: the resumed state is the same, so rewrite them.
-                shutil.rmtree(ckpt_dpath / run.ids[i], ignore_errors=True)
-                sae_lib.save(sae, ckpt_dpath / run.ids[i], cfgs[i], None, preprocess, None, kind_tensors)
+                checkpoint.save(sae, ckpt_dpath / run.ids[i], cfgs[i], None, preprocess, None, kind_tensors, replace=True)
         results = evaluate_round(cfgs, stacks, acts, preprocess, [s.chunk for s in layout.round.stacks])
         final = int(state.step)
         for i, (run_id, result) in enumerate(zip(run.ids, results)):
