@@ -23,6 +23,7 @@ from jaxtyping import Array, Float, Int
 from . import config, data, kinds
 from . import quality as quality_lib
 from . import sae as sae_lib
+from .metrics import EvalMetrics
 
 QUALITY_EXAMPLES = 2**11
 """evaluate() samples at least this many examples (or all) for `quality`'s code sums ..."""
@@ -36,55 +37,6 @@ JACKKNIFE_BLOCKS = 32
 """The sampled residual sums are kept in 32 to 64 contiguous blocks for the standard error."""
 N_CODE = 6
 """Scalar residual sums per SAE and pruning level: e.e, z.z, z.u, u.u, e.z, e.u (see _Sums)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalMetrics:
-    """Results of evaluating a trained SAE on a dataset."""
-
-    l0: float
-    """Mean L0 across all examples."""
-    l1: float
-    """Mean L1 across all examples."""
-    mse: float
-    """Mean MSE across all examples."""
-    n_dead: int
-    """Number of features that never fired on any example."""
-    n_almost_dead: int
-    """Number of features that fired on fewer than `almost_dead_threshold` of examples."""
-    n_dense: int
-    """Number of features that fired on more than `dense_threshold` of examples."""
-    freqs: Float[np.ndarray, " d_sae"]
-    """How often each feature fired."""
-    mean_values: Float[np.ndarray, " d_sae"]
-    """The mean value of each feature when it fired (NaN for a feature that never fired)."""
-    almost_dead_threshold: float
-    """Threshold for an "almost dead" feature."""
-    dense_threshold: float
-    """Threshold for a dense feature."""
-    l0_batch: float | None = None
-    """Mean L0 of the training form (BatchTopK, Matryoshka: the k * B largest of each full batch; None
-    without a full batch); for the other kinds the same as l0."""
-    quality: float = math.nan
-    """Bits per example saved by sending the data through this SAE instead of raw (higher is better; docs/quality.md)."""
-    quality_stderr: float = math.nan
-    """Standard error of `quality` from sampling its residual sums (0 when every example was used; NaN if unknown)."""
-
-    def to_json(self) -> dict[str, float | int]:
-        """The scalar fields, for `metrics.json`."""
-        return {
-            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("freqs", "mean_values")
-        }
-
-    def for_wandb(self) -> dict[str, object]:
-        """`eval/<field>` keys; the two per-feature arrays as wandb tables."""
-        import wandb  # Only here: importing wandb costs seconds.
-
-        dct = self.to_json() | {
-            "freqs": wandb.Table(columns=["freq"], data=self.freqs[:, None].tolist()),
-            "mean_values": wandb.Table(columns=["mean_value"], data=self.mean_values[:, None].tolist()),
-        }
-        return {f"eval/{key}": value for key, value in dct.items()}
 
 
 class _Sums(eqx.Module):

@@ -16,7 +16,7 @@ import numpy as np
 from jaxtyping import Float
 
 from . import config
-from .evaluate import EvalMetrics
+from .metrics import EvalMetrics
 
 if TYPE_CHECKING:  # matplotlib and wandb take seconds to import: only when a figure is drawn or logged.
     import wandb

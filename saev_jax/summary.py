@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from . import config
 from . import sae as sae_lib
-from .evaluate import EvalMetrics
+from .metrics import EvalMetrics
 
 CSV_FNAME = "summary.csv"
 COLUMNS = ("run_id", "sparsity_coeff", "lr", "mse", "l0", "l1", "n_dead", "n_almost_dead", "n_dense", "quality", "quality_stderr", "d_sae", "diverged_step", "kind")
