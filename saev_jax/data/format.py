@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from jaxtyping import Array, Float, Int
 
-from . import config
+from .. import config
 
 
 @dataclasses.dataclass(frozen=True)
