@@ -647,9 +647,9 @@ def test_auto_mode_follows_available_memory(tmp_path, monkeypatch):
     make_shards(tmp_path)
     acts = load(tmp_path)
     total = acts.metadata.n_shards * acts.shard_nbytes
-    monkeypatch.setattr(data.format, "available_memory", lambda: total - 1)
+    monkeypatch.setattr(data.loader, "available_memory", lambda: total - 1)
     assert data.Loader(acts, batch_size=4, shuffle=True).read_mode == "blocks"
-    monkeypatch.setattr(data.format, "available_memory", lambda: total)
+    monkeypatch.setattr(data.loader, "available_memory", lambda: total)
     assert data.Loader(acts, batch_size=4, shuffle=True).read_mode == "random"
     assert data.Loader(acts, batch_size=4, shuffle=True, read_mode="blocks").read_mode == "blocks"
     assert data.available_memory() > 0
