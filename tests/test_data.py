@@ -737,3 +737,15 @@ def test_direct_reads_match(tmp_path):
     np.testing.assert_array_equal(acts.read_images(0, md.n_imgs, out=out, direct=True), expected)
     opened = [f._direct_fd for f in acts._files.open.values()]
     assert opened and all(fd is not None for fd in opened)  # tried; -1 where the file system refuses O_DIRECT
+
+
+def test_torch_loads_only_with_the_torch_dataset():
+    # In a fresh interpreter: this one has torch already. The step and the loop must import without it.
+    code = (
+        "import sys\n"
+        "from saev_jax import data, step\n"
+        "assert 'torch' not in sys.modules, 'importing saev_jax.data imported torch'\n"
+        "assert data.Dataset.__module__ == 'saev_jax.data.torch_dataset' and 'torch' in sys.modules\n"
+        "from saev_jax.data import Example\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

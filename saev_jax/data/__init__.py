@@ -10,7 +10,8 @@ One concern per file; every public name is re-exported here, so callers write `d
 - `loader.py`: `Loader`, the fast path. Shuffled (or ordered) batches as device arrays, from reader
   threads that gather whole batches in C out of memory-mapped shards (`random`) or read windows of
   blocks in a keyed order (`blocks`, `BlockOrder`); `available_memory`, `choose_read_mode`, `to_device`.
-- `torch_dataset.py`: `Dataset`, saev's per-example torch dataset, for compatibility (and as the baseline).
+- `torch_dataset.py`: `Dataset`, saev's per-example torch dataset, for compatibility (and as the baseline);
+  imported (with torch) on first use of `data.Dataset`.
 
 Every mistake in what the user gave us raises `config.InputError` with a one-line message naming
 the file, key or value, at construction where it can be known then.
@@ -19,7 +20,16 @@ the file, key or value, at construction where it can be known then.
 from .format import Activations, Metadata, shard_fname
 from .loader import BlockOrder, Loader, LoaderIterator, available_memory, choose_read_mode, to_device
 from .stats import Preprocess, get_stats, make_preprocess, permute, sample_indices
-from .torch_dataset import Dataset, Example
+
+
+def __getattr__(name: str):
+    # The torch Dataset loads on first use, so importing saev_jax (and its step) does not import torch.
+    if name in ("Dataset", "Example"):
+        from . import torch_dataset
+
+        return getattr(torch_dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Activations",

@@ -12,7 +12,6 @@ import pathlib
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-import torch
 from jaxtyping import Array, Float, Int
 
 from .. import config
@@ -90,6 +89,8 @@ def _load_stat(fpath: str, key: str, shape: tuple[int, ...]) -> np.ndarray:
         if suffix == ".npy":
             value = np.load(fpath, allow_pickle=False)
         elif suffix in (".pt", ".pth"):
+            import torch  # Only here: loading statistics saved by torch.
+
             value = torch.load(fpath, map_location="cpu", weights_only=True)
             value = value.numpy(force=True) if isinstance(value, torch.Tensor) else np.asarray(value)
         else:
