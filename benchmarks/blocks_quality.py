@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, evaluate, plan, step, train
+from saev_jax import config, data, evaluate, plan, step
 from saev_jax import sae as sae_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `python benchmarks/blocks_quality.py` as well as -m
@@ -75,7 +75,7 @@ def train_and_eval(mode: str, acts, preprocess, cfgs, n_steps: int, B: int, wind
         batches = iter(data.Loader(acts, batch_size=B, shuffle=True, seed=seed, read_mode=mode,
                                    block_bytes=4 * image_bytes, shuffle_buffer_bytes=2 * window_bytes))  # fmt: skip
     t0 = time.perf_counter()
-    for i in range(n_steps):
+    for _ in range(n_steps):
         x_BD, _ = next(batches)
         state, _ = step.train_step(state, hparams, preprocess, x_BD, chunks=(len(cfgs),), mesh=mesh)
     jax.block_until_ready(state)

@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.quality import recovery, spearman
-from saev_jax import config, data, evaluate, kinds, plan, step, synthetic, train
+from saev_jax import config, data, evaluate, plan, step, synthetic, train
 
 SYNTH = synthetic.Synthetic(d_vit=64, n_features=256, k=8, noise=0.05, seed=2, n_imgs=2048, n_patches_per_img=64, layers=(-2,))
 """quality.py's setting B: about 8 active features per token."""

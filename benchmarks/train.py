@@ -590,7 +590,7 @@ def to_markdown(results: dict) -> str:
         d_vit, d_sae = SIZES[size]
         a32, a16 = get(cell, ("vmap", "float32"), "sae_examples_per_s"), get(cell, ("vmap", "bfloat16"), "sae_examples_per_s")
         b, c = get(cell, ("one-by-one", "float32"), "sae_examples_per_s"), get(cell, ("torch", "float32"), "sae_examples_per_s")
-        def pct(key):
+        def pct(key, cell=cell):
             flops = get(cell, key, "flops_per_s")
             frac = None if flops is None else flops / peaks.get(key[1], peaks["float32"])
             near = get(cell, key, "frac_peak_nearby") if key in cell and "frac_peak_nearby" in cell[key] else None

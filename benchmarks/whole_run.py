@@ -94,8 +94,8 @@ def child_torch(args, launched: float) -> dict:
 
     import numpy as np
     import torch
-
     import wandb  # noqa: F401  saev imports wandb at start-up
+
     from benchmarks import torch_baseline as tb
     from saev_jax import config, data
 

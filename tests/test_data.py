@@ -624,7 +624,7 @@ def test_start_batch_resumes_the_stream(tmp_path, mode):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_rows_split_the_global_batch(tmp_path, mode, shuffle):
     """Each process's rows are its contiguous share of the one global batch every process agrees on."""
-    md = coded_shards(tmp_path)
+    coded_shards(tmp_path)
     acts = load(tmp_path, layer=1)
 
     def batches(rows):
@@ -682,7 +682,7 @@ def shrink(fpath, nbytes):
 
 
 def test_shard_shrinks_mid_epoch(tmp_path):
-    md = coded_shards(tmp_path)
+    coded_shards(tmp_path)
     acts = load(tmp_path, layer=1)
     mapped = load(tmp_path, layer=1)
     mapped.read(np.arange(len(acts)))  # its memory maps exist before the file shrinks
