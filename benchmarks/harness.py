@@ -37,7 +37,9 @@ def median_time(fn: Callable[[], object], *, n_warmup: int = 1, n_repeats: int =
     return {"seconds": statistics.median(times), "times": times}
 
 
-def time_interleaved(runners: dict, *, n_warmup: int, n_repeats: int, min_repeat_s: float, max_s: float) -> dict[object, dict]:
+def time_interleaved(
+    runners: dict, *, n_warmup: int, n_repeats: int, min_repeat_s: float, max_s: float
+) -> dict[object, dict]:
     """Median seconds per call of each runner (a callable with a `.sync()`), timed in turns.
 
     Each runner gets `n_warmup` untimed calls (the first compiles) and one calibration call; a
