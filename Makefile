@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_SHARDS := data/demo
 
-.PHONY: demo test test-all clean
+.PHONY: demo test test-all lint clean
 
 # torch only loads data: the CPU build (on this machine's disk) is the right one here.
 # GPU/TPU users: see README ("Installing for GPU or TPU").
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# Lint and check the formatting (ruff, configured in pyproject.toml); `ruff format .` fixes the latter.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) data/demo checkpoints/demo

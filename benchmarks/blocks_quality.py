@@ -19,8 +19,8 @@ that `blocks` matches `random` within +-2% in eval MSE and L0 for every SAE.
 """
 
 import argparse
-import json
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -28,8 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, evaluate, plan, step, train
+from saev_jax import config, data, evaluate, plan, step
 from saev_jax import sae as sae_lib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `python benchmarks/blocks_quality.py` as well as -m
+from benchmarks import harness  # noqa: E402
 
 D_VIT, N_CLASSES, IMGS_PER_CLASS, N_PATCHES, FEATS_PER_CLASS = 64, 32, 256, 64, 8
 
@@ -72,7 +75,7 @@ def train_and_eval(mode: str, acts, preprocess, cfgs, n_steps: int, B: int, wind
         batches = iter(data.Loader(acts, batch_size=B, shuffle=True, seed=seed, read_mode=mode,
                                    block_bytes=4 * image_bytes, shuffle_buffer_bytes=2 * window_bytes))  # fmt: skip
     t0 = time.perf_counter()
-    for i in range(n_steps):
+    for _ in range(n_steps):
         x_BD, _ = next(batches)
         state, _ = step.train_step(state, hparams, preprocess, x_BD, chunks=(len(cfgs),), mesh=mesh)
     jax.block_until_ready(state)
@@ -134,11 +137,7 @@ def main() -> None:
         print(rows[-1]["mode"], f"{seconds[rows[-1]['mode']]:.0f} s", flush=True)
     report = {"n_examples": len(acts), "n_steps": args.n_steps, "batch_size": args.batch_size, "epochs": args.n_steps * args.batch_size / len(acts),
               "mix": class_mix(acts, args.batch_size), "seconds": seconds, "rows": rows}  # fmt: skip
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    out.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    harness.write(args.out, report, markdown(report), indent=2)
 
 
 def markdown(report: dict) -> str:
@@ -155,17 +154,17 @@ def markdown(report: dict) -> str:
         "Per batch (mean over 20; blocks with 512-image windows): " + "; ".join(
             f"{m}: {v['classes_per_batch']:.1f} classes of 32, {v['images_per_batch']:.0f} images" for m, v in report["mix"].items()),
         "",
-        "| lr | sparsity | mode | eval MSE | vs random | L0 | vs random | dead |",
-        "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     worst = {r["mode"]: 0.0 for r in report["rows"] if r["mode"] != "random, seed 0"}
+    rows = []
     for r in report["rows"]:
         base = ref[(r["lr"], r["sparsity_coeff"])]
         d_mse, d_l0 = r["mse"] / base["mse"] - 1, r["l0"] / base["l0"] - 1
         if r["mode"] in worst:
             worst[r["mode"]] = max(worst[r["mode"]], abs(d_mse), abs(d_l0))
-        lines.append(f"| {r['lr']:g} | {r['sparsity_coeff']:g} | {r['mode']} | {r['mse']:.5f} | {d_mse:+.2%} | "
-                     f"{r['l0']:.2f} | {d_l0:+.2%} | {r['n_dead']} |")  # fmt: skip
+        rows.append([f"{r['lr']:g}", f"{r['sparsity_coeff']:g}", r["mode"], f"{r['mse']:.5f}", f"{d_mse:+.2%}",
+                     f"{r['l0']:.2f}", f"{d_l0:+.2%}", r["n_dead"]])  # fmt: skip
+    lines += harness.table(["lr", "sparsity", "mode", "eval MSE", "vs random", "L0", "vs random", "dead"], rows)
     lines += ["", "Largest |relative difference| from `random, seed 0` over MSE and L0, per mode: "
               + "; ".join(f"{m}: {v:.2%}" for m, v in worst.items()) + "."]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,6 @@ row, as benchmarks/quality.py), `quality`, L0 (inference and batch mode) and MSE
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 import tempfile
@@ -25,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from benchmarks.quality import recovery, spearman
-from saev_jax import config, data, evaluate, kinds, plan, step, synthetic, train
+from saev_jax import config, data, evaluate, plan, step, synthetic, train
 
 SYNTH = synthetic.Synthetic(d_vit=64, n_features=256, k=8, noise=0.05, seed=2, n_imgs=2048, n_patches_per_img=64, layers=(-2,))
 """quality.py's setting B: about 8 active features per token."""
@@ -127,20 +127,15 @@ def main():
         f"{n_steps} steps; {len(cfgs)} SAEs of {len({r['kind'] for r in rows})} kinds trained in one pass ({len(stacks)} stacks): "
         f"train {t_train:.0f} s, eval {t_eval:.0f} s on {jax.devices()[0].device_kind} (2 shared CPU cores).",
         "",
-        "| SAE | recovery | quality | L0 (eval) | L0 (batch mode) | MSE | dead |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        name = r["label"]
-        l0b = "" if r["l0_batch"] is None else f"{r['l0_batch']:.2f}"
-        lines.append(f"| {name} | {r['recovery']:.3f} | {r['quality']:.1f} | {r['l0']:.2f} | {l0b} | {r['mse']:.4f} | {r['n_dead']} |")
+    lines += harness.table(
+        ["SAE", "recovery", "quality", "L0 (eval)", "L0 (batch mode)", "MSE", "dead"],
+        [[r["label"], f"{r['recovery']:.3f}", f"{r['quality']:.1f}", f"{r['l0']:.2f}",
+          "" if r["l0_batch"] is None else f"{r['l0_batch']:.2f}", f"{r['mse']:.4f}", r["n_dead"]] for r in rows],
+    )  # fmt: skip
     lines += ["", "Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
     md = "\n".join(lines) + f"\n\nTotal wall time {time.perf_counter() - t_start:.0f} s. Command: `python -m benchmarks.kinds_recovery {' '.join(sys.argv[1:])}`\n"
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows, checks=[dict(text=t, ok=ok) for t, ok in checks]), indent=1) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    harness.write(args.out, dict(args=vars(args), rows=rows, checks=[dict(text=t, ok=ok) for t, ok in checks]), md)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,10 @@ import json
 import math
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -53,6 +53,9 @@ import numpy as np
 import torch
 
 from saev_jax import config, data, synthetic
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `python benchmarks/loader.py` as well as -m
+from benchmarks import harness  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,14 +113,9 @@ def main(args: Args) -> None:
             results.append(bench_one(args, d_vit, shard_dpath))
         finally:
             shutil.rmtree(shard_dpath)
-    report = {"machine": machine(), "args": dataclasses.asdict(args), "load_avg_start": load_start,
+    report = {"machine": harness.machine(), "args": dataclasses.asdict(args), "load_avg_start": load_start,
               "load_avg_end": os.getloadavg(), "results": results}  # fmt: skip
-    out = pathlib.Path(args.out_dpath)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"loader-{jax.default_backend()}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(markdown(report))
-    print(markdown(report))
+    harness.write(pathlib.Path(args.out_dpath) / f"loader-{jax.default_backend()}", report, markdown(report), indent=2)
 
 
 def bench_one(args: Args, d_vit: int, shard_dpath: pathlib.Path) -> dict:
@@ -232,7 +230,7 @@ def cold_main(args: Args) -> None:
     acts = data.Activations(data_cfg)
     md = acts.metadata
     set_gb = md.n_shards * acts.shard_nbytes / 1e9
-    report = {"machine": machine(), "args": dataclasses.asdict(args), "load_avg_start": os.getloadavg(),
+    report = {"machine": harness.machine(), "args": dataclasses.asdict(args), "load_avg_start": os.getloadavg(),
               "shard_set_gb": set_gb, "mem_available_gb": data.available_memory() / 1e9,
               "auto_read_mode": data.choose_read_mode(acts), "n_shards": md.n_shards, "runs": []}  # fmt: skip
     n_batches = max(2, int(args.cold_read_gb * 1e9 / (args.batch_size * acts.d_vit * 4)))
@@ -258,12 +256,7 @@ def cold_main(args: Args) -> None:
     report["load_avg_end"] = os.getloadavg()
     if args.cold_delete:
         shutil.rmtree(dpath)
-    out = pathlib.Path(args.out_dpath)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"loader-cold-{jax.default_backend()}"
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(cold_markdown(report))
-    print(cold_markdown(report))
+    harness.write(pathlib.Path(args.out_dpath) / f"loader-cold-{jax.default_backend()}", report, cold_markdown(report), indent=2)
 
 
 def cold_markdown(report: dict) -> str:
@@ -284,19 +277,17 @@ def cold_markdown(report: dict) -> str:
         f"of {args['cold_read_gb']} GB (whole files, 16 MiB reads) and (b) the Loader delivering as many bytes of "
         "shuffled device arrays, timed from its first batch.",
         "",
-        "| pair | sequential GB/s | blocks Loader GB/s | Loader / sequential | load avg |",
-        "|---|---|---|---|---|",
     ]
-    for i, run in enumerate(report["runs"]):
-        lines.append(f"| {i} | {run['sequential_gb_per_s']:.2f} | {run['loader_gb_per_s']:.2f} | "
-                     f"{run['ratio']:.2f} | {run['load_avg']:.1f} |")  # fmt: skip
+    lines += harness.table(["pair", "sequential GB/s", "blocks Loader GB/s", "Loader / sequential", "load avg"],
+                           [[i, f"{run['sequential_gb_per_s']:.2f}", f"{run['loader_gb_per_s']:.2f}", f"{run['ratio']:.2f}",
+                             f"{run['load_avg']:.1f}"] for i, run in enumerate(report["runs"])])  # fmt: skip
     lines += ["", f"Median ratio: **{statistics.median(ratios):.2f}** (min {min(ratios):.2f}, max {max(ratios):.2f}).", "",
-              "Shuffle quality (mean over 20 batches; ideal = uniform sampling without replacement):", "",
-              "| mode | distinct images / batch | ideal | distinct shards / batch | ideal |", "|---|---|---|---|---|"]  # fmt: skip
-    for mode in ("random", "blocks"):
-        q = report[f"shuffle_quality_{mode}"]
-        lines.append(f"| {mode} | {q['distinct_images_per_batch']:.1f} | {q['ideal_distinct_images_per_batch']:.1f} | "
-                     f"{q['distinct_shards_per_batch']:.2f} | {q['ideal_distinct_shards_per_batch']:.2f} |")  # fmt: skip
+              "Shuffle quality (mean over 20 batches; ideal = uniform sampling without replacement):", ""]  # fmt: skip
+    quality = [(mode, report[f"shuffle_quality_{mode}"]) for mode in ("random", "blocks")]
+    lines += harness.table(["mode", "distinct images / batch", "ideal", "distinct shards / batch", "ideal"],
+                           [[mode, f"{q['distinct_images_per_batch']:.1f}", f"{q['ideal_distinct_images_per_batch']:.1f}",
+                             f"{q['distinct_shards_per_batch']:.2f}", f"{q['ideal_distinct_shards_per_batch']:.2f}"]
+                            for mode, q in quality])  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -397,27 +388,13 @@ def drop_caches() -> bool:
         return False
 
 
-def machine() -> dict:
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as fd:
-        for line in fd:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_gb, 1), "python": platform.python_version(),
-            "numpy": np.__version__, "jax": jax.__version__, "torch": torch.__version__,
-            "jax_device": str(jax.devices()[0])}  # fmt: skip
-
-
 def markdown(report: dict) -> str:
     m = report["machine"]
     args = report["args"]
     lines = [
         "# Loader throughput",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB RAM; JAX device {m['jax_device']}; "
-        f"numpy {m['numpy']}, jax {m['jax']}, torch {m['torch']}.",
+        harness.machine_line(m),
         f"Load average at start / end: {report['load_avg_start'][0]:.1f} / {report['load_avg_end'][0]:.1f} "
         "(other jobs shared the machine).",
         "",
@@ -427,9 +404,8 @@ def markdown(report: dict) -> str:
         f"{args['n_baseline_batches']} batches after 5 warm-up batches (cold: after the caches were dropped "
         f"before the run). Medians of {args['n_repeats']} runs.",
         "",
-        "| d_vit | examples | GB | loader | page cache | examples/s | GB/s | vs torch DataLoader |",
-        "|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for r in report["results"]:
         base = r["torch_dataloader"]["examples_per_s"]
         entries = [("fast Loader, shuffled", "warm", r["fast_shuffled"]), ("fast Loader, ordered", "warm", r["fast_ordered"]),
@@ -443,19 +419,19 @@ def markdown(report: dict) -> str:
         if "cold_window_alternative" in r:
             entries.append(("alternative not taken: 1 GiB image window (host reads only)", "cold",
                             r["cold_window_alternative"]))  # fmt: skip
-        for name, cache, fig in entries:
-            lines.append(f"| {r['d_vit']} | {r['n_examples']:,} | {r['gb_on_disk']:.2f} | {name} | {cache} | "
-                         f"{fig['examples_per_s']:,.0f} | {fig['gb_per_s']:.2f} | {fig['examples_per_s'] / base:.1f}x |")  # fmt: skip
-    lines += ["", "Shuffle quality (mean over 20 shuffled batches; ideal = uniform sampling without replacement):", "",
-              "| d_vit | images | distinct images / batch | ideal | distinct shards / batch | ideal | "
-              "1 GiB image window: images in window, distinct images / batch |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+        rows += [[r["d_vit"], f"{r['n_examples']:,}", f"{r['gb_on_disk']:.2f}", name, cache, f"{fig['examples_per_s']:,.0f}",
+                  f"{fig['gb_per_s']:.2f}", f"{fig['examples_per_s'] / base:.1f}x"] for name, cache, fig in entries]  # fmt: skip
+    lines += harness.table(["d_vit", "examples", "GB", "loader", "page cache", "examples/s", "GB/s", "vs torch DataLoader"], rows)
+    lines += ["", "Shuffle quality (mean over 20 shuffled batches; ideal = uniform sampling without replacement):", ""]
+    rows = []
     for r in report["results"]:
         q, w = r["shuffle_quality"], r.get("window_alternative", {})
-        lines.append(f"| {r['d_vit']} | {r['n_imgs']:,} | {q['distinct_images_per_batch']:.1f} | "
-                     f"{q['ideal_distinct_images_per_batch']:.1f} | {q['distinct_shards_per_batch']:.2f} | "
-                     f"{q['ideal_distinct_shards_per_batch']:.2f} | "
-                     f"{w.get('imgs_per_window', '-')}, {w.get('distinct_images_per_batch', float('nan')):.1f} |")  # fmt: skip
+        rows.append([r["d_vit"], f"{r['n_imgs']:,}", f"{q['distinct_images_per_batch']:.1f}",
+                     f"{q['ideal_distinct_images_per_batch']:.1f}", f"{q['distinct_shards_per_batch']:.2f}",
+                     f"{q['ideal_distinct_shards_per_batch']:.2f}",
+                     f"{w.get('imgs_per_window', '-')}, {w.get('distinct_images_per_batch', float('nan')):.1f}"])  # fmt: skip
+    lines += harness.table(["d_vit", "images", "distinct images / batch", "ideal", "distinct shards / batch", "ideal",
+                            "1 GiB image window: images in window, distinct images / batch"], rows)  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

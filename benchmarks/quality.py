@@ -16,7 +16,6 @@ All four settings took 19 min 20 s of wall time on 2 CPU cores shared with other
 
 import argparse
 import dataclasses
-import json
 import pathlib
 import sys
 import tempfile
@@ -31,6 +30,9 @@ import scipy.stats
 from saev_jax import config, data, evaluate, plan, plots, step, synthetic, train
 from saev_jax import quality as quality_lib
 from saev_jax import sae as sae_lib
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `python benchmarks/quality.py` as well as -m
+from benchmarks import harness  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,35 +190,37 @@ def spearman(a, b) -> float:
 
 def report(rows: list[dict], timings: dict[str, dict], settings: list[Setting]) -> str:
     """The markdown tables: settings, Spearman of every score with recovery, the pick of each score."""
-    lines = ["| setting | d_vit | true features | k | noise | d_sae | SAEs | examples | steps | train s | eval s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for st in settings:
-        t = timings[st.name]
-        lines.append(
-            f"| {st.name} | {st.synth.d_vit} | {st.synth.n_features} | {st.synth.k:g} | {st.synth.noise:g} | {st.synth.d_vit * st.exp_factor} "
-            f"| {t['n_saes']} | {t['n_examples']} | {t['n_steps']} | {t['train_s']:.0f} | {t['eval_s']:.0f} |"
-        )
+    names = [st.name for st in settings]
+    lines = harness.table(
+        ["setting", "d_vit", "true features", "k", "noise", "d_sae", "SAEs", "examples", "steps", "train s", "eval s"],
+        [[st.name, st.synth.d_vit, st.synth.n_features, f"{st.synth.k:g}", f"{st.synth.noise:g}", st.synth.d_vit * st.exp_factor,
+          t["n_saes"], t["n_examples"], t["n_steps"], f"{t['train_s']:.0f}", f"{t['eval_s']:.0f}"]
+         for st, t in ((st, timings[st.name]) for st in settings)],
+    )  # fmt: skip
     lines += ["", "Spearman correlation with recovery (higher is better):", ""]
-    lines += ["| score | " + " | ".join(st.name for st in settings) + " | mean |", "|---" * (len(settings) + 2) + "|"]
+    spearman_rows = []
     for score in SCORES:
         rhos = [spearman([r["recovery"] for r in rows if r["setting"] == st.name], [r[score] for r in rows if r["setting"] == st.name]) for st in settings]
-        lines.append(f"| {score} | " + " | ".join(f"{x:+.2f}" for x in rhos) + f" | {np.nanmean(rhos):+.2f} |")
+        spearman_rows.append([score, *(f"{x:+.2f}" for x in rhos), f"{np.nanmean(rhos):+.2f}"])
+    lines += harness.table(["score", *names, "mean"], spearman_rows)
     lines += ["", "Recovery of the SAE each score picks (best possible in brackets):", ""]
-    lines += ["| score | " + " | ".join(st.name for st in settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    pick_rows = []
     for score in SCORES:
         cells = []
         for st in settings:
             rs = [r for r in rows if r["setting"] == st.name]
             pick = max(rs, key=lambda r: r[score])
             cells.append(f"{pick['recovery']:.3f} ({max(r['recovery'] for r in rs):.3f})")
-        lines.append(f"| {score} | " + " | ".join(cells) + " |")
+        pick_rows.append([score, *cells])
+    lines += harness.table(["score", *names], pick_rows)
     for st in settings:
-        lines += ["", f"Setting {st.name}, every SAE:", "", "| lr | λ | recovery | quality | best level | bits: residual saved / support / values | L0 | MSE | dead | dense |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if r["setting"] == st.name:
-                lines.append(
-                    f"| {r['lr']:g} | {r['sparsity_coeff']:g} | {r['recovery']:.3f} | {r['quality']:.1f} | {r['best_level']:g} "
-                    f"| {r['residual_bits_saved']:.1f} / {r['support_bits']:.1f} / {r['value_bits']:.1f} | {r['l0']:.1f} | {r['mse']:.4f} | {r['n_dead']} | {r['n_dense']} |"
-                )
+        lines += ["", f"Setting {st.name}, every SAE:", ""]
+        lines += harness.table(
+            ["lr", "λ", "recovery", "quality", "best level", "bits: residual saved / support / values", "L0", "MSE", "dead", "dense"],
+            [[f"{r['lr']:g}", f"{r['sparsity_coeff']:g}", f"{r['recovery']:.3f}", f"{r['quality']:.1f}", f"{r['best_level']:g}",
+              f"{r['residual_bits_saved']:.1f} / {r['support_bits']:.1f} / {r['value_bits']:.1f}", f"{r['l0']:.1f}",
+              f"{r['mse']:.4f}", r["n_dead"], r["n_dense"]] for r in rows if r["setting"] == st.name],
+        )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -241,12 +245,7 @@ def main():
             rows += setting_rows
     settings = [SETTINGS[name] for name in args.settings]
     md = report(rows, timings, settings) + f"\nTotal wall time: {time.perf_counter() - t0:.0f} s.\n"
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(
-        settings={st.name: dataclasses.asdict(st) for st in settings}, timings=timings, rows=rows), indent=1) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    harness.write(args.out, dict(settings={st.name: dataclasses.asdict(st) for st in settings}, timings=timings, rows=rows), md)
 
 
 if __name__ == "__main__":

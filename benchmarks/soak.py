@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import harness
+
 # The soaked processes train on the CPU: deterministic kernels, so bit-identity is expected.
 ENV = os.environ | {"JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 CHECKED_SUFFIXES = (".safetensors", ".json")
@@ -286,10 +288,7 @@ def main() -> int:
             }
     ok = finished and not errors and result["comparison"]["identical"] and not result["comparison"]["leftovers"]
     result["ok"] = ok
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "soak-cpu.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "soak-cpu.md").write_text(report(result))
-    print(report(result))
+    harness.write(args.out / "soak-cpu", result, report(result))
     if tmp is not None:
         tmp.cleanup()
     return 0 if ok else 1

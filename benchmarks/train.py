@@ -36,7 +36,6 @@ import itertools
 import json
 import logging
 import pathlib
-import platform
 import re
 import statistics
 import sys
@@ -76,7 +75,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks import torch_baseline  # noqa: E402
+from benchmarks import harness, torch_baseline  # noqa: E402
 from saev_jax import config, data, evaluate, plan, step, synthetic, train  # noqa: E402
 from saev_jax import sae as sae_lib  # noqa: E402
 
@@ -104,12 +103,7 @@ def flops_per_example(d_vit: int, d_sae: int) -> int:
 
 def describe_devices() -> dict[str, object]:
     """What this run ran on: JAX's backend and devices, torch's device, the CPU model."""
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fd:
-            cpu_model = next(line.split(":", 1)[1].strip() for line in fd if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu_model = harness.cpu_model()
     backend = jax.default_backend()
     jax_device = jax.devices()[0]
     torch_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -137,42 +131,7 @@ def torch_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-# ---------------------------------------------------------------- timing
-
-
-def time_interleaved(runners: dict, *, n_warmup: int, n_repeats: int, min_repeat_s: float, max_s: float) -> dict[object, dict]:
-    """Median seconds per call of each runner (a callable with a `.sync()`), timed in turns.
-
-    Each runner gets `n_warmup` untimed calls (the first compiles) and one calibration call; a
-    timed repeat is k calls then one sync, k chosen so that it lasts about `min_repeat_s` (dispatch
-    and sync amortised as in a real loop). The repeats take turns (runner 1, runner 2, ..., runner
-    1, ...), so a change in a shared machine's load hits every runner alike. The number of rounds
-    is cut, to no fewer than one, to stay within `max_s`.
-    """
-    start = time.perf_counter()
-    calls = {}
-    for name, runner in runners.items():
-        for _ in range(max(1, n_warmup)):
-            runner()
-            runner.sync()
-        t0 = time.perf_counter()
-        runner()
-        runner.sync()
-        one = time.perf_counter() - t0
-        calls[name] = (max(1, min(1000, int(min_repeat_s / max(one, 1e-9)))), one)
-    round_s = sum(k * one for k, one in calls.values())
-    n = max(1, min(n_repeats, int((max_s - (time.perf_counter() - start)) / round_s)))
-    times = {name: [] for name in runners}
-    for _ in range(n):
-        for name, runner in runners.items():
-            k = calls[name][0]
-            t0 = time.perf_counter()
-            for _ in range(k):
-                runner()
-            runner.sync()
-            times[name].append((time.perf_counter() - t0) / k)
-    return {name: {"seconds": statistics.median(ts), "repeats": n, "calls_per_repeat": calls[name][0], "times": ts}
-            for name, ts in times.items()}
+# ---------------------------------------------------------------- timing (benchmarks/harness.py)
 
 
 class MatmulRunner:
@@ -197,7 +156,7 @@ class MatmulRunner:
 def matmul_peak(dtype, n: int, args) -> dict[str, object]:
     """FLOP/s of MatmulRunner(dtype, n): the median of 7 timed repeats after a warm-up."""
     runner = MatmulRunner(dtype, n)
-    t = time_interleaved({"peak": runner}, n_warmup=2, n_repeats=7, min_repeat_s=args.min_repeat_s, max_s=args.max_measure_s)["peak"]
+    t = harness.time_interleaved({"peak": runner}, n_warmup=2, n_repeats=7, min_repeat_s=args.min_repeat_s, max_s=args.max_measure_s)["peak"]
     return {"dtype": jnp.dtype(dtype).name, "n": n, "flops_per_s": runner.flops / t["seconds"]} | t
 
 
@@ -331,8 +290,7 @@ class Benchmark:
         self.save()
 
     def save(self) -> None:
-        self.stem.with_suffix(".json").write_text(json.dumps(self.results, indent=1, default=str) + "\n")
-        self.stem.with_suffix(".md").write_text(to_markdown(self.results))
+        harness.write(self.stem, self.results, to_markdown(self.results), echo=False)
         try:
             plot_scaling(self.results, self.stem.parent / f"{self.stem.name}-scaling.png")
         except Exception as err:  # a plot must never cost the numbers
@@ -352,7 +310,7 @@ class Benchmark:
     def measure_in_memory(self, size: str, n_saes: int, batch_size: int, variants: list[tuple[str, str]]) -> None:
         """Times each (variant, precision) of `variants` on one batch already on the device.
 
-        On CPU the variants and a float32 matmul are timed in turns (`time_interleaved`), so their
+        On CPU the variants and a float32 matmul are timed in turns (`harness.time_interleaved`), so their
         ratios hold under a drifting load; on accelerators one at a time, to bound memory.
         """
         args = self.args
@@ -390,7 +348,7 @@ class Benchmark:
                         runners[id(row)] = VmappedGroup(cfgs, x_jax, args.log_every)
                     else:
                         runners[id(row)] = OneByOne(cfgs, x_jax, args.log_every)
-                timings = time_interleaved(runners, n_warmup=args.n_warmup, n_repeats=args.n_repeats,
+                timings = harness.time_interleaved(runners, n_warmup=args.n_warmup, n_repeats=args.n_repeats,
                                            min_repeat_s=args.min_repeat_s, max_s=args.max_measure_s * len(block))
             except Exception as err:  # e.g. out of memory: record it and go on
                 for row in block:
@@ -612,10 +570,10 @@ def to_markdown(results: dict) -> str:
         "",
         "## With data in memory",
         "",
-        "| size (d_vit, d_sae) | M | batch | (a) vmap f32 SAE-ex/s | GFLOP/s | % peak | (a) vmap bf16 SAE-ex/s | % bf16 peak "
-        "| (b) one-by-one SAE-ex/s | % peak | (c) torch SAE-ex/s | % peak | (c') torch 1 thread | (a)/(c) | (a bf16)/(c) | (b)/(c) | (a)/(c') |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        *harness.table(["size (d_vit, d_sae)", "M", "batch", "(a) vmap f32 SAE-ex/s", "GFLOP/s", "% peak", "(a) vmap bf16 SAE-ex/s",
+                        "% bf16 peak", "(b) one-by-one SAE-ex/s", "% peak", "(c) torch SAE-ex/s", "% peak", "(c') torch 1 thread",
+                        "(a)/(c)", "(a bf16)/(c)", "(b)/(c)", "(a)/(c')"]),
+    ]  # fmt: skip
     cells: dict[tuple, dict] = {}
     for row in results["in_memory"]:
         cells.setdefault((row["size"], row["M"], row["batch_size"]), {})[(row["variant"], row["precision"])] = row
@@ -632,7 +590,7 @@ def to_markdown(results: dict) -> str:
         d_vit, d_sae = SIZES[size]
         a32, a16 = get(cell, ("vmap", "float32"), "sae_examples_per_s"), get(cell, ("vmap", "bfloat16"), "sae_examples_per_s")
         b, c = get(cell, ("one-by-one", "float32"), "sae_examples_per_s"), get(cell, ("torch", "float32"), "sae_examples_per_s")
-        def pct(key):
+        def pct(key, cell=cell):
             flops = get(cell, key, "flops_per_s")
             frac = None if flops is None else flops / peaks.get(key[1], peaks["float32"])
             near = get(cell, key, "frac_peak_nearby") if key in cell and "frac_peak_nearby" in cell[key] else None
@@ -640,11 +598,11 @@ def to_markdown(results: dict) -> str:
 
         c1 = get(cell, ("torch-1t", "float32"), "sae_examples_per_s")
         gf = get(cell, ("vmap", "float32"), "flops_per_s")
-        lines.append(
-            f"| {size} ({d_vit}, {d_sae}) | {M} | {B} | {_fmt(a32)} | {_fmt(gf / 1e9) if gf else '-'} | {pct(('vmap', 'float32'))} "
-            f"| {_fmt(a16)} | {pct(('vmap', 'bfloat16'))} | {_fmt(b)} | {pct(('one-by-one', 'float32'))} | {_fmt(c)} "
-            f"| {pct(('torch', 'float32'))} | {_fmt(c1)} | {ratio(a32, c)} | {ratio(a16, c)} | {ratio(b, c)} | {ratio(a32, c1)} |"
-        )
+        lines.append(harness.row([
+            f"{size} ({d_vit}, {d_sae})", M, B, _fmt(a32), _fmt(gf / 1e9) if gf else "-", pct(("vmap", "float32")),
+            _fmt(a16), pct(("vmap", "bfloat16")), _fmt(b), pct(("one-by-one", "float32")), _fmt(c),
+            pct(("torch", "float32")), _fmt(c1), ratio(a32, c), ratio(a16, c), ratio(b, c), ratio(a32, c1),
+        ]))  # fmt: skip
     skipped = [r for r in results["in_memory"] if "skipped" in r]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{r['size']} M={r['M']} {r['variant']} {r['precision']} ({r['skipped']})" for r in skipped) + "."]
@@ -661,28 +619,30 @@ def to_markdown(results: dict) -> str:
             f"(saev_jax.synthetic). Steady state (compilation and loader start-up excluded): median seconds per step "
             "between log steps.",
             "",
-            "| path | precision | SAE-ex/s | examples/s | GFLOP/s | % peak | vs (c) torch e2e | vs (c') torch 1 thread e2e "
-            "| vs same step, data in memory (measured just before) |",
-            "|---|---|---|---|---|---|---|---|---|",
         ]
+        rows = []
         for r in e2e:
             mem = in_mem.get((r["size"], r["M"], r["batch_size"], r["variant"], r["precision"]))
-            lines.append(
-                f"| {VARIANTS[r['variant']]}: {r['path']} | {r['precision']} | {_fmt(r['sae_examples_per_s'])} | {_fmt(r['examples_per_s'])} "
-                f"| {_fmt(r['flops_per_s'] / 1e9)} | {100 * r['flops_per_s'] / peaks.get(r['precision'], peaks['float32']):.0f}% "
-                f"| {ratio(r['sae_examples_per_s'], torch_rates.get('torch'))} | {ratio(r['sae_examples_per_s'], torch_rates.get('torch-1t'))} "
-                f"| {ratio(r['sae_examples_per_s'], mem and mem['sae_examples_per_s'])} |"
-            )
+            rows.append([
+                f"{VARIANTS[r['variant']]}: {r['path']}", r["precision"], _fmt(r["sae_examples_per_s"]), _fmt(r["examples_per_s"]),
+                _fmt(r["flops_per_s"] / 1e9), f"{100 * r['flops_per_s'] / peaks.get(r['precision'], peaks['float32']):.0f}%",
+                ratio(r["sae_examples_per_s"], torch_rates.get("torch")), ratio(r["sae_examples_per_s"], torch_rates.get("torch-1t")),
+                ratio(r["sae_examples_per_s"], mem and mem["sae_examples_per_s"]),
+            ])  # fmt: skip
+        lines += harness.table(["path", "precision", "SAE-ex/s", "examples/s", "GFLOP/s", "% peak", "vs (c) torch e2e",
+                                "vs (c') torch 1 thread e2e", "vs same step, data in memory (measured just before)"], rows)  # fmt: skip
     if results["accuracy"]:
         setup = results.get("accuracy_setup", {})
         lines += ["", "## Accuracy of bfloat16", "",
                   f"The same group ({setup.get('size')} SAEs, M = {setup.get('M')}, sparsity coefficients {setup.get('sparsity_coeffs')}, "
                   f"lr {setup.get('lr')}) trained {setup.get('n_steps')} steps of batch {setup.get('batch_size')} through `train.train` in "
-                  f"each precision (same data order and seeds), then evaluated on all {setup.get('n_examples', 0):,} examples.", "",
-                  "| SAE | precision | eval MSE | eval L0 | dead | MSE vs float32 | L0 vs float32 |", "|---|---|---|---|---|---|---|"]
-        for r in sorted(results["accuracy"], key=lambda r: (r["sae"], r["precision"] != "float32")):
-            lines.append(f"| {r['sae']} | {r['precision']} | {r['mse']:.5g} | {r['l0']:.4g} | {r['n_dead']} "
-                         f"| {100 * r['mse_vs_float32']:+.2f}% | {100 * r['l0_vs_float32']:+.2f}% |")
+                  f"each precision (same data order and seeds), then evaluated on all {setup.get('n_examples', 0):,} examples.", ""]
+        lines += harness.table(
+            ["SAE", "precision", "eval MSE", "eval L0", "dead", "MSE vs float32", "L0 vs float32"],
+            [[r["sae"], r["precision"], f"{r['mse']:.5g}", f"{r['l0']:.4g}", r["n_dead"], f"{100 * r['mse_vs_float32']:+.2f}%",
+              f"{100 * r['l0_vs_float32']:+.2f}%"]
+             for r in sorted(results["accuracy"], key=lambda r: (r["sae"], r["precision"] != "float32"))],
+        )  # fmt: skip
     if results["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     return "\n".join(lines) + "\n"

@@ -22,6 +22,10 @@ import sys
 import tempfile
 import time
 
+# The report's machine line and files. The harness imports the standard library only, so the children's import times stay theirs.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `python benchmarks/whole_run.py` as well as -m
+from benchmarks import harness  # noqa: E402
+
 CASES = {
     # Heavy-tailed (log-normal magnitudes), anisotropic (Zipf feature frequencies: a few directions
     # carry most of the variance), non-zero mean (a per-layer offset), noisy: what a ViT layer's
@@ -90,8 +94,8 @@ def child_torch(args, launched: float) -> dict:
 
     import numpy as np
     import torch
-
     import wandb  # noqa: F401  saev imports wandb at start-up
+
     from benchmarks import torch_baseline as tb
     from saev_jax import config, data
 
@@ -188,12 +192,10 @@ def report(results: dict) -> str:
         lines += [
             f"### {case}: d_vit {s['d_vit']}, {s['n_imgs'] * s['n_patches_per_img']:,} examples, "
             f"{N_SAES} SAEs exp {EXP}, {c['n_patches']:,} patches, batch {BATCH}", "",
-            "| phase | original (torch loop) s | saev_jax s |", "|---|---|---|",
         ]  # fmt: skip
-        for p in (*PHASES, "other", "end to end"):
-            a, b = r["torch"].get(p), r["jax"].get(p)
-            fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
-            lines.append(f"| {p} | {fmt(a)} | {fmt(b)} |")
+        fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
+        lines += harness.table(["phase", "original (torch loop) s", "saev_jax s"],
+                               [[p, fmt(r["torch"].get(p)), fmt(r["jax"].get(p))] for p in (*PHASES, "other", "end to end")])  # fmt: skip
         lines += ["", f"End to end: saev_jax is **{r['torch']['end to end'] / r['jax']['end to end']:.2f}x** the original's speed.", ""]
     return "\n".join(lines)
 
@@ -227,12 +229,9 @@ def main():
                 work.mkdir()
                 results[case][program] = run_child(program, root / "shards", CASES[case]["n_patches"], CASES[case]["synth"]["d_vit"], work)
                 print(case, program, json.dumps({k: round(v, 1) for k, v in results[case][program].items()}), file=sys.stderr, flush=True)
-    md = f"Machine: {os.cpu_count()} CPU cores, shared with other jobs; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n" + report(results)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"cases": {k: CASES[k] for k in results}, "results": results}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    md = f"{harness.machine_line(harness.machine())} Shared with other jobs; {when}.\n\n" + report(results)
+    harness.write(args.out, {"cases": {k: CASES[k] for k in results}, "results": results}, md)
 
 
 if __name__ == "__main__":

@@ -624,7 +624,7 @@ def test_start_batch_resumes_the_stream(tmp_path, mode):
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_rows_split_the_global_batch(tmp_path, mode, shuffle):
     """Each process's rows are its contiguous share of the one global batch every process agrees on."""
-    md = coded_shards(tmp_path)
+    coded_shards(tmp_path)
     acts = load(tmp_path, layer=1)
 
     def batches(rows):
@@ -647,9 +647,9 @@ def test_auto_mode_follows_available_memory(tmp_path, monkeypatch):
     make_shards(tmp_path)
     acts = load(tmp_path)
     total = acts.metadata.n_shards * acts.shard_nbytes
-    monkeypatch.setattr(data, "available_memory", lambda: total - 1)
+    monkeypatch.setattr(data.loader, "available_memory", lambda: total - 1)
     assert data.Loader(acts, batch_size=4, shuffle=True).read_mode == "blocks"
-    monkeypatch.setattr(data, "available_memory", lambda: total)
+    monkeypatch.setattr(data.loader, "available_memory", lambda: total)
     assert data.Loader(acts, batch_size=4, shuffle=True).read_mode == "random"
     assert data.Loader(acts, batch_size=4, shuffle=True, read_mode="blocks").read_mode == "blocks"
     assert data.available_memory() > 0
@@ -682,7 +682,7 @@ def shrink(fpath, nbytes):
 
 
 def test_shard_shrinks_mid_epoch(tmp_path):
-    md = coded_shards(tmp_path)
+    coded_shards(tmp_path)
     acts = load(tmp_path, layer=1)
     mapped = load(tmp_path, layer=1)
     mapped.read(np.arange(len(acts)))  # its memory maps exist before the file shrinks
@@ -737,3 +737,15 @@ def test_direct_reads_match(tmp_path):
     np.testing.assert_array_equal(acts.read_images(0, md.n_imgs, out=out, direct=True), expected)
     opened = [f._direct_fd for f in acts._files.open.values()]
     assert opened and all(fd is not None for fd in opened)  # tried; -1 where the file system refuses O_DIRECT
+
+
+def test_torch_loads_only_with_the_torch_dataset():
+    # In a fresh interpreter: this one has torch already. The step and the loop must import without it.
+    code = (
+        "import sys\n"
+        "from saev_jax import data, step\n"
+        "assert 'torch' not in sys.modules, 'importing saev_jax.data imported torch'\n"
+        "assert data.Dataset.__module__ == 'saev_jax.data.torch_dataset' and 'torch' in sys.modules\n"
+        "from saev_jax.data import Example\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
