@@ -239,7 +239,12 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
     if stars:
         ax.scatter(l0[stars], err[stars], marker="*", s=260, facecolors="none", edgecolors="k", lw=1.2, zorder=4, gid="best",
                    label="best" if len(stars) == 1 else "best (tied)")  # fmt: skip
+    from matplotlib import ticker
+
     ax.set_xscale("log")
+    # Plain numbers (20, not 2x10^1): sweeps often span less than a decade of L0.
+    ax.xaxis.set_major_formatter(ticker.LogFormatter())
+    ax.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
     ax.set_ylim(0, ymax)
     ax.set_xlabel("L0: active latents per example (log scale)")
     ax.set_ylabel("FVU: fraction of variance unexplained" if use_fvu else "MSE (no FVU for every SAE)")

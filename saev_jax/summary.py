@@ -140,15 +140,15 @@ def format_table(rows: list[dict[str, object]]) -> str:
 def legend(rows: list[dict[str, object]]) -> str:
     """The lines under the table: what the columns and the star mean."""
     n_star = len(best(rows))
-    star = {0: "no SAE is healthy, none starred", 1: "* = best healthy SAE"}.get(
-        n_star, f"* = best healthy SAE; {n_star} are starred: their qualities are within their standard errors (a tie)"
+    star = {0: "no SAE is healthy: none starred", 1: "* = the best healthy SAE"}.get(
+        n_star, f"* = the best healthy SAEs: {n_star} tied within their standard errors"
     )
-    return (
-        f"{len(rows)} SAEs. quality: bits/example saved, higher is better (± quality_stderr). "
-        "sparsity: relu sparsity_coeff, topk/batchtopk/matryoshka k, jumprelu l0_coefficient. "
-        f"fvu: fraction of variance unexplained; expl_var = 1 - fvu. {star}; "
-        "never starred: a note (diverged, evaluation failed, broken: fvu > 1, non-finite or every latent dead)."
-    )
+    return "\n".join([
+        f"{len(rows)} SAEs. quality: bits/example saved, higher is better, ± quality_stderr; "
+        "fvu: fraction of variance unexplained, expl_var = 1 - fvu.",
+        "sparsity: the kind's own setting: sparsity_coeff (relu), k (topk, batchtopk, matryoshka), l0_coefficient (jumprelu).",
+        f"{star}; an SAE with a note (diverged, evaluation failed, broken) is never starred.",
+    ])  # fmt: skip
 
 
 def write_summary(ckpt_dpath: str | pathlib.Path, entries: list[Entry], *, file=None) -> pathlib.Path:
@@ -173,8 +173,8 @@ def write_summary(ckpt_dpath: str | pathlib.Path, entries: list[Entry], *, file=
     tmp.replace(fpath)
     frontier = plots.save_figure(plots.plot_frontier(rows, best(rows)), ckpt_dpath / FRONTIER_FNAME)
     print(format_table(rows), file=file)
-    print(f"({legend(rows)})", file=file)
-    print(f"(table: {fpath}; frontier: {frontier})", file=file)
+    print(legend(rows), file=file)
+    print(f"Table: {fpath}; frontier (L0 against FVU): {frontier}", file=file)
     return fpath
 
 

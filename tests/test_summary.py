@@ -79,7 +79,7 @@ def test_ties_within_the_standard_error_are_all_starred():
     ]
     lines, rows = table_of(entries)
     assert starred(lines) == ["a", "b"] and summary.best(rows) == [0, 1]
-    assert "2 are starred" in summary.legend(rows)
+    assert "2 tied within their standard errors" in summary.legend(rows)
     # Unknown stderr counts as 0: only an exact tie is a tie.
     rows = [summary.make_row("x", c, metrics(quality=q, quality_stderr=math.nan)) for q in (1.0, 2.0, 2.0)]
     assert summary.best(rows) == [1, 2]
