@@ -104,10 +104,11 @@ def plot_sae(metrics: EvalMetrics, title: str = "") -> "Figure":
     return fig
 
 
-def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "") -> "Figure":
+def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "", starred: list[int] | None = None) -> "Figure":
     """Every SAE of a group overlaid: step histograms of log10 frequency and log10 mean value, and quality.
 
-    Colours follow the input order (viridis), the same in the three panels.
+    Colours follow the input order (viridis), the same in the three panels. The quality labels of
+    `starred` (default: the highest quality) are bold.
     """
     if len(metrics) != len(labels):
         raise ValueError(f"plot_group: {len(metrics)} metrics but {len(labels)} labels")
@@ -134,9 +135,10 @@ def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "") -
     ax_q.invert_yaxis()
     ax_q.axvline(0, color="k", lw=0.8)
     ax_q.set_xlabel("quality: bits/example saved\n(higher is better)")
-    if len(q) and np.isfinite(q).any():
-        best = int(np.nanargmax(q))
-        ax_q.get_yticklabels()[best].set_fontweight("bold")
+    if starred is None:
+        starred = [int(np.nanargmax(q))] if len(q) and np.isfinite(q).any() else []
+    for i in starred:
+        ax_q.get_yticklabels()[i].set_fontweight("bold")
     fig.suptitle(title or f"{len(metrics)} SAEs", fontsize=11)
     return fig
 
@@ -167,15 +169,16 @@ def save_plots(
         save_figure(plot_sae(m, f"{run_id}  {lab}"), ckpt_dpath / run_id / SAE_FNAME)
         for run_id, lab, m in zip(run_ids, labels, metrics)
     ]
-    title = f"{len(metrics)} SAEs, {_widths(cfgs)}, data={cfgs[0].data.shard_root}"
-    group = save_figure(plot_group(metrics, [f"{r} {lab}" for r, lab in zip(run_ids, labels)], title), ckpt_dpath / f"group-{run_ids[0]}.png")
     from . import summary
 
-    # The frontier of these SAEs, with what their metrics.json adds (written before the plots: divergence).
+    # What their metrics.json adds (written before the plots): divergence, so the best is a healthy one.
     rows = []
     for run_id, cfg, m in zip(run_ids, cfgs, metrics):
         fpath = ckpt_dpath / run_id / "metrics.json"
         rows.append(summary.make_row(run_id, cfg, json.loads(fpath.read_text()) if fpath.is_file() else m))
+    title = f"{len(metrics)} SAEs, {_widths(cfgs)}, data={cfgs[0].data.shard_root}"
+    fig = plot_group(metrics, [f"{r} {lab}" for r, lab in zip(run_ids, labels)], title, summary.best(rows))
+    group = save_figure(fig, ckpt_dpath / f"group-{run_ids[0]}.png")
     frontier = save_figure(plot_frontier(rows, summary.best(rows)), ckpt_dpath / summary.FRONTIER_FNAME)
     return PlotPaths(per_sae=per_sae, group=group, frontier=frontier)
 
@@ -251,7 +254,7 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
     ax.grid(True, which="both", color="0.9", lw=0.6)
     fig.legend(loc="outside right upper", fontsize=8)
     n_off = len(rows) - len(healthy) - len(sick)
-    extra = f"; {n_off} with no finite L0 not shown" if n_off else ""
+    extra = f"; {n_off} not shown (L0 of 0 or not finite)" if n_off else ""
     fig.suptitle(title or f"{len(rows)} SAEs: lower left is better{extra}", fontsize=11)
     return fig
 

@@ -59,6 +59,9 @@ def test_frontier_falls_back_to_mse_and_marks_ties():
     assert fig.axes[0].get_ylabel().startswith("MSE")
     (best,) = by_gid(fig, "best")
     assert best.get_offsets().data.tolist() == [[2.0, 0.4], [4.0, 0.3]] and best.get_label() == "best (tied)"
+    # Every latent dead: L0 = 0 has no place on a log axis, and the title says so.
+    rows.append(row("dead", "relu", 2, 0.0, 9e6, n_dead=16))
+    assert "1 not shown (L0 of 0" in plots.plot_frontier(rows, summary.best(rows)).get_suptitle()
 
 
 def test_save_plots_titles_every_width_and_writes_the_frontier(tmp_path):
@@ -71,3 +74,15 @@ def test_save_plots_titles_every_width_and_writes_the_frontier(tmp_path):
     assert plots._widths(cfgs) == "d_sae in {16, 32}" and plots._widths(cfgs[:1]) == "d_sae=16"
     paths = plots.save_plots(tmp_path, ["a", "b"], cfgs, metrics)
     assert paths.frontier == tmp_path / "frontier.png" and paths.frontier.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_group_figure_bolds_the_healthy_best_only(tmp_path):
+    def m(quality, mse):
+        return EvalMetrics(l0=2.0, l1=1.0, mse=mse, n_dead=0, n_almost_dead=0, n_dense=0, freqs=np.full(2 * D, 0.1, np.float32),
+                           mean_values=np.ones(2 * D, np.float32), almost_dead_threshold=1e-7, dense_threshold=1e-2, quality=quality)  # fmt: skip
+    rows_metrics = [m(1.0, 0.3), m(7348.0, 3e22), m(2.0, 0.2)]
+    cfg = config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=2))
+    rows = [summary.make_row(f"r{i}", cfg, x) for i, x in enumerate(rows_metrics)]
+    fig = plots.plot_group(rows_metrics, ["a", "b", "c"], starred=summary.best(rows))
+    bold = [t.get_text() for t in fig.axes[2].get_yticklabels() if t.get_fontweight() == "bold"]
+    assert bold == ["c  L0=2"]
