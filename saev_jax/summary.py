@@ -63,7 +63,7 @@ def health(cfg: config.Train, scalars: Mapping[str, object]) -> str:
     if step is not None or scalars.get("diverged"):
         return "diverged" if step is None else f"diverged at step {int(step)}"
     for key in ("mse", "l0", "quality"):
-        if not math.isfinite(_float(scalars, key)):
+        if key in scalars and not math.isfinite(_float(scalars, key)):  # Missing (an older metrics.json) is not broken.
             return f"broken: {key} is not finite"
     fvu, mse = _float(scalars, "fvu"), _float(scalars, "mse")
     if fvu > 1:

@@ -26,7 +26,6 @@ def cfg(**sae) -> config.Train:
 
 
 def table_of(entries) -> tuple[list[str], list[dict]]:
-    out = io.StringIO()
     rows = [summary.make_row(*e) for e in entries]
     return summary.format_table(rows).splitlines(), rows
 
@@ -62,6 +61,8 @@ def test_unhealthy_reasons():
     for note, change in cases.items():
         assert summary.make_row("r", c, metrics().to_json() | change)["note"] == note
     assert summary.make_row("r", c, metrics())["note"] == ""
+    old = {k: v for k, v in metrics().to_json().items() if k not in ("quality", "quality_stderr", "fvu")}
+    assert summary.make_row("r", c, old)["note"] == ""  # An older metrics.json: unknown, not broken.
     # Without normalisation the data's scale is unknown: a large mse alone breaks nothing.
     raw = config.Train(data=config.DataLoad(scale_norm=False), sae=c.sae)
     assert summary.make_row("r", raw, metrics(mse=1e6, fvu=math.nan))["note"] == ""
