@@ -681,6 +681,7 @@ def dry_run(cfgs: list[config.Train], sources: list[str], *, file=None) -> None:
             name = config.group_name(group) + (f"-round-{r + 1}" if len(group_plan.rounds) > 1 else "")
             snaps = pathlib.Path(cfg.ckpt_path) / "snapshots" / name
             state = "finished: skipped" if (snaps / "done.json").is_file() else "resumes" if snapshot.latest(snaps) else "new"
+            state = "--fresh: trains afresh" if cfg.fresh else state
             label = f"round {r + 1}/{len(group_plan.rounds)} " if len(group_plan.rounds) > 1 else ""
             print(f"  {label}snapshots: {snaps}/ ({state})", file=file)
             for s in rnd.stacks:

@@ -337,11 +337,14 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, shard_root, capsys
 
 
 @pytest.mark.slow
-def test_adding_a_sweep_file_skips_the_finished_group(tmp_path, shard_root, caplog):
+def test_adding_a_sweep_file_skips_the_finished_group(tmp_path, shard_root, caplog, capsys):
     a, b = two_files(tmp_path, shard_root)
     first = train.cli([str(b)])
+    name = config.group_name(train.parse_cli([str(b)])[0])
+    capsys.readouterr()
+    train.cli([str(a), str(b), "--dry-run"])
+    assert f"snapshots/{name}/ (finished: skipped)" in capsys.readouterr().out
     caplog.clear()
     with caplog.at_level("INFO", logger="saev_jax.train"):
         both = train.cli([str(a), str(b)])
-    name = config.group_name(train.parse_cli([str(b)])[0])
     assert f"{name} is complete (3 SAEs" in caplog.text and both[2:] == first
