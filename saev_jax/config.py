@@ -6,6 +6,7 @@ seeds follow SPEC's rule (see `grid`), which differs from what saev's code does.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -156,11 +157,11 @@ class Train:
     fresh: bool = False
     """Ignore snapshots and finished groups that an earlier run left in ckpt_path: train everything afresh."""
     slurm: bool = False
-    """Accepted for saev sweep files; saev_jax runs where it is started."""
+    """Submit each group as a Slurm job (submitit; pip install 'saev_jax[slurm]') instead of training here."""
     slurm_acct: str = ""
-    """Accepted for saev sweep files."""
+    """The Slurm account the jobs of `slurm = true` are charged to ('' for the cluster's default)."""
     log_to: str = os.path.join(".", "logs")
-    """Accepted for saev sweep files."""
+    """Where the Slurm jobs of `slurm = true` write their logs."""
 
 
 CANNOT_PARALLELIZE = frozenset({
@@ -389,3 +390,109 @@ def _kind_checks(cfg: Train) -> list[tuple[bool, str, str]]:
         (sae.k * cfg.sae_batch_size >= 2**31, "sae.k", "k * sae_batch_size must be below 2^31"),
     ]  # fmt: skip
     return checks
+
+
+def field_type(key: str):
+    """The annotated type of a dotted `Train` field (`lr`, `sae.k`, `data.layer`), or None if it names none."""
+    cls, parts = Train, key.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return None
+        if i < len(parts) - 1:
+            cls = _SUBCONFIGS.get((cls, part))
+            if cls is None:
+                return None
+    return fields[parts[-1]].type
+
+
+def unknown_keys(sweep: dict[str, object]) -> list[str]:
+    """Every key of a sweep file (`[sae]` and `[data]` keys dotted) that names no config field, in file order."""
+    out = []
+    for key, value in sweep.items():
+        if (Train, key) in _SUBCONFIGS and isinstance(value, dict):
+            out += [f"{key}.{sub}" for sub in value if field_type(f"{key}.{sub}") is None]
+        elif field_type(key) is None:
+            out.append(key)
+    return out
+
+
+def check_sweep_keys(sweep: dict[str, object], where: str) -> None:
+    """InputError listing, in one line, every key of the sweep file `where` that names no config field."""
+    unknown = unknown_keys(sweep)
+    if unknown:
+        names = ", ".join(f"'{key}'" for key in unknown)
+        what = "key" if len(unknown) == 1 else f"{len(unknown)} keys"
+        raise InputError(f"{where}: unknown {what} {names} (no such config field; --help lists them)")
+
+
+def sweep_items(sweep: dict[str, object]) -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of every setting in a sweep file, `[sae]` and `[data]` keys dotted."""
+    for key, value in sweep.items():
+        if isinstance(value, dict):
+            for sub, sub_value in value.items():
+                yield f"{key}.{sub}", sub_value
+        else:
+            yield key, value
+
+
+def _bool_or_str(key: str) -> bool:
+    kind = field_type(key)
+    return kind is not None and kind is not bool and bool in typing.get_args(kind)
+
+
+def normalize_flags(args: list[str]) -> list[str]:
+    """saev's spellings of flags, as tyro reads them here: `--data.no-scale-mean` is `--data.scale-mean False`
+    and a bare `--data.scale-mean` is `--data.scale-mean True` (fields that take a bool or a file name)."""
+    out = []
+    for i, arg in enumerate(args):
+        name = arg[2:].replace("_", "-") if arg.startswith("--") and "=" not in arg else ""
+        prefix, dot, last = name.rpartition(".")
+        negated = prefix + dot + last[3:]
+        if last.startswith("no-") and _bool_or_str(negated.replace("-", "_")):
+            out += [f"--{negated}", "False"]
+        elif name and _bool_or_str(name.replace("-", "_")) and (i + 1 == len(args) or args[i + 1].startswith("--")):
+            out += [arg, "True"]
+        else:
+            out.append(arg)
+    return out
+
+
+def flag_keys(args: list[str]) -> dict[str, str]:
+    """The dotted `Train` fields that `args` (tyro's flags) set, each with the flag as written (`--data.layer`)."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--"):
+            continue
+        flag = arg.split("=", 1)[0]
+        key = flag[2:].replace("-", "_")
+        prefix, dot, last = key.rpartition(".")
+        if field_type(key) is None and last.startswith("no_"):  # --no-track, --data.no-scale-mean
+            key = prefix + dot + last[3:]
+        if field_type(key) is not None:
+            out[key] = flag
+    return out
+
+
+def overridden_flags(sweep: dict[str, object], flags: dict[str, str], base: Train) -> list[tuple[str, str, object, object]]:
+    """(key, flag, flag's value, file's value) of every flag in `flags` that the sweep file sets to something else."""
+    out = []
+    for key, value in sweep_items(sweep):
+        if key in flags:
+            given = json.loads(_canonical(base, key))
+            if value != given and value != [given]:  # A one-value list sets the flag's value too.
+                out.append((key, flags[key], given, value))
+    return out
+
+
+def group_name(cfgs: list[Train]) -> str:
+    """A group's name, `group-<8 hex digits>`: a hash of what its configs share (the values of
+    `CANNOT_PARALLELIZE`: data, ckpt_path, n_patches, ...), not of its place on the command line.
+
+    So rerunning a command with another sweep file added finds this group's snapshots again,
+    and a group whose SAEs changed (another lr, one more file joining it) finds them too, and is
+    refused as made with other configs. `fresh` and `slurm` are left out: they say how to run,
+    and a Slurm job trains its group with `slurm = false`.
+    """
+    shared = {key: _canonical(cfgs[0], key) for key in sorted(CANNOT_PARALLELIZE - {"fresh", "slurm"})}
+    return "group-" + hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]

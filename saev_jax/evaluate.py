@@ -465,8 +465,8 @@ import tyro  # noqa: E402
 class EvalData:
     """Which shards to evaluate on. Unset fields take the checkpoint's training values (saev's defaults for a bare sae.pt)."""
 
-    shard_root: str
-    """Directory with `metadata.json` and `acts*.bin` shards."""
+    shard_root: str | None = None
+    """Directory with `metadata.json` and `acts*.bin` shards (default: the checkpoint's, from its cfg.json)."""
     patches: Literal["cls", "patches", "meanpool"] | None = None
     """Which tokens an example is made of."""
     layer: int | Literal["all", "meanpool"] | None = None

@@ -1,4 +1,5 @@
-"""Histograms of feature frequency and mean value, per SAE and overlaid for a whole group.
+"""Histograms of feature frequency and mean value, per SAE and overlaid for a whole group, and the
+sweep's frontier: L0 against FVU for every SAE.
 
 Figures are `matplotlib.figure.Figure` objects drawn with the Agg canvas and closed after
 saving: nothing touches pyplot's global state, so this is safe in threads and headless jobs.
@@ -8,6 +9,7 @@ saving: nothing touches pyplot's global state, so this is safe in threads and he
 """
 
 import dataclasses
+import json
 import math
 import pathlib
 from typing import TYPE_CHECKING
@@ -36,6 +38,8 @@ class PlotPaths:
     """`<ckpt_path>/<run id>/hists.png`, one per SAE, in input order."""
     group: pathlib.Path
     """`<ckpt_path>/group-<first run id>.png`: every SAE of the group overlaid."""
+    frontier: pathlib.Path
+    """`<ckpt_path>/frontier.png`: these SAEs' L0 against FVU (the sweep's summary redraws it for every SAE)."""
 
 
 def label(cfg: config.Train) -> str:
@@ -100,16 +104,17 @@ def plot_sae(metrics: EvalMetrics, title: str = "") -> "Figure":
     return fig
 
 
-def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "") -> "Figure":
+def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "", starred: list[int] | None = None) -> "Figure":
     """Every SAE of a group overlaid: step histograms of log10 frequency and log10 mean value, and quality.
 
-    Colours follow the input order (viridis), the same in the three panels.
+    Colours follow the input order (viridis), the same in the three panels. The quality labels of
+    `starred` (default: the highest quality) are bold.
     """
     if len(metrics) != len(labels):
         raise ValueError(f"plot_group: {len(metrics)} metrics but {len(labels)} labels")
     import matplotlib
 
-    fig = _figure((15, 4.8))
+    fig = _figure((15, 5.2 + 0.18 * math.ceil(len(metrics) / 4)))
     ax_f, ax_v, ax_q = fig.subplots(1, 3, width_ratios=(1, 1, 0.8))
     colors = [matplotlib.colormaps["viridis"](x) for x in np.linspace(0, 0.9, max(len(metrics), 1))]
     bins_f = np.linspace(*FREQ_RANGE, 65)
@@ -119,7 +124,8 @@ def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "") -
         _hist(ax_v, _log10_positive(m.mean_values), bins_v, color=c, lw=1.3)
     if metrics:
         _freq_axis(ax_f, metrics[0])
-    ax_f.legend(loc="upper left", fontsize=6, ncol=1 + len(metrics) // 12)
+    # Below the panels, not over the histograms.
+    fig.legend(loc="outside lower center", fontsize=7, ncol=min(4, max(1, len(metrics))))
     ax_v.set_xlabel("log10 mean value when fired")
     ax_v.set_ylabel("features")
     y = np.arange(len(metrics))
@@ -128,10 +134,11 @@ def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "") -
     ax_q.set_yticks(y, [f"{lab}  L0={m.l0:.3g}" for lab, m in zip(labels, metrics)], fontsize=7)
     ax_q.invert_yaxis()
     ax_q.axvline(0, color="k", lw=0.8)
-    ax_q.set_xlabel("quality: bits/example saved (higher is better)")
-    if len(q) and np.isfinite(q).any():
-        best = int(np.nanargmax(q))
-        ax_q.get_yticklabels()[best].set_fontweight("bold")
+    ax_q.set_xlabel("quality: bits/example saved\n(higher is better)")
+    if starred is None:
+        starred = [int(np.nanargmax(q))] if len(q) and np.isfinite(q).any() else []
+    for i in starred:
+        ax_q.get_yticklabels()[i].set_fontweight("bold")
     fig.suptitle(title or f"{len(metrics)} SAEs", fontsize=11)
     return fig
 
@@ -156,17 +163,105 @@ def save_plots(
         raise ValueError(f"save_plots: {len(run_ids)} run ids, {len(cfgs)} configs, {len(metrics)} metrics")
     ckpt_dpath = pathlib.Path(ckpt_dpath)
     labels = [label(c) for c in cfgs]
+    if len({c.sae.d_sae for c in cfgs}) > 1:
+        labels = [f"{lab} d_sae={c.sae.d_sae}" for lab, c in zip(labels, cfgs)]
     per_sae = [
         save_figure(plot_sae(m, f"{run_id}  {lab}"), ckpt_dpath / run_id / SAE_FNAME)
         for run_id, lab, m in zip(run_ids, labels, metrics)
     ]
-    title = f"{len(metrics)} SAEs, d_sae={cfgs[0].sae.d_sae}, data={cfgs[0].data.shard_root}"
-    group = save_figure(plot_group(metrics, [f"{r} {lab}" for r, lab in zip(run_ids, labels)], title), ckpt_dpath / f"group-{run_ids[0]}.png")
-    return PlotPaths(per_sae=per_sae, group=group)
+    from . import summary
+
+    # What their metrics.json adds (written before the plots): divergence, so the best is a healthy one.
+    rows = []
+    for run_id, cfg, m in zip(run_ids, cfgs, metrics):
+        fpath = ckpt_dpath / run_id / "metrics.json"
+        rows.append(summary.make_row(run_id, cfg, json.loads(fpath.read_text()) if fpath.is_file() else m))
+    title = f"{len(metrics)} SAEs, {_widths(cfgs)}, data={cfgs[0].data.shard_root}"
+    fig = plot_group(metrics, [f"{r} {lab}" for r, lab in zip(run_ids, labels)], title, summary.best(rows))
+    group = save_figure(fig, ckpt_dpath / f"group-{run_ids[0]}.png")
+    frontier = save_figure(plot_frontier(rows, summary.best(rows)), ckpt_dpath / summary.FRONTIER_FNAME)
+    return PlotPaths(per_sae=per_sae, group=group, frontier=frontier)
+
+
+def _widths(cfgs: list[config.Train]) -> str:
+    widths = sorted({c.sae.d_sae for c in cfgs})
+    return f"d_sae={widths[0]}" if len(widths) == 1 else f"d_sae in {{{', '.join(map(str, widths))}}}"
+
+
+KIND_COLORS = {"relu": "C0", "topk": "C1", "batchtopk": "C2", "matryoshka": "C3", "jumprelu": "C4"}
+"""The frontier's colour of each SAE kind (fixed, so figures of different sweeps compare)."""
+WIDTH_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
+"""The frontier's markers, one per width (d_sae) in increasing order."""
+
+
+def pareto_front(l0: Float[np.ndarray, " n"], err: Float[np.ndarray, " n"]) -> list[int]:
+    """Positions of the points no other point beats on both L0 and error (lower is better), by increasing L0."""
+    order = sorted(range(len(l0)), key=lambda i: (l0[i], err[i]))
+    front, lowest = [], math.inf
+    for i in order:
+        if err[i] < lowest:
+            front.append(i)
+            lowest = err[i]
+    return front
+
+
+def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str = "") -> "Figure":
+    """L0 (log scale) against FVU for SAEs given as summary rows (`summary.make_row`).
+
+    Colour: kind (`KIND_COLORS`); marker: width (`WIDTH_MARKERS`). Healthy SAEs (empty `note`) are
+    filled, one scatter per (kind, width) labelled `<kind> d_sae=<width>`; the Pareto front of the
+    healthy ones is a line (gid `pareto`); `starred` (the best, `summary.best`) get a star (gid
+    `best`); unhealthy ones (diverged, broken, ...) are crosses (gid `unhealthy`), drawn at the top
+    edge when their error is off the chart. When some healthy SAE has no fvu, MSE is the y axis.
+    """
+    fig = _figure((7.5, 5.2))
+    ax = fig.subplots()
+    l0 = np.array([float(r["l0"]) for r in rows], np.float64)
+    use_fvu = all(math.isfinite(r["fvu"]) for r in rows if r["note"] == "")
+    key = "fvu" if use_fvu else "mse"
+    err = np.array([float(r[key]) for r in rows], np.float64)
+    healthy = [i for i, r in enumerate(rows) if r["note"] == "" and np.isfinite(l0[i]) and l0[i] > 0 and np.isfinite(err[i])]
+    widths = sorted({int(r["d_sae"]) for r in rows})
+    marker = {w: WIDTH_MARKERS[j % len(WIDTH_MARKERS)] for j, w in enumerate(widths)}
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i in healthy:
+        groups.setdefault((str(rows[i]["kind"]), int(rows[i]["d_sae"])), []).append(i)
+    for (kind, width), idx in sorted(groups.items()):
+        ax.scatter(l0[idx], err[idx], c=KIND_COLORS.get(kind, "C7"), marker=marker[width], s=36, label=f"{kind} d_sae={width}", zorder=3)
+    top = max([err[i] for i in healthy], default=1.0)
+    ymax = 1.1 * top if top > 0 else 1.0
+    if healthy:
+        front = [healthy[j] for j in pareto_front(l0[healthy], err[healthy])]
+        ax.plot(l0[front], err[front], color="0.3", lw=1, ls="--", zorder=2, gid="pareto", label="Pareto front")
+    sick = [i for i, r in enumerate(rows) if r["note"] != "" and np.isfinite(l0[i]) and l0[i] > 0]
+    if sick:
+        y = np.where(np.isfinite(err[sick]), np.minimum(err[sick], ymax), ymax)
+        colors = [KIND_COLORS.get(str(rows[i]["kind"]), "C7") for i in sick]
+        ax.scatter(l0[sick], y, c=colors, marker="x", s=40, zorder=3, gid="unhealthy", label="diverged / broken (never best)")
+    stars = [i for i in starred if i in healthy]
+    if stars:
+        ax.scatter(l0[stars], err[stars], marker="*", s=260, facecolors="none", edgecolors="k", lw=1.2, zorder=4, gid="best",
+                   label="best" if len(stars) == 1 else "best (tied)")  # fmt: skip
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    # Plain numbers (20, not 2x10^1): sweeps often span less than a decade of L0.
+    ax.xaxis.set_major_formatter(ticker.LogFormatter())
+    ax.xaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
+    ax.set_ylim(0, ymax)
+    ax.set_xlabel("L0: active latents per example (log scale)")
+    ax.set_ylabel("FVU: fraction of variance unexplained" if use_fvu else "MSE (no FVU for every SAE)")
+    ax.grid(True, which="both", color="0.9", lw=0.6)
+    fig.legend(loc="outside right upper", fontsize=8)
+    n_off = len(rows) - len(healthy) - len(sick)
+    extra = f"; {n_off} not shown (L0 of 0 or not finite)" if n_off else ""
+    fig.suptitle(title or f"{len(rows)} SAEs: lower left is better{extra}", fontsize=11)
+    return fig
 
 
 def wandb_images(paths: PlotPaths) -> list[dict[str, "wandb.Image"]]:
-    """One wandb log dict per SAE: `eval/hists` (its own figure) and `eval/group_hists` (the overlay)."""
+    """One wandb log dict per SAE: `eval/hists` (its own figure), `eval/group_hists` (the overlay) and `eval/frontier`."""
     import wandb
 
-    return [{"eval/hists": wandb.Image(str(p)), "eval/group_hists": wandb.Image(str(paths.group))} for p in paths.per_sae]
+    shared = {"eval/group_hists": wandb.Image(str(paths.group)), "eval/frontier": wandb.Image(str(paths.frontier))}
+    return [{"eval/hists": wandb.Image(str(p))} | shared for p in paths.per_sae]

@@ -4,13 +4,14 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from saev_jax import config, data, step, synthetic, train
+from saev_jax import config, data, evaluate, step, synthetic, train
 from saev_jax import sae as sae_lib
 
 D = 16
@@ -75,11 +76,18 @@ def test_cli_end_to_end(tmp_path, shard_root):
         assert 0 < metrics["l0"] <= 2 * D and metrics["mse"] > 0
         assert (dpath / "hists.png").stat().st_size > 0
     # The checkpoints, the group's overlay figure and the sweep summary; nothing half-written.
-    assert {p.name for p in ckpt.iterdir()} == set(ids) | {f"group-{ids[0]}.png", "summary.csv", "snapshots", ".saev_jax.lock"}
-    # The finished group left its record and no snapshot.
-    assert [p.name for p in (ckpt / "snapshots" / "group-1").iterdir()] == ["done.json"]
+    assert {p.name for p in ckpt.iterdir()} == set(ids) | {f"group-{ids[0]}.png", "summary.csv", "frontier.png", "snapshots", ".saev_jax.lock"}
+    # The finished group, named by its configs, left its record and no snapshot.
+    cfgs = [sae_lib.load_cfg(ckpt / run_id) for run_id in ids]
+    assert [p.name for p in (ckpt / "snapshots" / config.group_name(cfgs)).iterdir()] == ["done.json"]
     rows = (ckpt / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and all(run_id in "".join(rows) for run_id in ids)
+    # The evaluate CLI takes the shard root (and layer, patches) from cfg.json.
+    assert evaluate.main([str(ckpt), "--out", str(tmp_path / "ev")]) == 0
+    for run_id in ids:
+        again = json.loads((tmp_path / "ev" / run_id / "metrics.json").read_text())
+        assert again["l0"] == json.loads((ckpt / run_id / "metrics.json").read_text())["l0"]
+    assert (tmp_path / "ev" / "frontier.png").is_file()
 
 
 def test_b_dec_is_the_mean_of_a_seeded_permutation(shard_root):
@@ -109,7 +117,7 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, shard_root):
     sweep = write_sweep(tmp_path, shard_root, extra="learning_rate = 1.0")
     result = run_cli(str(sweep))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: sweep: unknown key 'learning_rate' (not a field of Train)"
+    assert result.stderr.strip().splitlines()[-1] == f"error: {sweep}: unknown key 'learning_rate' (no such config field; --help lists them)"
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -164,8 +172,9 @@ def test_ungroupable_configs_name_the_keys(shard_root):
 def test_cli_help_documents_fields():
     result = run_cli("--help")
     assert result.returncode == 0
-    for text in ("--data.shard-root", "--sae.sparsity-coeff", "Adam learning rate", "--n-patches"):
-        assert text in result.stdout, text
+    for text in ("--data.shard-root", "--sae.sparsity-coeff", "Adam learning rate", "--n-patches", "--dry-run", "--sweep FILE",
+                 "--coordinator-address HOST:PORT", "--num-processes", "--dist-timeout", "--data.no-scale-mean", "Submit each group as a Slurm job"):
+        assert text in " ".join(result.stdout.replace("│", " ").split()), text  # tyro wraps lines in a box.
 
 
 @pytest.mark.parametrize(
@@ -245,3 +254,97 @@ def test_track_true_without_login_or_offline_trains_to_offline_files(tmp_path, s
     fallback = "logging to offline files instead"
     assert result.stderr.count(fallback) == (0 if wandb_mode else 1)
     assert "Traceback" not in result.stderr
+
+
+def test_flag_overridden_by_the_sweep_file_warns_once(tmp_path, shard_root, capsys):
+    sweep = write_sweep(tmp_path, shard_root)
+    cfgs, sources, dry = train.parse_cli([str(sweep), "--data.layer", "3", "--sae.sparsity-coeff", "0.5", "--lr", "0.01", "--n-patches", "3000"])
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: {sweep} sets data.layer = -1, overriding --data.layer 3",
+        f"warning: {sweep} sets sae.sparsity_coeff = [0.001, 0.01], overriding --sae.sparsity-coeff 0.5",
+    ]  # --lr is not in the file; --n-patches gives the file's own value.
+    assert [c.data.layer for c in cfgs] == [-1, -1] and cfgs[0].lr == 0.01 and sources == [str(sweep)] * 2 and not dry
+
+
+def test_sweep_flag_negations_and_all_unknown_keys_at_once(tmp_path, shard_root, capsys):
+    sweep = write_sweep(tmp_path, shard_root)
+    by_flag, _, _ = train.parse_cli(["--sweep", str(sweep), "--data.no-scale-mean", "--data.scale-norm"])
+    assert by_flag == train.parse_cli([str(sweep), "--data.scale-mean", "False"])[0]
+    assert [c.data.scale_mean for c in by_flag] == [False, False] and by_flag[0].data.scale_norm is True
+    assert train.parse_cli([f"--sweep={sweep}"])[0][0].data.scale_mean is True
+    # saev's outdated keys: every one in one message.
+    old = tmp_path / "dumbest.toml"
+    old.write_text('ckpt_dir = "x"\nlearning_rate = 1.0\nlr = 1e-3\n[sae]\nl1_coeff = 1.0\nd_vit = 16\n[data]\nlayer_idx = 1\n[wandb]\nproject = "p"\n')
+    with pytest.raises(config.InputError) as info:
+        train.parse_cli([str(old)])
+    assert str(info.value) == (
+        f"{old}: unknown 5 keys 'ckpt_dir', 'learning_rate', 'sae.l1_coeff', 'data.layer_idx', 'wandb' (no such config field; --help lists them)"
+    )
+
+
+def test_d_vit_defaults_to_the_shards(tmp_path, shard_root):
+    sweep = write_sweep(tmp_path, shard_root).read_text().replace(f"d_vit = {D}\n", "")
+    (tmp_path / "sweep.toml").write_text(sweep)
+    cfgs, _, _ = train.parse_cli([str(tmp_path / "sweep.toml")])
+    assert [c.sae.d_vit for c in cfgs] == [D, D]
+    alone, _, _ = train.parse_cli(["--data.shard-root", str(shard_root)])
+    assert alone[0].sae.d_vit == D
+    # Given, it is kept (and open_group says it disagrees with the shards).
+    given, _, _ = train.parse_cli([str(tmp_path / "sweep.toml"), "--sae.d-vit", str(2 * D)])
+    assert given[0].sae.d_vit == 2 * D
+    with pytest.raises(config.InputError, match=f"sae.d_vit = {2 * D} but the shards .* have d_vit = {D}"):
+        train.open_group(given)
+
+
+def two_files(tmp_path, shard_root):
+    (tmp_path / "a").mkdir()
+    a = write_sweep(tmp_path / "a", shard_root)
+    b_text = write_sweep(tmp_path, shard_root).read_text().replace("n_patches = 3000", "n_patches = 1500")
+    b = tmp_path / "b.toml"
+    b.write_text(b_text.replace("sparsity_coeff = [1e-3, 1e-2]", "sparsity_coeff = [3e-3, 1e-2, 3e-2]"))
+    return a, b
+
+
+def test_group_names_and_seeds_do_not_depend_on_other_files(tmp_path, shard_root):
+    a, b = two_files(tmp_path, shard_root)
+    alone, _, _ = train.parse_cli([str(b)])
+    both, sources, _ = train.parse_cli([str(a), str(b)])
+    assert both[2:] == alone and sources == [str(a)] * 2 + [str(b)] * 3
+    # A single file's seeds are grid()'s.
+    assert alone == config.grid(config.Train(), config.load_sweep(b))
+    assert [c.seed for c in alone] == [42, 43, 44] and [c.sae.seed for c in alone] == [42, 43, 44]
+    groups = config.split_cfgs(both)
+    assert len(groups) == 2 and config.group_name(groups[1]) == config.group_name(config.split_cfgs(alone)[0])
+    assert config.group_name(groups[0]) != config.group_name(groups[1])
+    # Named by what its configs share: changed SAEs find the old snapshots (and are refused unless --fresh).
+    assert config.group_name([dataclasses.replace(c, fresh=True, lr=1.0) for c in alone]) == config.group_name(alone)
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, shard_root, capsys):
+    a, b = two_files(tmp_path, shard_root)
+    assert train.cli([str(a), str(b), "--dry-run"]) == []
+    out = capsys.readouterr().out
+    cfgs = train.parse_cli([str(a), str(b)])[0]
+    for group in config.split_cfgs(cfgs):
+        name = config.group_name(group)
+        assert f"{name} (" in out and f"snapshots/{name}/ (new)" in out
+    assert "5 configs in 2 group(s)" in out and out.count("stack 1/1: ") == 2 and "planned " in out
+    # Config 2 of b's group: stack, kind, width, its own sparsity setting, lr, seeds, file.
+    assert re.search(rf"^ +2 +1 +relu +32 +sparsity_coeff 0.03 +0.0004 +44 +44  {b}$", out, re.M)
+    assert f"checkpoints: {tmp_path / 'ckpt' / '<run id>'}/" in out
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "a" / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_adding_a_sweep_file_skips_the_finished_group(tmp_path, shard_root, caplog, capsys):
+    a, b = two_files(tmp_path, shard_root)
+    first = train.cli([str(b)])
+    name = config.group_name(train.parse_cli([str(b)])[0])
+    capsys.readouterr()
+    train.cli([str(a), str(b), "--dry-run"])
+    assert f"snapshots/{name}/ (finished: skipped)" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level("INFO", logger="saev_jax.train"):
+        both = train.cli([str(a), str(b)])
+    assert f"{name} is complete (3 SAEs" in caplog.text and both[2:] == first

@@ -5,6 +5,7 @@ refused; a diverging SAE is marked and sinks nobody."""
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_sigkill_then_the_same_command_gives_identical_checkpoints(tmp_path, sha
     proc.wait()
     _, err = finish(start(sweep))
     if "is complete" not in err:  # The kill may land after the end; then there is nothing to resume.
-        assert "resuming group-1 from step " in err
+        assert re.search(r"resuming group-[0-9a-f]{8} from step ", err)
     assert checkpoints(tmp_path / "ckpt") == uninterrupted
 
 
@@ -104,14 +105,15 @@ def test_sigterm_snapshots_and_exits_nonzero_then_resumes(tmp_path, shard_root, 
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM at step" in err
-    snaps = sorted((tmp_path / "ckpt" / "snapshots" / "group-1").glob("snapshot-*"))
+    snaps = sorted((tmp_path / "ckpt" / "snapshots").glob("group-*/snapshot-*"))
+    name = snaps[-1].parent.name  # config.group_name of the sweep's configs.
     assert 1 <= len(snaps) <= 2  # The last two are kept.
     step = int(snaps[-1].name.split("-")[1])
     _, err = finish(start(sweep))
-    assert f"resuming group-1 from step {step}" in err
+    assert f"resuming {name} from step {step}" in err
     # Run again: the finished group is skipped with one line.
     _, err = finish(start(sweep))
-    assert "group-1 is complete (4 SAEs" in err and "resuming" not in err
+    assert f"{name} is complete (4 SAEs" in err and "resuming" not in err
 
 
 def test_changed_configs_are_refused_unless_fresh(tmp_path, shard_root):
