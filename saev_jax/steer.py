@@ -150,6 +150,24 @@ def update(state: State, hp: Hparams, l0: Float[ArrayLike, ""], step: Int[ArrayL
     return State(log_scale=jnp.where(moves, state.log_scale + change, state.log_scale), log_l0_ema=ema, ema_weight=weight)
 
 
+def report(hp: eqx.Module, state: eqx.Module) -> dict[str, float | None]:
+    """What `metrics.json` says of one SAE's steering, from its kind's settings and state (no M axis).
+
+    `{"target_l0": target or None, "final_sparsity_coeff": the coefficient in use at the end}`
+    for ReLU and JumpReLU (without a target, the configured coefficient); `{}` for a kind
+    without a controller.
+    """
+    if not isinstance(state, State):
+        return {}
+    # ReLU calls its coefficient sparsity_coeff, JumpReLU l0_coefficient.
+    configured = hp.sparsity_coeff if hasattr(hp, "sparsity_coeff") else hp.l0_coefficient
+    on = bool(hp.steer.on)
+    return {
+        "target_l0": float(hp.steer.target_l0) if on else None,
+        "final_sparsity_coeff": float(coefficient(configured, state, hp.steer)),
+    }
+
+
 # Successive halving -------------------------------------------------------------------------
 
 

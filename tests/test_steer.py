@@ -197,6 +197,20 @@ def test_the_logged_coefficient_is_the_steered_one():
     assert coeffs[-1] > coeffs[0]  # L0 starts far above 2: the coefficient rises
 
 
+def test_report_gives_target_and_final_coefficient():
+    n_steps = 15
+    cfgs = relu_cfgs((2.0, None), n_steps=n_steps, exp_factor=4)
+    stack, hist = train_stack(cfgs, sparse_data(n_steps, 32))
+    hp = kinds.make_hparams(cfgs)
+    one = lambda tree, m: jax.tree.map(lambda a: a[m], tree)  # noqa: E731
+    steered, plain = (steer.report(one(hp, m), one(stack.state, m)) for m in (0, 1))
+    assert steered["target_l0"] == 2.0 and plain == {"target_l0": None, "final_sparsity_coeff": float(np.float32(0.02))}
+    np.testing.assert_allclose(steered["final_sparsity_coeff"], 0.02 * np.exp(stack.state.log_scale[0]), rtol=1e-6)
+    assert steered["final_sparsity_coeff"] > 0.02
+    topk = kinds.TopK.make_stack([with_sae(kind="topk")], "float32")
+    assert steer.report(None, kinds.init_state(topk)) == {}
+
+
 # Config ----------------------------------------------------------------------------------
 
 
