@@ -90,6 +90,9 @@ class SparseAutoencoder:
     """jumprelu: initial threshold of every latent; 0 means 0.001 * sqrt(d_vit) (GDM's 0.001 at E|x|^2 = 1, rescaled)."""
     jumprelu_bandwidth: float = 0.0
     """jumprelu: width eps of the straight-through estimator's rectangle kernel; 0 means 0.001 * sqrt(d_vit)."""
+    target_l0: float | None = None
+    """relu, jumprelu: steer the sparsity coefficient (sparsity_coeff or l0_coefficient, then its starting value)
+    every step so that the batch L0 ends near this (`steer.py`); None (no key) keeps the coefficient fixed."""
 
     @property
     def d_sae(self) -> int:
@@ -162,12 +165,20 @@ class Train:
     """The Slurm account the jobs of `slurm = true` are charged to ('' for the cluster's default)."""
     log_to: str = os.path.join(".", "logs")
     """Where the Slurm jobs of `slurm = true` write their logs."""
+    prune: Literal["none", "halving"] = "none"
+    """Successive halving of the sweep: at each of `prune_rungs` the worse SAEs of each tier (same kind, width
+    and sparsity target) stop early and are evaluated and kept as they are (`steer.halving_stops`); none: train all."""
+    prune_rungs: tuple[float, ...] = (0.25, 0.5)
+    """prune = halving: when the rungs happen, as increasing fractions of the training steps, each in (0, 1)."""
+    prune_keep: float = 0.5
+    """prune = halving: the fraction of each tier's running SAEs that go on at a rung (rounded up), in (0, 1)."""
 
 
 CANNOT_PARALLELIZE = frozenset({
     "data", "n_workers", "n_patches", "sae_batch_size", "track", "wandb_project", "tag",
     "log_every", "ckpt_path", "device", "slurm", "slurm_acct", "log_to",
     "sae.d_vit", "precision", "n_devices", "memory_budget_gib", "sae_chunk", "save_every", "fresh",
+    "prune", "prune_rungs", "prune_keep",
 })  # fmt: skip
 
 
@@ -208,6 +219,12 @@ def _coerce(field: dataclasses.Field, value: object, where: str) -> object:
         if not isinstance(value, (list, tuple)) or not all(type(v) is int for v in value):
             raise InputError(f"{where}: {field.name} = {value!r} must be a list of ints (in a sweep file, [[...]])")
         return tuple(value)
+    if field.type == tuple[float, ...]:
+        if not isinstance(value, (list, tuple)) or not all(type(v) in (int, float) for v in value):
+            raise InputError(f"{where}: {field.name} = {value!r} must be a list of numbers (in a sweep file, [[...]])")
+        return tuple(float(v) for v in value)
+    if field.type == float | None and type(value) is int:
+        return float(value)
     if field.type in (int, float, bool, str) and type(value) is not field.type:
         raise InputError(f"{where}: {field.name} = {value!r} must be {field.type.__name__}")
     return value
@@ -389,7 +406,7 @@ def _kind_checks(cfg: Train) -> list[tuple[bool, str, str]]:
         (cfg.lr_decay_frac != Train.lr_decay_frac and cfg.lr_schedule != "linear", "lr_decay_frac", "only lr_schedule = linear reads it"),
         (sae.k * cfg.sae_batch_size >= 2**31, "sae.k", "k * sae_batch_size must be below 2^31"),
     ]  # fmt: skip
-    return checks
+    return checks + _steer_checks(cfg)
 
 
 def field_type(key: str):
@@ -496,3 +513,26 @@ def group_name(cfgs: list[Train]) -> str:
     """
     shared = {key: _canonical(cfgs[0], key) for key in sorted(CANNOT_PARALLELIZE - {"fresh", "slurm"})}
     return "group-" + hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _steer_checks(cfg: Train) -> list[tuple[bool, str, str]]:
+    sae, target = cfg.sae, cfg.sae.target_l0
+    is_number = isinstance(target, (int, float)) and not isinstance(target, bool)
+    rungs = cfg.prune_rungs
+    return [
+        (target is not None and sae.kind in ("topk", "batchtopk", "matryoshka"), "sae.target_l0",
+         f"kind {sae.kind} has L0 = k: set sae.k instead of target_l0"),
+        (target is not None and not is_number, "sae.target_l0", "must be a number"),
+        (is_number and not 0 < target < sae.d_sae, "sae.target_l0", f"must be in (0, d_sae = {sae.d_sae})"),
+        (is_number and sae.kind == "relu" and not sae.sparsity_coeff > 0, "sae.sparsity_coeff",
+         "must be positive with sae.target_l0 (it is the controller's starting value)"),
+        (is_number and sae.kind == "jumprelu" and not sae.l0_coefficient > 0, "sae.l0_coefficient",
+         "must be positive with sae.target_l0 (it is the controller's starting value)"),
+        (cfg.prune not in ("none", "halving"), "prune", "must be none or halving"),
+        (not 0 < cfg.prune_keep < 1, "prune_keep", "must be in (0, 1)"),
+        (not rungs or any(not 0 < r < 1 for r in rungs), "prune_rungs",
+         "must be fractions of training in (0, 1); a rung at or past the end of training never happens"),
+        (list(rungs) != sorted(set(rungs)), "prune_rungs", "must be strictly increasing"),
+        (cfg.prune == "none" and cfg.prune_keep != Train.prune_keep, "prune_keep", "only prune = halving reads it"),
+        (cfg.prune == "none" and rungs != Train.prune_rungs, "prune_rungs", "only prune = halving reads it"),
+    ]  # fmt: skip

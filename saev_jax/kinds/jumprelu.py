@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .. import config, optim
+from .. import config, optim, steer
 from ..sae import safe_mse
 from . import base
 
@@ -77,6 +77,8 @@ class JumpReLUHparams(eqx.Module):
     l0_coefficient: Float[Array, "*M"]
     n_sparsity_warmup: Int[Array, "*M"]
     bandwidth: Float[Array, "*M"]
+    steer: steer.Hparams
+    """The L0 controller's settings (`sae.target_l0`)."""
 
 
 @typing.final
@@ -113,13 +115,14 @@ class JumpReLU(base.Kind):
             l0_coefficient=jnp.array([c.sae.l0_coefficient for c in cfgs], jnp.float32),
             n_sparsity_warmup=jnp.array([c.n_sparsity_warmup for c in cfgs], jnp.int32),
             bandwidth=jnp.array([bandwidth(c.sae) for c in cfgs], jnp.float32),
+            steer=steer.Hparams.from_cfgs(cfgs),
         )
 
     def inference_tensors(self, state) -> dict[str, Array]:
         return {"threshold": jnp.exp(self.log_threshold)}
 
-    def init_state(self) -> base.NoState:
-        return base.NoState()
+    def init_state(self) -> steer.State:
+        return steer.init_state()
 
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: JumpReLUHparams) -> Float[Array, "B d_sae"]:
         return jumprelu(self.pre_acts(x_BD), jnp.exp(self.log_threshold), hp.bandwidth)
@@ -133,7 +136,7 @@ class JumpReLU(base.Kind):
         f_BS = jumprelu(h_BS, theta_S, hp.bandwidth)
         x_hat_BD = self.decode(f_BS)
         recon = base.fvu(x_hat_BD, x_BD)
-        coeff = optim.warmup(hp.l0_coefficient, hp.n_sparsity_warmup)(step_count)
+        coeff = optim.warmup(steer.coefficient(hp.l0_coefficient, state, hp.steer), hp.n_sparsity_warmup)(step_count)
         l0 = jnp.mean(jnp.sum(step(h_BS, theta_S, hp.bandwidth), axis=1))
         sparsity = coeff * l0
         total = recon + sparsity
@@ -141,7 +144,7 @@ class JumpReLU(base.Kind):
             "mse": safe_mse(x_hat_BD, x_BD), "fvu": recon, "l0": l0, "l1": base.l1(f_BS), "sparsity": sparsity,
             "sparsity_coeff": coeff, "loss": total, "mean_threshold": jnp.mean(theta_S),
         }  # fmt: skip
-        return total, (metrics, state)
+        return total, (metrics, steer.update(state, hp.steer, l0, step_count))
 
 
 def init_threshold(sae_cfg: config.SparseAutoencoder) -> float:

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .. import config, optim
+from .. import config, optim, steer
 from ..sae import safe_mse
 from . import base
 
@@ -17,6 +17,8 @@ class ReLUHparams(eqx.Module):
 
     sparsity_coeff: Float[Array, "*M"]
     n_sparsity_warmup: Int[Array, "*M"]
+    steer: steer.Hparams
+    """The L0 controller's settings (`sae.target_l0`)."""
 
 
 @typing.final
@@ -47,13 +49,14 @@ class ReLU(base.Kind):
         return ReLUHparams(
             sparsity_coeff=jnp.array([c.sae.sparsity_coeff for c in cfgs], jnp.float32),
             n_sparsity_warmup=jnp.array([c.n_sparsity_warmup for c in cfgs], jnp.int32),
+            steer=steer.Hparams.from_cfgs(cfgs),
         )
 
     def inference_tensors(self, state) -> dict[str, Array]:
         return {}
 
-    def init_state(self) -> base.NoState:
-        return base.NoState()
+    def init_state(self) -> steer.State:
+        return steer.init_state()
 
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: ReLUHparams) -> Float[Array, "B d_sae"]:
         return jax.nn.relu(self.pre_acts(x_BD))
@@ -64,9 +67,9 @@ class ReLU(base.Kind):
     def loss(self, state, x_BD: Float[Array, "B d_vit"], hp: ReLUHparams, step: Int[Array, ""]):
         f_BS = self.encode_train(state, x_BD, hp)
         mse = safe_mse(self.decode(f_BS), x_BD)
-        coeff = optim.warmup(hp.sparsity_coeff, hp.n_sparsity_warmup)(step)
+        coeff = optim.warmup(steer.coefficient(hp.sparsity_coeff, state, hp.steer), hp.n_sparsity_warmup)(step)
         l1 = base.l1(f_BS)
         sparsity = coeff * l1
         total = mse + sparsity
         metrics = {"mse": mse, "l1": l1, "l0": base.l0(f_BS), "sparsity": sparsity, "loss": total, "sparsity_coeff": coeff}
-        return total, (metrics, state)
+        return total, (metrics, steer.update(state, hp.steer, metrics["l0"], step))
