@@ -22,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from . import config, data, kinds, optim
-from . import sae as sae_lib
 
 SAE_AXIS = "sae"
 """The mesh axis the stack axis of every `Stack` is split over."""
@@ -94,12 +93,8 @@ class TrainState(eqx.Module):
     step: Int[Array, ""]
 
 
-def make_stack(saes: "kinds.Kind | sae_lib.SAE", hparams: Hparams) -> Stack:
-    """A fresh stack: each SAE's optimizer state initialised from its own parameters, its kind's state at step 0.
-
-    A stack of `sae.SAE` trains as the ReLU kind (the same SAE).
-    """
-    saes = kinds.as_kind(saes)
+def make_stack(saes: kinds.Kind, hparams: Hparams) -> Stack:
+    """A fresh stack: each SAE's optimizer state initialised from its own parameters, its kind's state at step 0."""
 
     def init_one(sae, hp):
         return optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads).init(sae)

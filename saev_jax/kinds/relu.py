@@ -1,4 +1,4 @@
-"""saev's ReLU SAE with an L1 penalty (SPEC 3), unchanged."""
+"""saev's ReLU SAE with an L1 penalty (SPEC 3), unchanged; `sae.SAE` is this class."""
 
 import typing
 
@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import config, optim
-from ..sae import safe_mse
 from . import base
 
 
@@ -33,7 +32,6 @@ class ReLU(base.Kind):
     batch_coupled: typing.ClassVar[bool] = False
 
     def __init__(self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, precision: str = "float32"):
-        # The same draws as sae.SAE, so a seed gives the same SAE either way.
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = base.kaiming_tensors(d_vit, d_sae, key)
         self.precision = base.check_precision(precision)
 
@@ -52,6 +50,14 @@ class ReLU(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         return {}
 
+    def with_inference_tensors(self, tensors) -> tuple["ReLU", base.NoState]:
+        return self, base.NoState()
+
+    def __call__(self, x_D: Float[Array, " d_vit"]) -> tuple[Float[Array, " d_vit"], Float[Array, " d_sae"]]:
+        """(reconstruction, features) of one example: ReLU needs no state or settings."""
+        f_S = jax.nn.relu(self.pre_acts(x_D[None]))[0]
+        return self.decode(f_S[None])[0], f_S
+
     def init_state(self) -> base.NoState:
         return base.NoState()
 
@@ -63,7 +69,7 @@ class ReLU(base.Kind):
 
     def loss(self, state, x_BD: Float[Array, "B d_vit"], hp: ReLUHparams, step: Int[Array, ""]):
         f_BS = self.encode_train(state, x_BD, hp)
-        mse = safe_mse(self.decode(f_BS), x_BD)
+        mse = base.safe_mse(self.decode(f_BS), x_BD)
         coeff = optim.warmup(hp.sparsity_coeff, hp.n_sparsity_warmup)(step)
         l1 = base.l1(f_BS)
         sparsity = coeff * l1
