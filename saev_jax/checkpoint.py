@@ -242,7 +242,10 @@ def _read_cfg(fpath: pathlib.Path) -> config.Train:
         raise config.InputError(f"{fpath}: not a JSON config: {_first_line(err)}") from None
     if not isinstance(dct, dict):
         raise config.InputError(f"{fpath}: not a JSON config (top level is not an object)")
-    return config.from_dict(config.Train, dct, where=str(fpath))
+    cfg = config.from_dict(config.Train, dct, where=str(fpath))
+    if cfg.sae.kind not in kinds.KINDS:
+        raise config.InputError(f"{fpath}: sae.kind = {cfg.sae.kind!r}: not a kind this version knows ({', '.join(kinds.KINDS)})")
+    return cfg
 
 
 def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:

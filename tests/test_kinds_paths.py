@@ -156,3 +156,17 @@ def test_saving_a_kind_under_another_kinds_config_is_refused(tmp_path):
 def test_sae_is_the_relu_kind():
     assert sae_lib.SAE is kinds.ReLU
     assert not hasattr(kinds, "as_kind")
+
+
+@pytest.mark.slow
+def test_saelens_export_of_the_trained_sweep_encodes_as_loaded(sweep, tmp_path):
+    from .test_checkpoint import saelens_reference_encode
+
+    root, ckpt_path, ids = sweep
+    assert export.main([str(ckpt_path), "--format", "saelens", "--out", str(tmp_path / "lens")]) == 0
+    x = raw_examples(root)
+    for kind, run_id in ids.items():
+        cfg = json.loads((tmp_path / "lens" / run_id / "cfg.json").read_text())
+        assert cfg["architecture"] == export.SAELENS_ARCHITECTURES[kind]
+        f = np.asarray(sae_lib.load(ckpt_path / run_id).encode_raw(x))
+        np.testing.assert_allclose(saelens_reference_encode(tmp_path / "lens" / run_id, x), f, rtol=1e-4, atol=1e-5, err_msg=kind)
