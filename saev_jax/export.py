@@ -37,7 +37,7 @@ import sys
 import numpy as np
 import safetensors.numpy
 
-from . import checkpoint, config, data, kinds
+from . import checkpoint, config, data
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _provenance(ckpt: checkpoint.Checkpoint) -> dict[str, object]:
     if p is not None:
         out |= {"clamp": float(p.clamp), "scalar": float(p.scalar)}
     if ckpt.cfg is not None:
-        name, value = kinds.setting(ckpt.cfg.sae)
+        name, value = ckpt.cfg.sae.setting
         out |= {"data": config.to_dict(ckpt.cfg.data), "kind": ckpt.kind, name: value, "lr": ckpt.cfg.lr}
     return out
 

@@ -256,6 +256,15 @@ def test_for_wandb_keys_and_tables():
     assert set(logged) == {f"eval/{f.name}" for f in dataclasses.fields(evaluate.EvalMetrics)}
     assert "eval/quality" in logged and logged["eval/quality"] == 3.5
     assert (logged["eval/fvu"], logged["eval/explained_variance"], logged["eval/cos_sim"]) == (0.25, 0.75, 0.8)
+    # With the SAE's config: its kind, width and its kind's own sparsity setting, no other kind's.
+    for sae_cfg, setting in (
+        (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind="topk", k=7), ("eval/k", 7)),
+        (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind="jumprelu", l0_coefficient=0.3), ("eval/l0_coefficient", 0.3)),
+        (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, sparsity_coeff=1e-3), ("eval/sparsity_coeff", 1e-3)),
+    ):
+        named = metrics.for_wandb(sae_cfg)
+        assert set(named) - set(logged) == {"eval/kind", "eval/d_sae", setting[0]}
+        assert (named["eval/kind"], named["eval/d_sae"], named[setting[0]]) == (sae_cfg.kind, S, setting[1])
     for key, column in (("eval/freqs", "freq"), ("eval/mean_values", "mean_value")):
         table = logged[key]
         assert isinstance(table, wandb.Table) and table.columns == [column] and len(table.data) == 4

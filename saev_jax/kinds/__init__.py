@@ -31,16 +31,6 @@ def kind_class(cfgs: list[config.Train]) -> type[Kind]:
     return KINDS[names.pop()]
 
 
-SETTINGS = {"relu": "sparsity_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k", "jumprelu": "l0_coefficient"}
-"""Each kind's own sparsity setting: the `[sae]` field that trades reconstruction for sparsity."""
-
-
-def setting(sae_cfg: config.SparseAutoencoder) -> tuple[str, float | int]:
-    """`(name, value)` of this SAE's own sparsity setting, e.g. `("k", 32)` for TopK."""
-    name = SETTINGS[sae_cfg.kind]
-    return name, getattr(sae_cfg, name)
-
-
 def stack_key(cfg: config.Train) -> tuple[str, int]:
     """Configs with equal keys train in one stack: same kind and same d_sae."""
     return (cfg.sae.kind, cfg.sae.d_sae)
@@ -142,5 +132,5 @@ def make_inference(
     return Inference(sae, state, hp)
 
 
-__all__ = ["Inference", "as_inference", "make_inference", "KINDS", "SETTINGS", "TENSOR_NAMES", "BatchTopK", "JumpReLU", "Kind", "Matryoshka",
-           "NoState", "ReLU", "TopK", "init_state", "kind_class", "make_hparams", "make_stack", "setting", "stack_key"]  # fmt: skip
+__all__ = ["Inference", "as_inference", "make_inference", "KINDS", "TENSOR_NAMES", "BatchTopK", "JumpReLU", "Kind", "Matryoshka",
+           "NoState", "ReLU", "TopK", "init_state", "kind_class", "make_hparams", "make_stack", "stack_key"]  # fmt: skip
