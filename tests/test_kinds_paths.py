@@ -115,7 +115,7 @@ def test_evaluate_cli_gives_trainings_metrics_for_every_kind(sweep, tmp_path):
         assert got["l0_batch"] == pytest.approx(3.0)
 
 
-def test_checkpoint_kind_errors(tmp_path):
+def test_checkpoint_kind_errors(tmp_path, capsys):
     """Missing, wrong-shape or unexplained kind tensors and an unknown kind: one line naming file and kind."""
     cfg = config.Train(sae=config.SparseAutoencoder(d_vit=8, exp_factor=4, kind="jumprelu"))
     stack = kinds.make_stack([cfg])
@@ -143,8 +143,15 @@ def test_checkpoint_kind_errors(tmp_path):
         checkpoint.load(tmp_path / "btk")
     cfg_json = tmp_path / "ok" / "cfg.json"
     cfg_json.write_text(cfg_json.read_text().replace('"jumprelu"', '"gated"'))
-    with pytest.raises(config.InputError, match=r"ok/cfg.json.*kind"):
+    with pytest.raises(config.InputError, match=r"ok/cfg.json: sae.kind = 'gated': not a kind this version knows"):
         checkpoint.load(tmp_path / "ok")
+    # The commands: one line and status 2, nothing written.
+    for main, args in ((export.main, ["--format", "saelens", "--out", str(tmp_path / "out")]),
+                       (evaluate.main, ["--data.shard-root", str(tmp_path), "--out", str(tmp_path / "out")])):  # fmt: skip
+        assert main([str(tmp_path / "ok"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "gated" in err and "cfg.json" in err
+        assert not (tmp_path / "out").exists()
 
 
 def test_saving_a_kind_under_another_kinds_config_is_refused(tmp_path):
