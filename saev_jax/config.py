@@ -11,6 +11,7 @@ import math
 import os
 import pathlib
 import tomllib
+import types
 import typing
 from collections.abc import Iterator
 from typing import Literal
@@ -237,6 +238,10 @@ _SUBCONFIGS = {(Train, "data"): DataLoad, (Train, "sae"): SparseAutoencoder}
 
 
 def _coerce(field: dataclasses.Field, value: object, where: str) -> object:
+    if typing.get_origin(field.type) is types.UnionType and type(None) in typing.get_args(field.type):
+        # `X | None` (None: unset, resolved per kind): None, or what an X field takes.
+        (inner,) = [a for a in typing.get_args(field.type) if a is not type(None)]
+        return None if value is None else _coerce(types.SimpleNamespace(name=field.name, type=inner), value, where)
     # TOML writes `lr = 1` as an int; a float field takes it as a float.
     if field.type is float and type(value) is int:
         return float(value)
