@@ -10,9 +10,10 @@ A checkpoint directory `<ckpt_path>/<run id>/` holds
     cfg.json, metrics.json  the whole `Train` config (its `sae.kind` says the kind; none: ReLU); the scalar evaluation metrics
 
 `load(path)` reads such a directory (older ones without the newer files too) or saev's `sae.pt`
-(always ReLU) and gives a `Checkpoint`: the SAE as its own kind, in its inference form, with the
-preprocessing it was trained with, which encodes and decodes raw activations. A checkpoint is untrusted input: nothing here unpickles
-anything but tensors (`torch.load(weights_only=True)`), and bad files raise one-line InputErrors.
+(always ReLU) and gives a `Checkpoint`: the SAE as its own kind, in its inference form, with
+the preprocessing it was trained with, which encodes and decodes raw activations. A checkpoint
+is untrusted input: nothing here unpickles anything but tensors (`torch.load(weights_only=True)`),
+and bad files raise one-line InputErrors.
 """
 
 import collections
@@ -312,10 +313,6 @@ def _check_sae_shapes(tensors: dict[str, np.ndarray], d_vit: int, d_sae: int, fp
             raise config.InputError(f"{fpath}: {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
 
 
-def _make_relu(tensors: dict[str, np.ndarray], cfg: config.Train, precision: str) -> kinds.Inference:
-    return kinds.make_inference(cfg, tensors, {}, precision)
-
-
 def _make_preprocess(stats: dict[str, np.ndarray], d_vit: int, fpath: pathlib.Path) -> data.Preprocess:
     if stats["act_mean"].shape != (d_vit,):
         raise config.InputError(f"{fpath}: act_mean has shape {list(stats['act_mean'].shape)}, expected [{d_vit}]")
@@ -429,7 +426,7 @@ def load_saev(fpath: str | os.PathLike, precision: str = "float32") -> Checkpoin
         missing = ("freqs",) if preprocess is not None else ("preprocess", "freqs")
     if cfg.sae.kind != "relu":  # saev's SparseAutoencoder has no kind: a header naming one is not saev's.
         raise config.InputError(f"{fpath}: sae.kind = {cfg.sae.kind}, but a saev sae.pt holds a ReLU SAE")
-    return Checkpoint(_make_relu(tensors, cfg, precision), preprocess, None, cfg, f"{fpath} (saev sae.pt)", missing)
+    return Checkpoint(kinds.make_inference(cfg, tensors, {}, precision), preprocess, None, cfg, f"{fpath} (saev sae.pt)", missing)
 
 
 def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndarray]) -> None:

@@ -287,6 +287,9 @@ def grid(base: Train, sweep: dict[str, object]) -> list[Train]:
     (on sweeps/saev_example.toml saev draws 42-47, 90-100 and 144-159 where this gives 42-59).
     Raises InputError naming any key that names no config field.
     """
+    # The base's optimiser fields that took its kind's default resolve again for each config's kind.
+    # `dataclasses.replace` forgets which were unset: a value equal to the base kind's default counts as unset.
+    unset = base.unset or tuple(k for k, v in kind_defaults(base.sae).items() if getattr(base, k) == v)
     cfgs = []
     for d, dct in enumerate(expand(sweep)):
         dct = dict(dct)
@@ -298,7 +301,7 @@ def grid(base: Train, sweep: dict[str, object]) -> list[Train]:
                 raise InputError(f"sweep: '{table}' must be a table, got {value!r}")
         if sae_dct:
             sae_dct["seed"] = sae_dct.get("seed", base.sae.seed) + seed + d
-        merged = {k: v for k, v in to_dict(base).items() if k not in base.unset} | dct
+        merged = {k: v for k, v in to_dict(base).items() if k not in unset} | dct
         merged["sae"] = to_dict(base.sae) | sae_dct
         merged["data"] = to_dict(base.data) | data_dct
         merged["seed"] = seed + d

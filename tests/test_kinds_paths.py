@@ -177,3 +177,13 @@ def test_saelens_export_of_the_trained_sweep_encodes_as_loaded(sweep, tmp_path):
         assert cfg["architecture"] == export.SAELENS_ARCHITECTURES[kind]
         f = np.asarray(sae_lib.load(ckpt_path / run_id).encode_raw(x))
         np.testing.assert_allclose(saelens_reference_encode(tmp_path / "lens" / run_id, x), f, rtol=1e-4, atol=1e-5, err_msg=kind)
+
+
+@pytest.mark.slow
+def test_the_cli_gives_each_kind_its_optimiser_defaults(sweep):
+    """Sweep files that set no lr: ReLU trains with saev's, the other kinds with SPEC 11's (recorded in cfg.json)."""
+    _, ckpt_path, ids = sweep
+    for kind, run_id in ids.items():
+        cfg = checkpoint.load_cfg(ckpt_path / run_id)
+        expected = (4e-4, "constant", 0.0) if kind == "relu" else (2e-4 * (2**14 / cfg.sae.d_sae) ** 0.5, "linear", 1.0)
+        assert cfg.lr == pytest.approx(expected[0]) and (cfg.lr_schedule, cfg.max_grad_norm) == expected[1:], kind

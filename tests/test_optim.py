@@ -1,5 +1,6 @@
 """SPEC 11's optimiser defaults: gradient clipping per SAE, the new kinds' learning-rate rule and decay; ReLU as saev."""
 
+import dataclasses
 import math
 
 import jax
@@ -58,6 +59,10 @@ def test_a_sweep_over_kinds_resolves_each_kinds_defaults():
     assert [(c.sae.kind, c.lr, c.lr_schedule, c.max_grad_norm) for c in cfgs] == [("relu", 4e-4, "constant", 0.0), ("topk", 2e-4, "linear", 1.0)]
     cfgs = config.grid(config.Train(lr=1e-3), {"sae": {"kind": ["relu", "topk"]}})
     assert [c.lr for c in cfgs] == [1e-3, 1e-3]
+    # As the CLI passes it: a base rebuilt with dataclasses.replace.
+    base = dataclasses.replace(config.Train(), seed=7)
+    cfgs = config.grid(base, {"sae": {"kind": ["relu", "topk"], "exp_factor": 16, "d_vit": 1024}})
+    assert [(c.lr, c.lr_schedule, c.max_grad_norm) for c in cfgs] == [(4e-4, "constant", 0.0), (2e-4, "linear", 1.0)]
     with pytest.raises(config.InputError, match="max_grad_norm = -1.0"):
         config.validate(config.Train(max_grad_norm=-1.0))
 
