@@ -3,7 +3,7 @@ an earlier commit's (before fvu, rel_bias and cos_sim were summed), and `dec_red
 
     python benchmarks/eval_metrics_cost.py D_VIT EXP N_SAES BATCH [N_REPEATS] [--old-commit SHA]
 
-Medians of interleaved runs after two warm-ups, with a device sync (`jax.block_until_ready`).
+Medians of interleaved runs (old and new alternating which goes first) after two warm-ups, with a device sync (`jax.block_until_ready`).
 """
 
 import importlib.util
@@ -42,6 +42,11 @@ x = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)).astype(np.float32))
 n_valid, offset = jnp.asarray(B, jnp.int32), jnp.asarray(3, jnp.int32)
 fns = {}
 for name, mod in (("old", old), ("new", evaluate)):
+    # XLA's own count of the compiled kernel's work: deterministic, unlike timings on a shared machine.
+    compiled = mod._accumulate.lower(mod._zero_sums(M, S, D), saes, pre, x, n_valid, offset, stride=32, chunk=M).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    print(f"{name}: {cost['flops'] / 1e9:.4f} GFLOP, {cost['bytes accessed'] / 1e6:.2f} MB accessed per batch (XLA cost analysis)")
     sums = [jax.device_put(mod._zero_sums(M, S, D))]
 
     def one_batch(sums=sums, mod=mod):
@@ -53,8 +58,11 @@ fns["dec_redundancy"] = lambda: jax.block_until_ready(evaluate.dec_redundancy(sa
 for f in fns.values():
     f(), f()
 times = {k: [] for k in fns}
-for _ in range(repeats):
-    for k, f in fns.items():
+for r in range(repeats):
+    # Whichever kernel runs second in a round ran ~8% slower here: alternate the order.
+    order = list(fns) if r % 2 == 0 else [list(fns)[1], list(fns)[0], *list(fns)[2:]]
+    for k in order:
+        f = fns[k]
         t0 = time.perf_counter()
         f()
         times[k].append(time.perf_counter() - t0)

@@ -145,13 +145,17 @@ def _zero_sums(n_saes: int, d_sae: int, d_vit: int) -> _Sums:
     )
 
 
-def _recon_sums(x_BD, x_hat_BD, valid_B1) -> Float[Array, " 3"]:
-    """Sums over the valid rows of ||x_hat||^2, <x, x_hat> and cos(x, x_hat) (0 where either is 0)."""
-    x_hat_BD = jnp.where(valid_B1, x_hat_BD, 0.0)
-    hat_sq_B, dot_B = jnp.sum(x_hat_BD**2, axis=1), jnp.sum(x_BD * x_hat_BD, axis=1)
+def _recon_sums(x_BD, x_hat_BD, valid_B1) -> tuple[Float[Array, ""], Float[Array, " 3"]]:
+    """Sums over the valid rows of ||x_hat - x||^2, and of ||x_hat||^2, <x, x_hat> and cos(x, x_hat) (0 where either is 0).
+
+    Row sums first, masked per row: the three reductions share one pass over x_hat.
+    """
+    valid_B = valid_B1[:, 0]
+    err_B, hat_sq_B, dot_B = (jnp.sum(a, axis=1) for a in ((x_hat_BD - x_BD) ** 2, x_hat_BD**2, x_BD * x_hat_BD))
     norms_B = jnp.sqrt(jnp.sum(x_BD**2, axis=1) * hat_sq_B)
     cos_B = jnp.where(norms_B > 0, dot_B / jnp.where(norms_B > 0, norms_B, 1.0), 0.0)
-    return jnp.stack([jnp.sum(hat_sq_B), jnp.sum(dot_B), jnp.sum(cos_B)])
+    sums = [jnp.sum(jnp.where(valid_B, a, 0.0)) for a in (err_B, hat_sq_B, dot_B, cos_B)]
+    return sums[0], jnp.stack(sums[1:])
 
 
 def _one_sae(sae: kinds.Inference, x_BD, valid_B1, rms_B1, rows_b, sampled_b1, n_valid):
@@ -159,8 +163,8 @@ def _one_sae(sae: kinds.Inference, x_BD, valid_B1, rms_B1, rows_b, sampled_b1, n
     levels_T11 = jnp.asarray(quality_lib.PRUNE_LEVELS, np.float32)[:, None, None]
     x_hat_BD, f_BS = jax.vmap(sae)(x_BD)
     f_BS = jnp.where(valid_B1, f_BS, 0.0)
-    sq_err = jnp.sum(jnp.where(valid_B1, (x_hat_BD - x_BD) ** 2, 0.0))
-    basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err, _recon_sums(x_BD, x_hat_BD, valid_B1))
+    sq_err, recon = _recon_sums(x_BD, x_hat_BD, valid_B1)
+    basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err, recon)
     if type(sae.sae).batch_coupled:
         # The training form couples the examples of a batch: count full batches only.
         full = n_valid == x_BD.shape[0]
