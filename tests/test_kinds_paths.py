@@ -115,6 +115,7 @@ def test_evaluate_cli_gives_trainings_metrics_for_every_kind(sweep, tmp_path):
         assert got["l0_batch"] == pytest.approx(3.0)
 
 
+@pytest.mark.slow
 def test_checkpoint_kind_errors(tmp_path, capsys):
     """Missing, wrong-shape or unexplained kind tensors and an unknown kind: one line naming file and kind."""
     cfg = config.Train(sae=config.SparseAutoencoder(d_vit=8, exp_factor=4, kind="jumprelu"))

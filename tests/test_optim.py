@@ -67,6 +67,7 @@ def test_a_sweep_over_kinds_resolves_each_kinds_defaults():
         config.validate(config.Train(max_grad_norm=-1.0))
 
 
+@pytest.mark.slow
 def test_the_optimizer_clips_before_adam():
     """A huge gradient reaches Adam's first moment clipped to norm 1.0; with 0 (ReLU's default) as it is."""
     from saev_jax import sae as sae_lib
@@ -76,5 +77,5 @@ def test_the_optimizer_clips_before_adam():
     norm = math.sqrt(sum(a.size for a in jax.tree.leaves(g))) * 100.0
     for max_norm, expected in ((1.0, 100.0 / norm), (0.0, 100.0)):
         opt = optim.make_optimizer(lambda t: 1e-3, jnp.bool_(False), jnp.float32(max_norm))
-        _, state = opt.update(g, opt.init(params), params)
+        _, state = jax.jit(opt.update)(g, opt.init(params), params)
         np.testing.assert_allclose(state[2][0].mu.b_enc, 0.1 * expected, rtol=1e-6)
