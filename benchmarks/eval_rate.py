@@ -12,7 +12,7 @@ import importlib.util
 import sys
 import time
 import jax, jax.numpy as jnp, numpy as np
-from saev_jax import evaluate, data, config, step, plan
+from saev_jax import evaluate, data, config, step, plan, kinds
 from saev_jax import sae as sae_lib
 D, EXP, M, B = [int(a) for a in sys.argv[1:5]]
 old_evaluate = None
@@ -33,7 +33,7 @@ fns = {"train_step": tr}
 for stride in (32, 64):
     s = [jax.device_put(evaluate._zero_sums(M, S, D))]
     def ev(s=s, stride=stride):
-        s[0], c, n = evaluate._accumulate(s[0], saes, pre, x, nv, jnp.asarray(3, jnp.int32), stride=stride, chunk=M); jax.block_until_ready((s[0], c))
+        s[0], c, n = evaluate._accumulate(s[0], kinds.as_inference(saes), pre, x, nv, jnp.asarray(3, jnp.int32), stride=stride, chunk=M); jax.block_until_ready((s[0], c))
     fns[f"eval_stride{stride}"] = ev
 if old_evaluate is not None:
     o = [old_evaluate._zero_sums(M, S, D)]

@@ -3,14 +3,17 @@
 A checkpoint directory `<ckpt_path>/<run id>/` holds
 
     sae.safetensors         W_enc [d_vit, d_sae], b_enc [d_sae], W_dec [d_sae, d_vit], b_dec [d_vit] (float32)
+    kind.safetensors        what the SAE's kind needs at inference besides those (`Kind.inference_tensors`:
+                            BatchTopK's and Matryoshka's threshold, JumpReLU's thresholds, each [d_sae])
     preprocess.safetensors  clamp [], act_mean [d_vit], scalar []: SPEC 1's preprocessing of this run
     freqs.safetensors       freqs [d_sae]: how often each feature fired in the final evaluation
-    cfg.json, metrics.json  the whole `Train` config; the scalar evaluation metrics
+    cfg.json, metrics.json  the whole `Train` config (its `sae.kind` says the kind; none: ReLU); the scalar evaluation metrics
 
-`load(path)` reads such a directory (older ones without the two newer files too) or saev's
-`sae.pt` and gives a `Checkpoint`: the SAE with the preprocessing it was trained with, which
-encodes and decodes raw activations. A checkpoint is untrusted input: nothing here unpickles
-anything but tensors (`torch.load(weights_only=True)`), and bad files raise one-line InputErrors.
+`load(path)` reads such a directory (older ones without the newer files too) or saev's `sae.pt`
+(always ReLU) and gives a `Checkpoint`: the SAE as its own kind, in its inference form, with
+the preprocessing it was trained with, which encodes and decodes raw activations. A checkpoint
+is untrusted input: nothing here unpickles anything but tensors (`torch.load(weights_only=True)`),
+and bad files raise one-line InputErrors.
 """
 
 import collections
@@ -25,14 +28,13 @@ import pickle
 import shutil
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 from jaxtyping import Array, Float
 
-from . import config, data, snapshot
-from . import sae as sae_lib
+from . import config, data, kinds, snapshot
+from .kinds import TENSOR_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +62,16 @@ class Checkpoint(eqx.Module):
         f_BS = ckpt.encode_raw(x_BD)                     # raw ViT activations in, features out
         x_hat_BD = ckpt.decode_raw(f_BS)                 # back to raw units
 
-    `sae` works in the normalised space `(clip(x, -clamp, clamp) - act_mean) / scalar`;
+    `sae` is the SAE as its kind's inference form (`kinds.Inference`: TopK keeps each example's
+    k largest, BatchTopK and Matryoshka apply their threshold, JumpReLU its thresholds; `kind`
+    names it). It works in the normalised space `(clip(x, -clamp, clamp) - act_mean) / scalar`;
     `encode_raw`/`decode_raw` add that step and its inverse (the clamp is not undone). Wrap
     them in `eqx.filter_jit` for speed. `preprocess` is None for checkpoints that do not carry
     their statistics (saev_jax's before they were saved, saev's `sae.pt` trained with
     estimated statistics): `missing` names what is absent, and `with_preprocess` adds them.
     """
 
-    sae: sae_lib.SAE
+    sae: kinds.Inference
     preprocess: data.Preprocess | None
     freqs: Float[Array, " d_sae"] | None
     """Per-feature firing frequency of the final evaluation, or None."""
@@ -77,6 +81,11 @@ class Checkpoint(eqx.Module):
     """The file or directory it was read from, and its format."""
     missing: tuple[str, ...] = eqx.field(static=True, default=())
     """What this checkpoint lacks: any of "preprocess", "freqs", "cfg"."""
+
+    @property
+    def kind(self) -> str:
+        """The SAE's kind (`sae.kind`): relu, topk, batchtopk, matryoshka or jumprelu."""
+        return type(self.sae.sae).name
 
     def _require_preprocess(self) -> data.Preprocess:
         if self.preprocess is None:
@@ -88,12 +97,13 @@ class Checkpoint(eqx.Module):
 
     def encode_raw(self, x_BD: Float[Array, "B d_vit"]) -> Float[Array, "B d_sae"]:
         """Feature activations of raw activations: preprocess, then the SAE's encoder."""
-        return jax.vmap(self.sae.encode)(self._require_preprocess()(x_BD))
+        x_BD = self._require_preprocess()(x_BD)
+        return self.sae.sae.encode(self.sae.state, x_BD, self.sae.hp)
 
     def decode_raw(self, f_BS: Float[Array, "B d_sae"]) -> Float[Array, "B d_vit"]:
         """Reconstructions in raw units: the SAE's decoder, then `* scalar + act_mean`."""
         p = self._require_preprocess()
-        return jax.vmap(self.sae.decode)(f_BS) * p.scalar + p.act_mean
+        return self.sae.decode(f_BS) * p.scalar + p.act_mean
 
     def __call__(self, x_BD: Float[Array, "B d_vit"]) -> tuple[Float[Array, "B d_vit"], Float[Array, "B d_sae"]]:
         """(raw reconstruction, features) of raw activations."""
@@ -111,7 +121,7 @@ class Checkpoint(eqx.Module):
 
 
 def save(
-    sae: sae_lib.SAE,
+    sae: "kinds.Kind | kinds.Inference",
     dpath: str | os.PathLike,
     cfg: config.Train,
     metrics: dict[str, object] | None = None,
@@ -123,7 +133,8 @@ def save(
 ) -> None:
     """Writes a checkpoint directory (see the module docstring) into `dpath`, atomically.
 
-    `kind_tensors` (`Kind.inference_tensors`), if any, go to `kind.safetensors`.
+    `sae` is one SAE of any kind (its kind is `cfg.sae.kind`); `kind_tensors`
+    (`Kind.inference_tensors`), if any, go to `kind.safetensors`. An `Inference` brings its own.
 
     Everything is written into a temporary sibling directory that is renamed into place
     last, so a crash leaves either the whole checkpoint or none of it. `preprocess` and
@@ -139,7 +150,12 @@ def save(
     tmp = dpath.with_name(f".{dpath.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tensors = {name: np.asarray(getattr(sae, name), dtype=np.float32) for name in sae_lib.TENSOR_NAMES}
+    if isinstance(sae, kinds.Inference):
+        kind_tensors = sae.sae.inference_tensors(sae.state) if kind_tensors is None else kind_tensors
+        sae = sae.sae
+    if type(sae).name != cfg.sae.kind:
+        raise ValueError(f"save: a {type(sae).name} SAE but cfg.sae.kind = {cfg.sae.kind}")
+    tensors = {name: np.asarray(getattr(sae, name), dtype=np.float32) for name in TENSOR_NAMES}
     safetensors.numpy.save_file(tensors, tmp / SAE_FNAME)
     if preprocess is not None:
         stats = {name: np.asarray(getattr(preprocess, name), dtype=np.float32) for name in ("clamp", "act_mean", "scalar")}
@@ -227,7 +243,10 @@ def _read_cfg(fpath: pathlib.Path) -> config.Train:
         raise config.InputError(f"{fpath}: not a JSON config: {_first_line(err)}") from None
     if not isinstance(dct, dict):
         raise config.InputError(f"{fpath}: not a JSON config (top level is not an object)")
-    return config.from_dict(config.Train, dct, where=str(fpath))
+    cfg = config.from_dict(config.Train, dct, where=str(fpath))
+    if cfg.sae.kind not in kinds.KINDS:
+        raise config.InputError(f"{fpath}: sae.kind = {cfg.sae.kind!r}: not a kind this version knows ({', '.join(kinds.KINDS)})")
+    return cfg
 
 
 def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:
@@ -241,9 +260,19 @@ def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:
             f"{fpath}: W_enc is {d_vit} x {d_sae} but {CFG_FNAME} says d_vit = {cfg.sae.d_vit}, d_sae = {cfg.sae.d_sae}"
         )
     _check_sae_shapes(tensors, d_vit, d_sae, fpath)
-    if cfg is not None and cfg.sae.kind != "relu":
-        # Checkpoint.encode_raw is the ReLU encoder; the kind's own is not wired in here yet.
-        logger.warning("%s: a %s SAE; Checkpoint encodes with ReLU, not its %s selection (see %s)", fpath, cfg.sae.kind, cfg.sae.kind, KIND_FNAME)
+    kind_tensors = {}
+    if dpath and (dpath / KIND_FNAME).is_file():
+        try:
+            kind_tensors = safetensors.numpy.load_file(dpath / KIND_FNAME)
+        except Exception as err:  # safetensors raises its own error types, and OSError, for bad files
+            raise config.InputError(f"{dpath / KIND_FNAME}: not a valid safetensors file ({_first_line(err)})") from None
+    kind_cfg = cfg or config.Train(sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=max(1, d_sae // d_vit)))
+    if cfg is None and kind_tensors:
+        raise config.InputError(f"{dpath / KIND_FNAME}: no {CFG_FNAME} beside it to say the SAE's kind")
+    try:
+        sae = kinds.make_inference(kind_cfg, tensors, kind_tensors, precision)
+    except ValueError as err:
+        raise config.InputError(f"{dpath / KIND_FNAME if dpath else fpath}: {err}") from None
 
     preprocess = freqs = None
     if dpath and (dpath / PREPROCESS_FNAME).is_file():
@@ -255,7 +284,7 @@ def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:
             raise config.InputError(f"{dpath / FREQS_FNAME}: freqs has shape {list(freqs.shape)}, expected [{d_sae}]")
         freqs = jnp.asarray(freqs)
     missing = tuple(name for name, value in (("preprocess", preprocess), ("freqs", freqs), ("cfg", cfg)) if value is None)
-    return Checkpoint(_make_sae(tensors, precision), preprocess, freqs, cfg, f"{dpath or fpath} (saev_jax)", missing)
+    return Checkpoint(sae, preprocess, freqs, cfg, f"{dpath or fpath} (saev_jax)", missing)
 
 
 def _read_safetensors(fpath: pathlib.Path, ndims: dict[str, int]) -> dict[str, np.ndarray]:
@@ -282,16 +311,6 @@ def _check_sae_shapes(tensors: dict[str, np.ndarray], d_vit: int, d_sae: int, fp
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise config.InputError(f"{fpath}: {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
-
-
-def _make_sae(tensors: dict[str, np.ndarray], precision: str) -> sae_lib.SAE:
-    d_vit, d_sae = tensors["W_enc"].shape
-    sae = sae_lib.SAE(d_vit, d_sae, key=jax.random.key(0), precision=precision)
-    return eqx.tree_at(
-        lambda s: tuple(getattr(s, name) for name in sae_lib.TENSOR_NAMES),
-        sae,
-        tuple(jnp.asarray(tensors[name], jnp.float32) for name in sae_lib.TENSOR_NAMES),
-    )
 
 
 def _make_preprocess(stats: dict[str, np.ndarray], d_vit: int, fpath: pathlib.Path) -> data.Preprocess:
@@ -351,14 +370,14 @@ def read_saev(fpath: str | os.PathLike) -> tuple[config.SparseAutoencoder, dict[
         raise config.InputError(f"{fpath}: cannot read the tensors after the header, truncated or not a sae.pt ({_first_line(err)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise config.InputError(f"{fpath}: the data after the header is not a state dict of tensors")
-    names = set(sae_lib.TENSOR_NAMES)
+    names = set(TENSOR_NAMES)
     if set(state) != names:
         missing, extra = sorted(names - set(state)), sorted(set(state) - names)
-        raise config.InputError(f"{fpath}: state dict must hold exactly {', '.join(sae_lib.TENSOR_NAMES)}; missing {missing}, unknown {extra}")
+        raise config.InputError(f"{fpath}: state dict must hold exactly {', '.join(TENSOR_NAMES)}; missing {missing}, unknown {extra}")
     for name, t in state.items():
         if not t.is_floating_point():
             raise config.InputError(f"{fpath}: {name} must be a float tensor, got {t.dtype}")
-    tensors = {name: state[name].detach().to(torch.float32).numpy().copy() for name in sae_lib.TENSOR_NAMES}
+    tensors = {name: state[name].detach().to(torch.float32).numpy().copy() for name in TENSOR_NAMES}
     _check_sae_shapes(tensors, sae_cfg.d_vit, sae_cfg.d_sae, f"{fpath} (header: d_vit = {sae_cfg.d_vit}, exp_factor = {sae_cfg.exp_factor})")
     return sae_cfg, tensors
 
@@ -405,7 +424,9 @@ def load_saev(fpath: str | os.PathLike, precision: str = "float32") -> Checkpoin
         missing = ("preprocess", "freqs", "cfg")
     else:
         missing = ("freqs",) if preprocess is not None else ("preprocess", "freqs")
-    return Checkpoint(_make_sae(tensors, precision), preprocess, None, cfg, f"{fpath} (saev sae.pt)", missing)
+    if cfg.sae.kind != "relu":  # saev's SparseAutoencoder has no kind: a header naming one is not saev's.
+        raise config.InputError(f"{fpath}: sae.kind = {cfg.sae.kind}, but a saev sae.pt holds a ReLU SAE")
+    return Checkpoint(kinds.make_inference(cfg, tensors, {}, precision), preprocess, None, cfg, f"{fpath} (saev sae.pt)", missing)
 
 
 def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndarray]) -> None:
@@ -422,7 +443,7 @@ def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndar
     fd.write((json.dumps(header) + "\n").encode("utf-8"))
     # The same object torch.nn.Module.state_dict() returns, so the bytes match saev's own dump.
     state = collections.OrderedDict(
-        (name, torch.from_numpy(np.array(tensors[name], dtype=np.float32, order="C", copy=True))) for name in sae_lib.TENSOR_NAMES
+        (name, torch.from_numpy(np.array(tensors[name], dtype=np.float32, order="C", copy=True))) for name in TENSOR_NAMES
     )
     state._metadata = collections.OrderedDict([("", {"version": 1})])
     torch.save(state, fd)
@@ -431,7 +452,7 @@ def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndar
 # --------------------------------------------------------------------------- folding
 
 
-def fold(sae: sae_lib.SAE, preprocess: data.Preprocess | None) -> dict[str, Float[np.ndarray, "..."]]:
+def fold(sae: "kinds.Kind | kinds.Inference", preprocess: data.Preprocess | None) -> dict[str, Float[np.ndarray, "..."]]:
     """Raw-space weights (SPEC 10): the SAE and its mean and scalar as one SAE on raw activations.
 
     With m = act_mean, s = scalar: `W_enc / s`, `b_enc`, `s * W_dec`, `s * b_dec + m`, computed in
@@ -439,8 +460,8 @@ def fold(sae: sae_lib.SAE, preprocess: data.Preprocess | None) -> dict[str, Floa
     features on raw x and the decoder gives reconstructions in raw units. The clamp cannot be
     folded; it only matters for entries beyond it. `preprocess=None` returns the weights unchanged.
     """
-    W_enc, b_enc, W_dec, b_dec = (np.asarray(getattr(sae, name), np.float64) for name in sae_lib.TENSOR_NAMES)
+    W_enc, b_enc, W_dec, b_dec = (np.asarray(getattr(sae, name), np.float64) for name in TENSOR_NAMES)
     if preprocess is not None:
         m, s = np.asarray(preprocess.act_mean, np.float64), float(preprocess.scalar)
         W_enc, W_dec, b_dec = W_enc / s, s * W_dec, s * b_dec + m
-    return {name: t.astype(np.float32) for name, t in zip(sae_lib.TENSOR_NAMES, (W_enc, b_enc, W_dec, b_dec))}
+    return {name: t.astype(np.float32) for name, t in zip(TENSOR_NAMES, (W_enc, b_enc, W_dec, b_dec))}

@@ -8,9 +8,11 @@ seeds follow SPEC's rule (see `grid`), which differs from what saev's code does.
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import pathlib
 import tomllib
+import types
 import typing
 from collections.abc import Iterator
 from typing import Literal
@@ -99,6 +101,13 @@ class SparseAutoencoder:
         return self.d_vit * self.exp_factor
 
     @property
+    def setting(self) -> tuple[str, float | int]:
+        """`(name, value)` of this kind's own sparsity setting: `k` for the TopK family,
+        `l0_coefficient` for JumpReLU, `sparsity_coeff` for ReLU."""
+        name = SETTINGS[self.kind]
+        return name, getattr(self, name)
+
+    @property
     def kind_label(self) -> str:
         """The kind and its sparsity knob, for tables and legends: `relu`, `topk k=32`, `jumprelu l0=0.001`."""
         if self.kind in ("topk", "batchtopk", "matryoshka"):
@@ -106,6 +115,10 @@ class SparseAutoencoder:
         if self.kind == "jumprelu":
             return f"jumprelu l0={self.l0_coefficient:g}"
         return self.kind
+
+
+SETTINGS = {"relu": "sparsity_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k", "jumprelu": "l0_coefficient"}
+"""Each kind's own sparsity setting: the `[sae]` field that trades reconstruction for sparsity."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,14 +135,17 @@ class Train:
     """The SAE."""
     n_sparsity_warmup: int = 0
     """Steps over which the sparsity coefficient rises linearly from 0; 0 means no warm-up."""
-    lr: float = 4e-4
-    """Adam learning rate."""
+    lr: float | None = None
+    """Adam learning rate. Unset: saev's 4e-4 for relu; for the other kinds their peers' 2e-4 * sqrt(2^14 / d_sae) (SPEC 11)."""
     n_lr_warmup: int = 500
     """Steps over which the learning rate rises linearly from 0; 0 means no warm-up."""
-    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
-    """After the warm-up: constant; linear decay to 0 over the last `lr_decay_frac` of training; or cosine to 0."""
+    lr_schedule: Literal["constant", "linear", "cosine"] | None = None
+    """After the warm-up: constant; linear decay to 0 over the last `lr_decay_frac` of training; or cosine to 0.
+    Unset: constant for relu (saev), linear for the other kinds (SPEC 11)."""
     lr_decay_frac: float = 0.2
     """With lr_schedule = "linear": the fraction of training steps over which the learning rate decays to 0."""
+    max_grad_norm: float | None = None
+    """Clip each SAE's gradient to this global L2 norm before Adam; 0: no clipping. Unset: 0 for relu (saev), 1.0 for the other kinds."""
     sae_batch_size: int = 1024 * 16
     """Examples per step (shared by every SAE of a group)."""
     track: bool = True
@@ -173,6 +189,29 @@ class Train:
     prune_keep: float = 0.5
     """prune = halving: the fraction of each tier's running SAEs that go on at a rung (rounded up), in (0, 1)."""
 
+    def __post_init__(self):
+        # Fields left unset take their kind's default here, so every reader sees a value and
+        # cfg.json records what trained; `unset` remembers them, so a sweep that changes the
+        # kind (`grid`) resolves them again for it.
+        defaults = kind_defaults(self.sae)
+        unset = tuple(name for name in defaults if getattr(self, name) is None)
+        for name in unset:
+            object.__setattr__(self, name, defaults[name])
+        object.__setattr__(self, "unset", unset)
+
+
+def default_lr(sae: SparseAutoencoder) -> float:
+    """saev's 4e-4 for relu; 2e-4 * sqrt(2^14 / d_sae) for the other kinds (Gao et al.'s rule, as SPEC 11)."""
+    if sae.kind == "relu":
+        return 4e-4
+    return 2e-4 * math.sqrt(2**14 / max(sae.d_sae, 1))
+
+
+def kind_defaults(sae: SparseAutoencoder) -> dict[str, object]:
+    """The values `Train`'s unset optimiser fields take for this SAE's kind: saev's for relu, SPEC 11's for the others."""
+    relu = sae.kind == "relu"
+    return {"lr": default_lr(sae), "lr_schedule": "constant" if relu else "linear", "max_grad_norm": 0.0 if relu else 1.0}
+
 
 CANNOT_PARALLELIZE = frozenset({
     "data", "n_workers", "n_patches", "sae_batch_size", "track", "wandb_project", "tag",
@@ -211,6 +250,10 @@ _SUBCONFIGS = {(Train, "data"): DataLoad, (Train, "sae"): SparseAutoencoder}
 
 
 def _coerce(field: dataclasses.Field, value: object, where: str) -> object:
+    if typing.get_origin(field.type) is types.UnionType and type(None) in typing.get_args(field.type):
+        # `X | None` (None: unset, resolved per kind): None, or what an X field takes.
+        (inner,) = [a for a in typing.get_args(field.type) if a is not type(None)]
+        return None if value is None else _coerce(types.SimpleNamespace(name=field.name, type=inner), value, where)
     # TOML writes `lr = 1` as an int; a float field takes it as a float.
     if field.type is float and type(value) is int:
         return float(value)
@@ -262,6 +305,9 @@ def grid(base: Train, sweep: dict[str, object]) -> list[Train]:
     (on sweeps/saev_example.toml saev draws 42-47, 90-100 and 144-159 where this gives 42-59).
     Raises InputError naming any key that names no config field.
     """
+    # The base's optimiser fields that took its kind's default resolve again for each config's kind.
+    # `dataclasses.replace` forgets which were unset: a value equal to the base kind's default counts as unset.
+    unset = base.unset or tuple(k for k, v in kind_defaults(base.sae).items() if getattr(base, k) == v)
     cfgs = []
     for d, dct in enumerate(expand(sweep)):
         dct = dict(dct)
@@ -273,7 +319,7 @@ def grid(base: Train, sweep: dict[str, object]) -> list[Train]:
                 raise InputError(f"sweep: '{table}' must be a table, got {value!r}")
         if sae_dct:
             sae_dct["seed"] = sae_dct.get("seed", base.sae.seed) + seed + d
-        merged = to_dict(base) | dct
+        merged = {k: v for k, v in to_dict(base).items() if k not in unset} | dct
         merged["sae"] = to_dict(base.sae) | sae_dct
         merged["data"] = to_dict(base.data) | data_dct
         merged["seed"] = seed + d
@@ -340,6 +386,7 @@ def validate(cfg: Train) -> None:
         (cfg.seed < 0, "seed", "must not be negative (NumPy's generators take no negative seed)"),
         (cfg.sae.seed < 0, "sae.seed", "must not be negative"),
         (cfg.lr < 0, "lr", "must not be negative"),
+        (not cfg.max_grad_norm >= 0, "max_grad_norm", "must not be negative (0 means no clipping)"),
         (cfg.n_lr_warmup < 0, "n_lr_warmup", "must not be negative"),
         (cfg.n_sparsity_warmup < 0, "n_sparsity_warmup", "must not be negative"),
         (cfg.sae.sparsity_coeff < 0, "sae.sparsity_coeff", "must not be negative"),

@@ -1,4 +1,5 @@
-"""Evaluates a stack of SAEs in one pass over the data: feature frequencies, L0, L1, MSE, quality.
+"""Evaluates a stack of SAEs in one pass over the data: feature frequencies, L0, L1, MSE, FVU,
+reconstruction bias and cosine similarity, quality; and from the weights, decoder redundancy.
 
 One jitted reduction per batch updates running sums for every SAE of the stack at once (the
 stack runs `chunk` SAEs at a time); `quality` (bits per example saved by coding the data
@@ -22,7 +23,6 @@ from jaxtyping import Array, Float, Int
 
 from . import config, data, kinds
 from . import quality as quality_lib
-from . import sae as sae_lib
 from .metrics import EvalMetrics
 
 QUALITY_EXAMPLES = 2**11
@@ -53,6 +53,8 @@ class _Sums(eqx.Module):
     n_fired: Int[Array, "M d_sae"]
     values: Float[Array, "M d_sae"]
     sq_err: Float[Array, " M"]
+    recon: Float[Array, "M 3"]
+    """Per SAE: sum of ||x_hat||^2, of <x, x_hat>, of cos(x, x_hat) over the examples."""
     x_sum: Float[Array, " d_vit"]
     x_sq_sum: Float[Array, " d_vit"]
     code_n_fired: Int[Array, "M T d_sae"]
@@ -70,6 +72,8 @@ class PassStats:
     n_fired: Float[np.ndarray, "M d_sae"]
     values: Float[np.ndarray, "M d_sae"]
     sq_err: Float[np.ndarray, " M"]
+    recon: Float[np.ndarray, "M 3"]
+    """Per SAE: sums of ||x_hat||^2, <x, x_hat> and cos(x, x_hat) over the examples."""
     x_sum: Float[np.ndarray, " d_vit"]
     x_sq_sum: Float[np.ndarray, " d_vit"]
     code_n_fired: Float[np.ndarray, "M T d_sae"]
@@ -86,6 +90,8 @@ class PassStats:
     """The residual sums (e.e, z.z, z.u, u.u, e.z, e.u) of each block's sampled examples."""
     w_dec_norms: Float[np.ndarray, "M d_sae"]
     """L2 norm of every decoder row, from the parameters as evaluated."""
+    dec_redundancy: Float[np.ndarray, " M"]
+    """Fraction of latents whose nearest other decoder row has cosine similarity > `REDUNDANT_COS`."""
 
     @property
     def d_vit(self) -> int:
@@ -96,6 +102,11 @@ class PassStats:
         """Mean over dimensions of the variance of the preprocessed data."""
         mean = self.x_sum / self.n
         return float(np.mean(self.x_sq_sum / self.n - mean**2))
+
+    @property
+    def total_var(self) -> float:
+        """Sum over examples and dimensions of the squared deviation of the data from its mean."""
+        return float(np.sum(self.x_sq_sum - self.x_sum**2 / self.n))
 
     @property
     def code_n(self) -> int:
@@ -124,6 +135,7 @@ def _zero_sums(n_saes: int, d_sae: int, d_vit: int) -> _Sums:
         n_fired=np.zeros((n_saes, d_sae), np.int32),
         values=np.zeros((n_saes, d_sae), np.float32),
         sq_err=np.zeros(n_saes, np.float32),
+        recon=np.zeros((n_saes, 3), np.float32),
         x_sum=np.zeros(d_vit, np.float32),
         x_sq_sum=np.zeros(d_vit, np.float32),
         code_n_fired=np.zeros((n_saes, T, d_sae), np.int32),
@@ -133,13 +145,26 @@ def _zero_sums(n_saes: int, d_sae: int, d_vit: int) -> _Sums:
     )
 
 
+def _recon_sums(x_BD, x_hat_BD, valid_B1) -> tuple[Float[Array, ""], Float[Array, " 3"]]:
+    """Sums over the valid rows of ||x_hat - x||^2, and of ||x_hat||^2, <x, x_hat> and cos(x, x_hat) (0 where either is 0).
+
+    Row sums first, masked per row: the three reductions share one pass over x_hat.
+    """
+    valid_B = valid_B1[:, 0]
+    err_B, hat_sq_B, dot_B = (jnp.sum(a, axis=1) for a in ((x_hat_BD - x_BD) ** 2, x_hat_BD**2, x_BD * x_hat_BD))
+    norms_B = jnp.sqrt(jnp.sum(x_BD**2, axis=1) * hat_sq_B)
+    cos_B = jnp.where(norms_B > 0, dot_B / jnp.where(norms_B > 0, norms_B, 1.0), 0.0)
+    sums = [jnp.sum(jnp.where(valid_B, a, 0.0)) for a in (err_B, hat_sq_B, dot_B, cos_B)]
+    return sums[0], jnp.stack(sums[1:])
+
+
 def _one_sae(sae: kinds.Inference, x_BD, valid_B1, rms_B1, rows_b, sampled_b1, n_valid):
     """One SAE's contribution to the sums of a batch: the plain ones over every row, the code's on the sampled rows."""
     levels_T11 = jnp.asarray(quality_lib.PRUNE_LEVELS, np.float32)[:, None, None]
     x_hat_BD, f_BS = jax.vmap(sae)(x_BD)
     f_BS = jnp.where(valid_B1, f_BS, 0.0)
-    sq_err = jnp.sum(jnp.where(valid_B1, (x_hat_BD - x_BD) ** 2, 0.0))
-    basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err)
+    sq_err, recon = _recon_sums(x_BD, x_hat_BD, valid_B1)
+    basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err, recon)
     if type(sae.sae).batch_coupled:
         # The training form couples the examples of a batch: count full batches only.
         full = n_valid == x_BD.shape[0]
@@ -195,9 +220,9 @@ def _accumulate(
         out = jax.vmap(one)(saes)
     else:  # Only `chunk` SAEs' [B, d_sae] activations alive at once.
         out = jax.lax.map(one, saes, batch_size=chunk)
-    (n_fired, values, sq_err, batch_fired), (code_n_fired, code_values), code = out
+    (n_fired, values, sq_err, recon, batch_fired), (code_n_fired, code_values), code = out
     new = _Sums(
-        n_fired=sums.n_fired + n_fired, values=sums.values + values, sq_err=sums.sq_err + sq_err,
+        n_fired=sums.n_fired + n_fired, values=sums.values + values, sq_err=sums.sq_err + sq_err, recon=sums.recon + recon,
         x_sum=sums.x_sum + jnp.sum(x_BD, axis=0), x_sq_sum=sums.x_sq_sum + jnp.sum(x_BD**2, axis=0),
         code_n_fired=sums.code_n_fired + code_n_fired, code_values=sums.code_values + code_values,
         batch_n=sums.batch_n + jnp.where(n_valid == x_BD.shape[0], n_valid, 0), batch_fired=sums.batch_fired + batch_fired,
@@ -219,7 +244,7 @@ def quality_stride(n: int, batch_size: int) -> int:
 
 def evaluate(
     cfgs: list[config.Train],
-    saes: "kinds.Inference | sae_lib.SAE",
+    saes: "kinds.Inference | kinds.ReLU",
     acts: data.Activations,
     preprocess: data.Preprocess,
     device: jax.Device | None = None,
@@ -277,7 +302,7 @@ class _Blocks:
 
 
 def accumulate(
-    saes: "kinds.Inference | sae_lib.SAE",
+    saes: "kinds.Inference | kinds.ReLU",
     batches: Iterable[tuple[Float[Array, "B d_vit"], int]],
     preprocess: data.Preprocess,
     device: jax.Device | None = None,
@@ -335,7 +360,37 @@ def accumulate(
     return PassStats(
         n=n, **host, code_block_n=block_n, code_blocks=block_sums,
         w_dec_norms=np.linalg.norm(np.asarray(saes.W_dec, np.float64), axis=-1),
+        dec_redundancy=np.asarray(jax.device_get(dec_redundancy(saes.W_dec)), np.float64),
     )  # fmt: skip
+
+
+REDUNDANT_COS = 0.9
+"""Two decoder rows with a cosine similarity above this encode (nearly) the same direction."""
+REDUNDANCY_BLOCK_BYTES = 1 << 28
+"""`dec_redundancy` compares rows in blocks whose [rows, d_sae] similarities take at most this much."""
+
+
+@jax.jit
+def dec_redundancy(W_dec_MSD: Float[Array, "M d_sae d_vit"]) -> Float[Array, " M"]:
+    """Per SAE, the fraction of latents whose nearest other decoder row has cosine similarity > `REDUNDANT_COS`.
+
+    The d_sae x d_sae similarities are taken a block of rows at a time (`REDUNDANCY_BLOCK_BYTES`),
+    so a wide SAE never holds them all at once. A zero row is similar to nothing.
+    """
+    M, S, _ = W_dec_MSD.shape
+    norms_MS1 = jnp.linalg.norm(W_dec_MSD, axis=-1, keepdims=True)
+    unit_MSD = W_dec_MSD / jnp.where(norms_MS1 > 0, norms_MS1, 1.0)
+    block = max(1, min(S, REDUNDANCY_BLOCK_BYTES // (4 * S)))
+
+    def nearest(unit_SD):
+        def row(i):  # The most similar other row (lax.map runs `block` rows at once).
+            sims_S = jnp.matmul(unit_SD, unit_SD[i], precision=jax.lax.Precision.HIGHEST)
+            return jnp.max(jnp.where(jnp.arange(S) == i, -jnp.inf, sims_S))
+
+        return jax.lax.map(row, jnp.arange(S), batch_size=block)
+
+    nearest_MS = jax.lax.map(nearest, unit_MSD)
+    return jnp.mean(nearest_MS > REDUNDANT_COS, axis=1)
 
 
 def metrics_from_stats(
@@ -349,6 +404,10 @@ def metrics_from_stats(
     out = []
     for m in range(len(stats.sq_err)):
         quality, stderr = quality_with_stderr(stats, m)
+        x_hat_sq, x_dot_x_hat, cos_sum = stats.recon[m]
+        with np.errstate(invalid="ignore", divide="ignore"):  # Constant data or a zero reconstruction: NaN or inf.
+            fvu = float(np.float64(stats.sq_err[m]) / np.float64(stats.total_var))
+            rel_bias = float(np.float64(x_hat_sq) / np.float64(x_dot_x_hat))
         out.append(EvalMetrics(
             l0=float(stats.n_fired[m].sum() / n),
             l0_batch=float(stats.batch_fired[m] / stats.batch_n) if stats.batch_n else None,
@@ -363,6 +422,11 @@ def metrics_from_stats(
             dense_threshold=dense_threshold,
             quality=quality,
             quality_stderr=stderr,
+            fvu=fvu,
+            explained_variance=1.0 - fvu,
+            rel_bias=rel_bias,
+            cos_sim=float(cos_sum / n),
+            dec_redundancy=float(stats.dec_redundancy[m]),
         ))  # fmt: skip
     return out
 
@@ -431,7 +495,7 @@ def quality_with_stderr(stats: PassStats, m: int) -> tuple[float, float]:
 
 
 def evaluate_batches(
-    saes: "kinds.Inference | sae_lib.SAE",
+    saes: "kinds.Inference | kinds.ReLU",
     batches: Iterable[tuple[Float[Array, "B d_vit"], int]],
     preprocess: data.Preprocess,
     device: jax.Device | None = None,
@@ -495,8 +559,9 @@ class EvalArgs:
     """Where `<name>/{metrics.json, cfg.json, freqs.safetensors, hists.png}`, the group figures and summary.csv go."""
     recompute_stats: bool = False
     """Compute the statistics from these shards (with the --data flags) even for checkpoints that saved theirs."""
-    sae_batch_size: int = 1024 * 16
-    """Examples per evaluation batch."""
+    sae_batch_size: int | None = None
+    """Examples per evaluation batch (default: each checkpoint's training batch size, which BatchTopK's
+    batch-mode `l0_batch` depends on; saev's 16384 for a bare sae.pt)."""
     n_workers: int = 8
     """Reader threads of the data loader."""
     device: str = "auto"
@@ -520,7 +585,8 @@ def _unique_names(paths: list[pathlib.Path]) -> list[str]:
 
 
 def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMetrics]]:
-    """Loads, groups (same shards, shape and statistics: one pass each), evaluates and writes; returns (name, cfg, metrics)."""
+    """Loads, groups (same shards, batch size, statistics, kind and shape: one pass each), evaluates each
+    SAE in its kind's inference form and writes; returns (name, cfg, metrics)."""
     from . import checkpoint, export, plan, plots, summary
 
     if not args.ckpts:
@@ -533,10 +599,10 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
         d_vit, d_sae = ckpt.sae.W_enc.shape
         base = ckpt.cfg or config.Train(sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=max(1, d_sae // d_vit)))
         cfgs.append(dataclasses.replace(
-            base, data=_eval_data(base.data, args.data), sae_batch_size=args.sae_batch_size,
+            base, data=_eval_data(base.data, args.data), sae_batch_size=args.sae_batch_size or base.sae_batch_size,
             n_workers=args.n_workers, device=args.device, precision=args.precision, ckpt_path=args.out,
         ))  # fmt: skip
-    if args.sae_batch_size <= 0:
+    if args.sae_batch_size is not None and args.sae_batch_size <= 0:
         raise config.InputError(f"sae_batch_size = {args.sae_batch_size}: must be positive")
     device = plan.get_devices(dataclasses.replace(cfgs[0], n_devices=1))[0]  # One device evaluates.
 
@@ -562,7 +628,9 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
             arrays = [np.asarray(getattr(preprocess, n)) for n in ("clamp", "act_mean", "scalar")]
             stats_key = ("saved", b"".join(a.tobytes() for a in arrays))
             stats.setdefault(stats_key[1], preprocess)
-        groups.setdefault((acts_key, ckpt.sae.W_enc.shape, stats_key), []).append(i)
+        # One stack per kind and shape (and static structure, e.g. Matryoshka's block ends).
+        stack_key = (ckpt.kind, ckpt.sae.W_enc.shape, jax.tree.structure(ckpt.sae), cfg.sae_batch_size)
+        groups.setdefault((acts_key, stack_key, stats_key), []).append(i)
 
     out = pathlib.Path(args.out)
     results: list[EvalMetrics | None] = [None] * len(ckpts)

@@ -8,11 +8,18 @@ one) or a sweep directory (a `ckpt_path`): then every checkpoint in it is export
 
 - `saev`: `sae.pt` exactly as saev's `nn.load` (PyPI `saev==0.1.0`) reads it, plus saev's
   `cfg.json` saying `data.scale_mean = data.scale_norm = false` (the weights are folded, so its
-  tools must not normalise again). `--out x.pt` writes one run's file alone.
+  tools must not normalise again). `--out x.pt` writes one run's file alone. ReLU SAEs only.
 - `saelens`: `cfg.json`, `sae_weights.safetensors` and, when the checkpoint has feature
   frequencies, `sparsity.safetensors` (log10 frequency), for SAELens v6 `SAE.load_from_disk`.
-- `sparsify`: `cfg.json` and `sae.safetensors` for EleutherAI sparsify's `Sae.load_from_disk`
-  (top-k with k = d_sae, so its `pre_acts` are our features).
+  ReLU as architecture `standard`, TopK as `topk` with its `k`; BatchTopK and Matryoshka as
+  `jumprelu` with their inference threshold for every latent (as SAELens saves its own); JumpReLU
+  as `jumprelu` with its thresholds.
+- `sparsify`: `cfg.json` and `sae.safetensors` for EleutherAI sparsify's `Sae.load_from_disk`:
+  TopK with its `k`; ReLU as top-k with k = d_sae (its `pre_acts` are then our features). The
+  other kinds have no sparsify form and are refused.
+
+Folding keeps the pre-activations: with the encoder subtracting `b_dec`, `(x - b_dec') @ W_enc' +
+b_enc` on raw x equals ours on normalised x, so thresholds and the top-k need no change.
 
 Everything is written under a temporary name and renamed into place: PATH holds the whole
 export or nothing. PATH must not exist. Bad input prints one line and exits with status 2.
@@ -35,6 +42,14 @@ from . import checkpoint, config, data
 logger = logging.getLogger(__name__)
 
 FORMATS = ("saev", "saelens", "sparsify")
+KINDS_BY_FORMAT = {
+    "saev": ("relu",),
+    "saelens": ("relu", "topk", "batchtopk", "matryoshka", "jumprelu"),
+    "sparsify": ("relu", "topk"),
+}
+"""The SAE kinds each format can hold."""
+SAELENS_ARCHITECTURES = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu"}
+"""The SAELens v6 architecture each kind is exported as."""
 SAELENS_VERSION = "6.0.0"
 """Written as `metadata.sae_lens_version`: SAELens reads the config as v6 only from 6.0.0 on."""
 
@@ -69,6 +84,7 @@ def write_saev(ckpt: checkpoint.Checkpoint, out: pathlib.Path) -> None:
     Folded into raw space when the checkpoint has its statistics; else the weights are written
     as they are and saev's tools must recompute the statistics from the shards, as saev does.
     """
+    _check_kind(ckpt, "saev")
     weights = checkpoint.fold(ckpt.sae, ckpt.preprocess)
     cfg = ckpt.cfg or config.Train(sae=config.SparseAutoencoder(d_vit=ckpt.sae.W_enc.shape[0], exp_factor=ckpt.sae.W_enc.shape[1] // ckpt.sae.W_enc.shape[0]))
     if ckpt.preprocess is None:
@@ -93,6 +109,24 @@ def _require_stats(ckpt: checkpoint.Checkpoint, fmt: str) -> data.Preprocess:
     return ckpt.preprocess
 
 
+def _check_kind(ckpt: checkpoint.Checkpoint, fmt: str) -> None:
+    if ckpt.kind not in KINDS_BY_FORMAT[fmt]:
+        raise config.InputError(
+            f"{ckpt.source}: a {ckpt.kind} SAE cannot be exported as {fmt} (it holds {', '.join(KINDS_BY_FORMAT[fmt])} SAEs)"
+        )
+
+
+def _threshold(ckpt: checkpoint.Checkpoint) -> np.ndarray:
+    """The per-latent inference threshold on the pre-activations `h`, for SAELens' `jumprelu`.
+
+    SAELens computes `relu(h) * 1[h > threshold]`. For JumpReLU that is ours (`h * 1[h > theta]`, theta > 0).
+    BatchTopK's `relu(h) * 1[relu(h) > theta]` is the same for theta >= 0; a threshold not yet set
+    (negative: no training batch) is plain ReLU, which threshold 0 gives.
+    """
+    (threshold,) = ckpt.sae.sae.inference_tensors(ckpt.sae.state).values()
+    return np.maximum(np.asarray(threshold, np.float32), 0.0)
+
+
 def _provenance(ckpt: checkpoint.Checkpoint) -> dict[str, object]:
     """What the export came from, for the free-form metadata of the peer formats."""
     p = ckpt.preprocess
@@ -100,7 +134,8 @@ def _provenance(ckpt: checkpoint.Checkpoint) -> dict[str, object]:
     if p is not None:
         out |= {"clamp": float(p.clamp), "scalar": float(p.scalar)}
     if ckpt.cfg is not None:
-        out |= {"data": config.to_dict(ckpt.cfg.data), "sparsity_coeff": ckpt.cfg.sae.sparsity_coeff, "lr": ckpt.cfg.lr}
+        name, value = ckpt.cfg.sae.setting
+        out |= {"data": config.to_dict(ckpt.cfg.data), "kind": ckpt.kind, name: value, "lr": ckpt.cfg.lr}
     return out
 
 
@@ -115,8 +150,13 @@ def write_saelens(ckpt: checkpoint.Checkpoint, out: pathlib.Path) -> None:
     except config.InputError:
         pass  # The shards need not be at hand; the names fall back to the config's.
     layer = cfg.data.layer
+    architecture = SAELENS_ARCHITECTURES[ckpt.kind]
+    if architecture == "jumprelu":
+        # Folding leaves the pre-activations as they were (see the module docstring): the threshold too.
+        weights["threshold"] = _threshold(ckpt)
     saelens_cfg = {
-        "architecture": "standard",
+        "architecture": architecture,
+        **({"k": int(cfg.sae.k)} if architecture == "topk" else {}),
         "d_in": int(d_in),
         "d_sae": int(d_sae),
         "dtype": "float32",
@@ -149,12 +189,14 @@ def write_saelens(ckpt: checkpoint.Checkpoint, out: pathlib.Path) -> None:
 
 
 def write_sparsify(ckpt: checkpoint.Checkpoint, out: pathlib.Path) -> None:
-    """sparsify's folder: `cfg.json` and `sae.safetensors`; top-k with k = d_sae, i.e. our ReLU SAE."""
+    """sparsify's folder: `cfg.json` and `sae.safetensors`; TopK with its k, ReLU as top-k with k = d_sae."""
+    _check_kind(ckpt, "sparsify")
     weights = checkpoint.fold(ckpt.sae, _require_stats(ckpt, "sparsify"))
     d_in, d_sae = weights["W_enc"].shape
+    k = ckpt.cfg.sae.k if ckpt.kind == "topk" else d_sae
     sparsify_cfg = {
         "activation": "topk", "expansion_factor": max(1, d_sae // d_in), "normalize_decoder": False,
-        "num_latents": int(d_sae), "k": int(d_sae), "multi_topk": False, "skip_connection": False,
+        "num_latents": int(d_sae), "k": int(k), "multi_topk": False, "skip_connection": False,
         "transcode": False, "d_in": int(d_in),
     }  # fmt: skip
     tensors = {
@@ -184,6 +226,8 @@ def export(run_dpath: str | os.PathLike, fmt: str, out: str | os.PathLike) -> li
         raise config.InputError(f"{out}: exists already (not overwritten)")
     paths, is_sweep = find_checkpoints(run_dpath)
     ckpts = [checkpoint.load(p) for p in paths]
+    for ckpt in ckpts:
+        _check_kind(ckpt, fmt)
     if fmt != "saev":
         for ckpt in ckpts:
             _require_stats(ckpt, fmt)

@@ -7,6 +7,8 @@ import math
 import numpy as np
 from jaxtyping import Float
 
+from . import config
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalMetrics:
@@ -56,11 +58,17 @@ class EvalMetrics:
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("freqs", "mean_values")
         }
 
-    def for_wandb(self) -> dict[str, object]:
-        """`eval/<field>` keys; the two per-feature arrays as wandb tables."""
+    def for_wandb(self, sae_cfg: "config.SparseAutoencoder | None" = None) -> dict[str, object]:
+        """`eval/<field>` keys; the two per-feature arrays as wandb tables. With the SAE's config also
+        `eval/kind`, `eval/d_sae` and its kind's own sparsity setting (`eval/k`, `eval/l0_coefficient`
+        or `eval/sparsity_coeff`), so runs of any kind compare on one wandb panel."""
         import wandb  # Only here: importing wandb costs seconds.
 
-        dct = self.to_json() | {
+        named = {}
+        if sae_cfg is not None:
+            name, value = sae_cfg.setting
+            named = {"kind": sae_cfg.kind, "d_sae": sae_cfg.d_sae, name: value}
+        dct = self.to_json() | named | {
             "freqs": wandb.Table(columns=["freq"], data=self.freqs[:, None].tolist()),
             "mean_values": wandb.Table(columns=["mean_value"], data=self.mean_values[:, None].tolist()),
         }

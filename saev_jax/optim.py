@@ -6,6 +6,7 @@ so nothing here may branch in Python on a value or need a static step count
 """
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -76,9 +77,34 @@ def remove_parallel_grads(enabled: Bool[ArrayLike, ""]) -> optax.GradientTransfo
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(learning_rate: optax.Schedule, remove_parallel: ArrayLike) -> optax.GradientTransformation:
-    """One SAE's optimizer: parallel-gradient removal, then Adam with this learning-rate schedule."""
+def clip_by_global_norm(max_norm: Float[ArrayLike, ""]) -> optax.GradientTransformation:
+    """Scales the whole gradient down to global L2 norm `max_norm` when it is longer; `max_norm <= 0`: unchanged.
+
+    `max_norm` may be traced (one per SAE), so SAEs that clip and SAEs that do not share one step;
+    an unclipped gradient passes through bit for bit.
+    """
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.tree.norm(updates)
+        clip = (max_norm > 0) & (norm > max_norm)
+        scale = jnp.where(clip, max_norm / jnp.where(clip, norm, 1.0), 1.0)
+        return jax.tree.map(lambda g: jnp.where(clip, g * scale.astype(g.dtype), g), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(
+    learning_rate: optax.Schedule, remove_parallel: ArrayLike, max_grad_norm: ArrayLike = 0.0
+) -> optax.GradientTransformation:
+    """One SAE's optimizer: parallel-gradient removal, clipping to `max_grad_norm` (0: none), then Adam
+    with this learning-rate schedule."""
     return optax.chain(
         remove_parallel_grads(remove_parallel),
+        clip_by_global_norm(max_grad_norm),
         optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8),
     )

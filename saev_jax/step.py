@@ -22,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from . import config, data, kinds, optim
-from . import sae as sae_lib
 
 SAE_AXIS = "sae"
 """The mesh axis the stack axis of every `Stack` is split over."""
@@ -48,6 +47,8 @@ class Hparams(eqx.Module):
     n_steps: Int[Array, " M"]
     normalize_w_dec: Bool[Array, " M"]
     remove_parallel_grads: Bool[Array, " M"]
+    max_grad_norm: Float[Array, " M"]
+    """Gradient clipping norm; 0: none."""
     kind: eqx.Module
 
     @classmethod
@@ -60,6 +61,7 @@ class Hparams(eqx.Module):
             n_steps=jnp.array([n_train_steps(c) for c in cfgs], dtype=jnp.int32),
             normalize_w_dec=jnp.array([c.sae.normalize_w_dec for c in cfgs]),
             remove_parallel_grads=jnp.array([c.sae.remove_parallel_grads for c in cfgs]),
+            max_grad_norm=jnp.array([c.max_grad_norm for c in cfgs], dtype=jnp.float32),
             kind=kinds.make_hparams(cfgs),
         )
 
@@ -94,15 +96,11 @@ class TrainState(eqx.Module):
     step: Int[Array, ""]
 
 
-def make_stack(saes: "kinds.Kind | sae_lib.SAE", hparams: Hparams) -> Stack:
-    """A fresh stack: each SAE's optimizer state initialised from its own parameters, its kind's state at step 0.
-
-    A stack of `sae.SAE` trains as the ReLU kind (the same SAE).
-    """
-    saes = kinds.as_kind(saes)
+def make_stack(saes: kinds.Kind, hparams: Hparams) -> Stack:
+    """A fresh stack: each SAE's optimizer state initialised from its own parameters, its kind's state at step 0."""
 
     def init_one(sae, hp):
-        return optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads).init(sae)
+        return optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads, hp.max_grad_norm).init(sae)
 
     opt_state = eqx.filter_vmap(init_one)(saes, hparams)
     n = hparams.lr.shape[0]
@@ -147,7 +145,7 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     normed = eqx.tree_at(lambda s: s.W_dec, sae, W_dec)
     loss_fn = lambda s: s.loss(stack.state, x_BD, hp.kind, step)  # noqa: E731
     (loss, (metrics, kind_state)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(normed)
-    optimizer = optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads)
+    optimizer = optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads, hp.max_grad_norm)
     updates, opt_state = optimizer.update(grads, stack.opt_state, normed)
     updated = eqx.apply_updates(normed, updates)
 

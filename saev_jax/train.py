@@ -482,8 +482,8 @@ def train_round(
             else:
                 checkpoint.add_metrics(ckpt_dpath / run_id, {"eval_error": result} | div)
         run.log([
-            (r.for_wandb() if isinstance(r, evaluate.EvalMetrics) else {"eval/error": r}) | {"eval/diverged": d >= 0}
-            for r, d in zip(results, diverged_at)
+            (r.for_wandb(c.sae) if isinstance(r, evaluate.EvalMetrics) else {"eval/error": r}) | {"eval/diverged": d >= 0}
+            for r, d, c in zip(results, diverged_at, cfgs)
         ], step=final)  # fmt: skip
         ok = [i for i, r in enumerate(results) if isinstance(r, evaluate.EvalMetrics)]
         if ok:

@@ -11,13 +11,14 @@ import pickle
 import subprocess
 import sys
 
+import equinox as eqx
 import jax
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
 
-from saev_jax import checkpoint, config, data, export
+from saev_jax import checkpoint, config, data, export, kinds
 from saev_jax import sae as sae_lib
 
 D, S = 8, 24
@@ -33,6 +34,51 @@ def make_run(tmp_path: pathlib.Path, name: str = "run", *, stats: bool = True, s
     freqs = rng.uniform(0, 0.3, size=S).astype(np.float32) if stats else None
     sae_lib.save(sae, tmp_path / name, cfg, {"mse": 0.5}, preprocess, freqs)
     return tmp_path / name
+
+
+KIND_SETTINGS = {"relu": {}, "topk": {"k": 3}, "batchtopk": {"k": 3}, "matryoshka": {"k": 3}, "jumprelu": {}}
+
+
+def make_kind_run(tmp_path: pathlib.Path, kind: str, name: str | None = None, seed: int = 0) -> pathlib.Path:
+    """A trained-looking checkpoint of `kind`: random weights and biases, statistics, and its inference
+    tensors (BatchTopK/Matryoshka: one threshold; JumpReLU: thresholds that differ per latent)."""
+    rng = np.random.default_rng(seed)
+    cfg = config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=S // D, seed=seed, kind=kind, **KIND_SETTINGS[kind]))
+    sae = jax.tree.map(lambda a: a[0], kinds.make_stack([cfg]))
+    sae = eqx.tree_at(
+        lambda s: [s.W_enc, s.b_enc, s.b_dec], sae,
+        [sae.W_enc + 0.2 * rng.normal(size=(D, S)).astype(np.float32), rng.normal(0, 0.3, S).astype(np.float32), rng.normal(0, 0.5, D).astype(np.float32)],
+    )  # fmt: skip
+    kind_tensors = {}
+    if kind in ("batchtopk", "matryoshka"):
+        kind_tensors = {"threshold": np.full(S, 0.4, np.float32)}
+    if kind == "jumprelu":
+        kind_tensors = {"threshold": rng.uniform(0.1, 0.8, S).astype(np.float32)}
+    preprocess = data.Preprocess(50.0, rng.normal(3.0, 1.0, size=D).astype(np.float32), 2.5)
+    freqs = rng.uniform(0, 0.3, size=S).astype(np.float32)
+    dpath = tmp_path / (name or kind)
+    checkpoint.save(sae, dpath, cfg, {"mse": 0.5}, preprocess, freqs, kind_tensors)
+    return dpath
+
+
+def reference_kind_encode(dpath: pathlib.Path, x_raw: np.ndarray, *, pre_acts: np.ndarray | None = None) -> np.ndarray:
+    """A checkpoint's features of raw activations in float64 NumPy, from its files (its kind's activation)."""
+    cfg = checkpoint.load_cfg(dpath)
+    if pre_acts is None:
+        w = {k: np.float64(v) for k, v in safetensors.numpy.load_file(dpath / "sae.safetensors").items()}
+        p = {k: np.float64(v) for k, v in safetensors.numpy.load_file(dpath / "preprocess.safetensors").items()}
+        x = (np.clip(np.float64(x_raw), -p["clamp"], p["clamp"]) - p["act_mean"]) / p["scalar"]
+        pre_acts = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    h, a = pre_acts, np.maximum(pre_acts, 0)
+    if cfg.sae.kind == "relu":
+        return a
+    if cfg.sae.kind == "topk":
+        kth = -np.sort(-a, axis=1)[:, cfg.sae.k - 1 : cfg.sae.k]
+        return np.where(a >= kth, a, 0)
+    theta = np.float64(safetensors.numpy.load_file(dpath / "kind.safetensors")["threshold"])
+    if cfg.sae.kind == "jumprelu":
+        return np.where(h > theta, h, 0)
+    return np.where(a > theta, a, 0)  # BatchTopK, Matryoshka: one threshold, repeated per latent
 
 
 def raw_batch(n: int = 32, seed: int = 1) -> np.ndarray:
@@ -292,3 +338,77 @@ def test_python_m_export(tmp_path):
     proc = subprocess.run([*cmd, str(good), "--format", "saev", "--out", str(tmp_path / "o.pt")], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "o.pt"), proc.stderr
     assert (tmp_path / "o.pt").read_bytes() == good.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_every_kind_loads_as_itself_and_encodes_raw(tmp_path, kind):
+    dpath = make_kind_run(tmp_path, kind)
+    ckpt = sae_lib.load(dpath)
+    assert ckpt.kind == kind and type(ckpt.sae.sae) is kinds.KINDS[kind]
+    x = raw_batch(64)
+    f = np.asarray(ckpt.encode_raw(x))
+    ref = reference_kind_encode(dpath, x)
+    np.testing.assert_allclose(f, ref, rtol=1e-5, atol=1e-5)
+    assert 0.05 < (f > 0).mean() < 0.95
+    if kind != "relu":  # its selection did something ReLU would not
+        assert (f > 0).sum() < (ckpt.sae.sae.pre_acts(ckpt.preprocess(x)) > 0).sum()
+    x_hat, f2 = ckpt(x)
+    np.testing.assert_array_equal(f2, f)
+    w = {k: np.float64(v) for k, v in safetensors.numpy.load_file(dpath / "sae.safetensors").items()}
+    p = ckpt.preprocess
+    np.testing.assert_allclose(x_hat, (ref @ w["W_dec"] + w["b_dec"]) * p.scalar + np.float64(p.act_mean), rtol=1e-5, atol=1e-4)
+
+
+def saelens_reference_encode(out: pathlib.Path, x_raw: np.ndarray) -> np.ndarray:
+    """SAELens v6's encoder for our exported folder, in NumPy (standard, topk, jumprelu)."""
+    cfg = json.loads((out / "cfg.json").read_text())
+    w = {k: np.float64(v) for k, v in safetensors.numpy.load_file(out / "sae_weights.safetensors").items()}
+    h = (np.float64(x_raw) - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # apply_b_dec_to_input
+    if cfg["architecture"] == "standard":
+        return np.maximum(h, 0)
+    if cfg["architecture"] == "topk":  # torch.topk on h, then ReLU on the kept values
+        idx = np.argsort(-h, axis=1)[:, : cfg["k"]]
+        f = np.zeros_like(h)
+        np.put_along_axis(f, idx, np.maximum(np.take_along_axis(h, idx, axis=1), 0), axis=1)
+        return f
+    assert cfg["architecture"] == "jumprelu"
+    return np.maximum(h, 0) * (h > w["threshold"])
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk", "batchtopk", "matryoshka", "jumprelu"])
+def test_saelens_export_of_every_kind_encodes_raw_as_we_do(tmp_path, kind):
+    """The folded export keeps the pre-activations (b_enc' = b_enc with b_dec subtracted first), so thresholds and k carry over unchanged."""
+    dpath = make_kind_run(tmp_path, kind)
+    ckpt = sae_lib.load(dpath)
+    assert export.main([str(dpath), "--format", "saelens", "--out", str(tmp_path / "lens")]) == 0
+    cfg = json.loads((tmp_path / "lens" / "cfg.json").read_text())
+    assert cfg["architecture"] == export.SAELENS_ARCHITECTURES[kind]
+    assert cfg.get("k") == (3 if kind == "topk" else None)
+    w = safetensors.numpy.load_file(tmp_path / "lens" / "sae_weights.safetensors")
+    assert ("threshold" in w) == (cfg["architecture"] == "jumprelu")
+    x = raw_batch(64)
+    # Folding leaves the pre-activations as they were.
+    h_ours = np.asarray(ckpt.sae.sae.pre_acts(ckpt.preprocess(x)), np.float64)
+    h_folded = (np.float64(x) - np.float64(w["b_dec"])) @ np.float64(w["W_enc"]) + np.float64(w["b_enc"])
+    np.testing.assert_allclose(h_folded, h_ours, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(saelens_reference_encode(tmp_path / "lens", x), ckpt.encode_raw(x), rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "lens" / "cfg.json").read_text())["metadata"]["saev_jax"]["kind"] == kind
+
+
+@pytest.mark.parametrize("kind", ["relu", "topk"])
+def test_sparsify_export_has_the_kinds_k(tmp_path, kind):
+    dpath = make_kind_run(tmp_path, kind)
+    assert export.main([str(dpath), "--format", "sparsify", "--out", str(tmp_path / "sp")]) == 0
+    cfg = json.loads((tmp_path / "sp" / "cfg.json").read_text())
+    assert cfg["k"] == (3 if kind == "topk" else S) and cfg["num_latents"] == S
+
+
+@pytest.mark.parametrize(("kind", "fmt"), [("batchtopk", "sparsify"), ("matryoshka", "sparsify"), ("jumprelu", "sparsify"), ("topk", "saev"), ("jumprelu", "saev")])
+def test_a_kind_a_format_cannot_hold_is_refused(tmp_path, capsys, kind, fmt):
+    sweep = tmp_path / "sweep"
+    make_kind_run(sweep, "relu")
+    make_kind_run(sweep, kind)
+    assert export.main([str(sweep), "--format", fmt, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"a {kind} SAE cannot be exported as {fmt}" in err and str(sweep / kind) in err
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]

@@ -48,12 +48,25 @@ def reference(saes: sae_lib.SAE, pre: data.Preprocess, x_ND: np.ndarray) -> list
         freqs = fired.mean(0)
         with np.errstate(invalid="ignore"):
             mean_values = f.sum(0) / fired.sum(0)
+        fvu = ((x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        cos = np.array([a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in zip(x, x_hat)])
         out.append(dict(
+            fvu=fvu, explained_variance=1 - fvu, rel_bias=(x_hat**2).sum(1).mean() / (x * x_hat).sum(1).mean(),
+            cos_sim=cos.mean(), dec_redundancy=reference_redundancy(W_dec),
             l0=fired.sum(1).mean(), l1=f.sum(1).mean(), mse=((x_hat - x) ** 2).mean(),
             freqs=freqs, mean_values=mean_values,
             n_dead=int((freqs == 0).sum()), n_almost_dead=int((freqs < ALMOST_DEAD).sum()), n_dense=int((freqs > DENSE).sum()),
         ))  # fmt: skip
     return out
+
+
+def reference_redundancy(W_dec: np.ndarray) -> float:
+    """The fraction of rows whose most similar other row has cosine > 0.9, with the whole Gram matrix (a zero row: cosine 0)."""
+    norms = np.linalg.norm(W_dec, axis=1, keepdims=True)
+    unit = W_dec / np.where(norms > 0, norms, 1)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    return float(np.mean(sims.max(1) > 0.9))
 
 
 def padded_batches(x_ND: np.ndarray, batch_size: int, pad_value: float):
@@ -71,6 +84,8 @@ def check_against_reference(results: list[evaluate.EvalMetrics], ref: list[dict[
         np.testing.assert_array_equal(np.isnan(r.mean_values), np.isnan(e["mean_values"]))
         np.testing.assert_allclose(r.mean_values, e["mean_values"], rtol=1e-4)
         np.testing.assert_allclose([r.l0, r.l1, r.mse], [e["l0"], e["l1"], e["mse"]], rtol=1e-4)
+        for key in ("fvu", "explained_variance", "rel_bias", "cos_sim", "dec_redundancy"):
+            np.testing.assert_allclose(getattr(r, key), e[key], rtol=1e-5, atol=1e-7, err_msg=key)
         assert (r.n_dead, r.n_almost_dead, r.n_dense) == (e["n_dead"], e["n_almost_dead"], e["n_dense"])
         assert (r.almost_dead_threshold, r.dense_threshold) == (ALMOST_DEAD, DENSE)
         assert math.isfinite(r.quality)
@@ -89,6 +104,25 @@ def test_evaluate_batches_matches_numpy_with_padded_last_batch(pad_value):
     # The constructed cases are present, so the threshold counts are exercised.
     assert all(np.isnan(r.mean_values[0]) and r.freqs[0] == 0 and r.freqs[1] == 1 for r in results)
     assert all(r.n_dead >= 1 and r.n_dense >= 1 for r in results)
+
+
+def test_dec_redundancy_counts_near_duplicates_in_blocks(monkeypatch):
+    """Constructed: rows 0-2 near-duplicates, row 3 at cosine 0.85 of row 4, a zero row; the same in blocks of 3 rows."""
+    rng = np.random.default_rng(7)
+    W = rng.normal(size=(2, 11, D)).astype(np.float32)
+    W[0, 1] = W[0, 0] * 2 + 0.01 * rng.normal(size=D)
+    W[0, 2] = W[0, 0] * 0.5 + 0.01 * rng.normal(size=D)
+    u, v = np.eye(D)[0], np.eye(D)[1]
+    W[0, 3], W[0, 4] = u, 0.85 * u + np.sqrt(1 - 0.85**2) * v
+    W[0, 5] = 0.0
+    W[0, 6:] = np.eye(D)[2:7] * 3  # orthogonal to everything else above
+    whole = np.asarray(evaluate.dec_redundancy(jnp.asarray(W)))
+    assert whole[0] == pytest.approx(3 / 11) and reference_redundancy(np.float64(W[0])) == pytest.approx(3 / 11)
+    assert whole[1] == pytest.approx(reference_redundancy(np.float64(W[1])))
+    monkeypatch.setattr(evaluate, "REDUNDANCY_BLOCK_BYTES", 4 * 11 * 3)  # 3 rows per block
+    evaluate.dec_redundancy.clear_cache()
+    np.testing.assert_array_equal(np.asarray(evaluate.dec_redundancy(jnp.asarray(W))), whole)
+    evaluate.dec_redundancy.clear_cache()
 
 
 def test_quality_stride_changes_only_quality():
@@ -211,6 +245,7 @@ def make_metrics(**kw) -> evaluate.EvalMetrics:
     fields = dict(
         l0=1.1, l1=2.5, mse=0.3, n_dead=1, n_almost_dead=2, n_dense=2, freqs=freqs,
         mean_values=np.array([np.nan, 0.5, 1.0, 2.0], np.float32), almost_dead_threshold=1e-7, dense_threshold=1e-2, quality=3.5, quality_stderr=0.25,
+        fvu=0.25, explained_variance=0.75, rel_bias=0.9, cos_sim=0.8, dec_redundancy=0.0,
     )  # fmt: skip
     return evaluate.EvalMetrics(**(fields | kw))
 
@@ -220,6 +255,16 @@ def test_for_wandb_keys_and_tables():
     logged = metrics.for_wandb()
     assert set(logged) == {f"eval/{f.name}" for f in dataclasses.fields(evaluate.EvalMetrics)}
     assert "eval/quality" in logged and logged["eval/quality"] == 3.5
+    assert (logged["eval/fvu"], logged["eval/explained_variance"], logged["eval/cos_sim"]) == (0.25, 0.75, 0.8)
+    # With the SAE's config: its kind, width and its kind's own sparsity setting, no other kind's.
+    for sae_cfg, setting in (
+        (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind="topk", k=7), ("eval/k", 7)),
+        (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind="jumprelu", l0_coefficient=0.3), ("eval/l0_coefficient", 0.3)),
+        (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, sparsity_coeff=1e-3), ("eval/sparsity_coeff", 1e-3)),
+    ):
+        named = metrics.for_wandb(sae_cfg)
+        assert set(named) - set(logged) == {"eval/kind", "eval/d_sae", setting[0]}
+        assert (named["eval/kind"], named["eval/d_sae"], named[setting[0]]) == (sae_cfg.kind, S, setting[1])
     for key, column in (("eval/freqs", "freq"), ("eval/mean_values", "mean_value")):
         table = logged[key]
         assert isinstance(table, wandb.Table) and table.columns == [column] and len(table.data) == 4

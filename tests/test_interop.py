@@ -16,7 +16,7 @@ import pytest
 from saev_jax import checkpoint, export
 from saev_jax import sae as sae_lib
 
-from .test_checkpoint import D, FULL_HEADER, S, make_run, raw_batch
+from .test_checkpoint import D, FULL_HEADER, S, make_kind_run, make_run, raw_batch
 
 INSTALL = "not installed: pip install -e '.[interop]'"
 SAEV = "saev 0.1.0 not installed: pip install saev==0.1.0 --no-deps (and the interop extra for beartype, einops)"
@@ -174,3 +174,51 @@ def test_saev_sae_pt_evaluates_here_as_saev_reports(tmp_path, monkeypatch, capsy
         assert mine[key] == int(getattr(theirs, key)), key
     freqs = checkpoint._read_safetensors(tmp_path / "eval" / "run" / "freqs.safetensors", {"freqs": 1, "mean_values": 1})["freqs"]
     np.testing.assert_allclose(freqs, theirs.freqs.numpy(), rtol=1e-6)
+
+
+KINDS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_saelens_loads_every_kind(tmp_path, kind):
+    """SAELens' own loader on our export of each kind encodes raw activations as `sae.load(RUN).encode_raw`."""
+    pytest.importorskip("sae_lens", reason=f"sae-lens {INSTALL}")
+    import sae_lens
+    import torch
+
+    dpath = make_kind_run(tmp_path, kind)
+    ckpt = sae_lib.load(dpath)
+    x = raw_batch(64)
+    f = np.asarray(ckpt.encode_raw(x))
+    export.export(dpath, "saelens", tmp_path / "out")
+    model = sae_lens.SAE.load_from_disk(str(tmp_path / "out"), device="cpu")
+    assert model.cfg.architecture() == export.SAELENS_ARCHITECTURES[kind]
+    with torch.no_grad():
+        f_t = model.encode(torch.from_numpy(x))
+        x_hat_t = model.decode(f_t)
+    np.testing.assert_allclose(f_t.numpy(), f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat_t.numpy(), np.asarray(ckpt.decode_raw(f)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_sparsify_loads_topk_with_its_k(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSIFY_DISABLE_TRITON", "1")  # CPU: its eager decoder
+    pytest.importorskip("sparsify", reason=f"eai-sparsify {INSTALL}")
+    import sparsify
+    import torch
+
+    dpath = make_kind_run(tmp_path, "topk")
+    ckpt = sae_lib.load(dpath)
+    x = raw_batch(64)
+    f = np.asarray(ckpt.encode_raw(x))
+    export.export(dpath, "sparsify", tmp_path / "out")
+    model = sparsify.Sae.load_from_disk(tmp_path / "out", device="cpu")
+    assert model.cfg.k == ckpt.cfg.sae.k
+    with torch.no_grad():
+        out = model.encode(torch.from_numpy(x))
+        x_hat_t = model.decode(out.top_acts, out.top_indices)
+    dense = np.zeros_like(f)
+    np.put_along_axis(dense, out.top_indices.numpy(), out.top_acts.numpy(), axis=1)
+    np.testing.assert_allclose(dense, f, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x_hat_t.numpy(), np.asarray(ckpt.decode_raw(f)), rtol=1e-5, atol=1e-4)

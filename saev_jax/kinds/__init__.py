@@ -8,11 +8,11 @@
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from .. import config
-from .. import sae as sae_lib
-from .base import Kind, NoState
+from .base import TENSOR_NAMES, Kind, NoState
 from .batchtopk import BatchTopK
 from .jumprelu import JumpReLU
 from .matryoshka import Matryoshka
@@ -52,7 +52,7 @@ def init_state(stack: Kind) -> eqx.Module:
 
 
 class Inference(eqx.Module):
-    """An SAE of any kind bound to its state and settings, used like `sae.SAE`: one example in.
+    """An SAE of any kind bound to its state and settings: one example in.
 
     `__call__(x) -> (x_hat, f)`, `encode`, `decode` give the inference form (BatchTopK and
     Matryoshka with their threshold); `encode_batch` gives the training form on a batch.
@@ -94,25 +94,43 @@ class Inference(eqx.Module):
         return self.sae.encode_train(self.state, x_BD, self.hp)
 
 
-def as_kind(saes: "Kind | sae_lib.SAE") -> Kind:
-    """A `sae.SAE` (or a stack of them) as the ReLU kind with the same tensors; a kind as it is."""
-    if not isinstance(saes, sae_lib.SAE):
-        return saes
-    # Both hold W_enc, b_enc, W_dec, b_dec (in that order) and a static precision.
-    template = jax.eval_shape(lambda: ReLU(1, 1, key=jax.random.key(0), precision=saes.precision))
-    return jax.tree.unflatten(jax.tree.structure(template), jax.tree.leaves(saes))
-
-
-def as_inference(saes: "Inference | Kind | sae_lib.SAE") -> Inference:
-    """A stack as `Inference`: a stack of `sae.SAE` becomes ReLU SAEs with the same tensors."""
+def as_inference(saes: "Inference | ReLU") -> Inference:
+    """A stack as `Inference`; a ReLU stack (`sae.SAE`) needs no state or settings, so it gets empty ones."""
     if isinstance(saes, Inference):
         return saes
-    saes = as_kind(saes)
     if not isinstance(saes, ReLU):
         raise TypeError(f"as_inference: a {type(saes).__name__} stack needs its state and hparams; build Inference")
-    # ReLU's inference reads neither state nor settings.
     return Inference(saes, NoState(), ReLU.make_hparams([config.Train()] * saes.b_enc.shape[0]))
 
 
-__all__ = ["Inference", "as_inference", "as_kind", "KINDS", "BatchTopK", "JumpReLU", "Kind", "Matryoshka", "NoState", "ReLU", "TopK", "init_state",
-           "kind_class", "make_hparams", "make_stack", "stack_key"]  # fmt: skip
+def make_inference(
+    cfg: config.Train, tensors: dict[str, Array], kind_tensors: dict[str, Array], precision: str = "float32"
+) -> Inference:
+    """One SAE of `cfg.sae.kind` in its inference form, from its four tensors and its kind's inference tensors.
+
+    The inverse of what training saves (`TENSOR_NAMES` and `Kind.inference_tensors`). ValueError,
+    naming the kind, if `kind_tensors` lacks a tensor, has one too many or one of the wrong shape.
+    """
+    cls = KINDS[cfg.sae.kind]
+    # Shapes only: the draws of a fresh init would be thrown away.
+    template = jax.eval_shape(lambda: jax.tree.map(lambda a: a[0], cls.make_stack([cfg], precision)))
+    sae = eqx.tree_at(lambda s: [getattr(s, n) for n in TENSOR_NAMES], template, [jnp.asarray(tensors[n], jnp.float32) for n in TENSOR_NAMES])
+    expected = jax.eval_shape(lambda s: s.inference_tensors(s.init_state()), template)
+    problems = [f"missing {n}" for n in expected if n not in kind_tensors]
+    problems += [f"unknown {n}" for n in kind_tensors if n not in expected]
+    problems += [
+        f"{n} has shape {list(kind_tensors[n].shape)}, expected {list(e.shape)}"
+        for n, e in expected.items() if n in kind_tensors and tuple(kind_tensors[n].shape) != e.shape
+    ]  # fmt: skip
+    if problems:
+        raise ValueError(f"kind {cls.name}: {'; '.join(problems)}")
+    try:
+        sae, state = sae.with_inference_tensors({n: jnp.asarray(t, jnp.float32) for n, t in kind_tensors.items()})
+    except ValueError as err:
+        raise ValueError(f"kind {cls.name}: {err}") from None
+    hp = jax.tree.map(lambda a: a[0], cls.make_hparams([cfg]))
+    return Inference(sae, state, hp)
+
+
+__all__ = ["Inference", "as_inference", "make_inference", "KINDS", "TENSOR_NAMES", "BatchTopK", "JumpReLU", "Kind", "Matryoshka",
+           "NoState", "ReLU", "TopK", "init_state", "kind_class", "make_hparams", "make_stack", "stack_key"]  # fmt: skip

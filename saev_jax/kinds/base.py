@@ -18,6 +18,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from .. import config
 
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+"""The four tensors every kind holds, in the order checkpoints and exports list them."""
 
 
 class Kind(eqx.Module):
@@ -68,6 +70,14 @@ class Kind(eqx.Module):
     @abc.abstractmethod
     def inference_tensors(self, state: eqx.Module) -> dict[str, Float[Array, "..."]]:
         """What inference needs besides the four tensors and the config, for checkpoints (ReLU, TopK: none)."""
+
+    @abc.abstractmethod
+    def with_inference_tensors(self, tensors: dict[str, Float[Array, "..."]]) -> tuple["Kind", eqx.Module]:
+        """The inverse of `inference_tensors`: this SAE and the state inference reads, from those tensors.
+
+        `tensors` has exactly the names and shapes `inference_tensors` gives (the caller checks);
+        ValueError if their values cannot come from this kind (say, two BatchTopK thresholds).
+        """
 
     def matmul(self, a: Array, b: Array) -> Array:
         """A matrix product at this SAE's precision (float32 products, or bf16 with float32 sums)."""
@@ -129,6 +139,16 @@ def stack_shape(cfgs: list[config.Train]) -> tuple[int, int]:
     if len(shapes) != 1:
         raise ValueError(f"a stack needs one d_vit and d_sae, got (d_vit, d_sae) in {sorted(shapes)}")
     return shapes.pop()
+
+
+def safe_mse(x_hat_BD: Float[Array, "B D"], x_BD: Float[Array, "B D"]) -> Float[Array, ""]:
+    """Mean squared error over batch and dims, computed on inputs divided by max|x|.
+
+    Dividing first keeps the squares in range for activations with huge entries; the
+    mean is multiplied by max|x| twice (not by its square, which can overflow alone).
+    """
+    upper = jnp.max(jnp.abs(x_BD))
+    return jnp.mean(((x_hat_BD - x_BD) / upper) ** 2) * upper * upper
 
 
 def fvu(x_hat_BD: Float[Array, "B D"], x_BD: Float[Array, "B D"]) -> Float[Array, ""]:

@@ -44,6 +44,14 @@ class ThresholdState(eqx.Module):
     def update(self, f_BS: Float[Array, "B d_sae"], rate: Float[Array, ""]) -> "ThresholdState":
         return ThresholdState(self.dead_counts.update(f_BS), select.ema_threshold(self.threshold, f_BS, rate))
 
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Array]) -> "ThresholdState":
+        """The state `inference_tensors` saved (one threshold, repeated per latent); dead counts at 0."""
+        threshold = jnp.asarray(tensors["threshold"], jnp.float32)
+        if not jnp.all(threshold == threshold[0]):
+            raise ValueError("threshold must be one value repeated for every latent")
+        return cls(dead_counts=select.DeadCounts.zeros(threshold.shape[0]), threshold=threshold[0])
+
 
 def encode_with_threshold(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""]) -> Float[Array, "B d_sae"]:
     """`relu(h) * 1[relu(h) > threshold]`; before any training batch (threshold < 0) plain ReLU."""
@@ -80,6 +88,9 @@ class BatchTopK(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         # One threshold for every latent, as SAELens saves BatchTopK (as a JumpReLU).
         return {"threshold": jnp.full(self.b_enc.shape, state.threshold)}
+
+    def with_inference_tensors(self, tensors) -> tuple["BatchTopK", ThresholdState]:
+        return self, ThresholdState.from_tensors(tensors)
 
     def init_state(self) -> ThresholdState:
         return ThresholdState.initial(self.b_enc.shape[-1])

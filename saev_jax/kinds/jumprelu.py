@@ -14,7 +14,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import config, optim, steer
-from ..sae import safe_mse
 from . import base
 
 
@@ -121,6 +120,12 @@ class JumpReLU(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         return {"threshold": jnp.exp(self.log_threshold)}
 
+    def with_inference_tensors(self, tensors) -> tuple["JumpReLU", steer.State]:
+        threshold = jnp.asarray(tensors["threshold"], jnp.float32)
+        if not jnp.all(threshold > 0):
+            raise ValueError("threshold must be positive (it is exp(log_threshold))")
+        return eqx.tree_at(lambda s: s.log_threshold, self, jnp.log(threshold)), steer.init_state()
+
     def init_state(self) -> steer.State:
         return steer.init_state()
 
@@ -141,7 +146,7 @@ class JumpReLU(base.Kind):
         sparsity = coeff * l0
         total = recon + sparsity
         metrics = {
-            "mse": safe_mse(x_hat_BD, x_BD), "fvu": recon, "l0": l0, "l1": base.l1(f_BS), "sparsity": sparsity,
+            "mse": base.safe_mse(x_hat_BD, x_BD), "fvu": recon, "l0": l0, "l1": base.l1(f_BS), "sparsity": sparsity,
             "sparsity_coeff": coeff, "loss": total, "mean_threshold": jnp.mean(theta_S),
         }  # fmt: skip
         return total, (metrics, steer.update(state, hp.steer, l0, step_count))

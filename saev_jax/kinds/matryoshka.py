@@ -87,6 +87,9 @@ class Matryoshka(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         return {"threshold": jnp.full(self.b_enc.shape, state.threshold)}
 
+    def with_inference_tensors(self, tensors) -> tuple["Matryoshka", batchtopk.ThresholdState]:
+        return self, batchtopk.ThresholdState.from_tensors(tensors)
+
     def init_state(self) -> batchtopk.ThresholdState:
         return batchtopk.ThresholdState.initial(self.b_enc.shape[-1])
 

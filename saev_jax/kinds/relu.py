@@ -1,4 +1,4 @@
-"""saev's ReLU SAE with an L1 penalty (SPEC 3), unchanged."""
+"""saev's ReLU SAE with an L1 penalty (SPEC 3), unchanged; `sae.SAE` is this class."""
 
 import typing
 
@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import config, optim, steer
-from ..sae import safe_mse
 from . import base
 
 
@@ -35,7 +34,6 @@ class ReLU(base.Kind):
     batch_coupled: typing.ClassVar[bool] = False
 
     def __init__(self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, precision: str = "float32"):
-        # The same draws as sae.SAE, so a seed gives the same SAE either way.
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = base.kaiming_tensors(d_vit, d_sae, key)
         self.precision = base.check_precision(precision)
 
@@ -55,6 +53,14 @@ class ReLU(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         return {}
 
+    def with_inference_tensors(self, tensors) -> tuple["ReLU", steer.State]:
+        return self, steer.init_state()
+
+    def __call__(self, x_D: Float[Array, " d_vit"]) -> tuple[Float[Array, " d_vit"], Float[Array, " d_sae"]]:
+        """(reconstruction, features) of one example: ReLU needs no state or settings."""
+        f_S = jax.nn.relu(self.pre_acts(x_D[None]))[0]
+        return self.decode(f_S[None])[0], f_S
+
     def init_state(self) -> steer.State:
         return steer.init_state()
 
@@ -66,7 +72,7 @@ class ReLU(base.Kind):
 
     def loss(self, state, x_BD: Float[Array, "B d_vit"], hp: ReLUHparams, step: Int[Array, ""]):
         f_BS = self.encode_train(state, x_BD, hp)
-        mse = safe_mse(self.decode(f_BS), x_BD)
+        mse = base.safe_mse(self.decode(f_BS), x_BD)
         coeff = optim.warmup(steer.coefficient(hp.sparsity_coeff, state, hp.steer), hp.n_sparsity_warmup)(step)
         l1 = base.l1(f_BS)
         sparsity = coeff * l1

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import config
-from ..sae import safe_mse
 from . import base, select
 
 
@@ -48,6 +47,9 @@ class TopK(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         return {}
 
+    def with_inference_tensors(self, tensors) -> tuple["TopK", select.DeadCounts]:
+        return self, self.init_state()
+
     def init_state(self) -> select.DeadCounts:
         return select.DeadCounts.zeros(self.b_enc.shape[-1])
 
@@ -74,7 +76,7 @@ def with_auxk(sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, f_BS, x_hat
     aux = select.auxk_loss(h_BS, dead_S, x_BD - x_hat_BD, sae.W_dec, aux_hp.k_aux, sae.matmul)
     total = recon + aux_hp.auxk_alpha * aux
     metrics = {
-        "mse": safe_mse(x_hat_BD, x_BD), "fvu": base.fvu(x_hat_BD, x_BD), "recon": recon, "aux_loss": aux,
+        "mse": base.safe_mse(x_hat_BD, x_BD), "fvu": base.fvu(x_hat_BD, x_BD), "recon": recon, "aux_loss": aux,
         "l0": base.l0(f_BS), "l1": base.l1(f_BS), "n_dead": jnp.sum(dead_S, dtype=jnp.float32), "loss": total,
     }  # fmt: skip
     return total, metrics
