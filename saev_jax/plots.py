@@ -18,7 +18,11 @@ import numpy as np
 from jaxtyping import Float
 
 from . import config
+from . import rows as rows_lib
 from .metrics import EvalMetrics
+
+FRONTIER_FNAME = "frontier.png"
+"""The sweep's frontier figure, beside summary.csv."""
 
 if TYPE_CHECKING:  # matplotlib and wandb take seconds to import: only when a figure is drawn or logged.
     import wandb
@@ -169,17 +173,15 @@ def save_plots(
         save_figure(plot_sae(m, f"{run_id}  {lab}"), ckpt_dpath / run_id / SAE_FNAME)
         for run_id, lab, m in zip(run_ids, labels, metrics)
     ]
-    from . import summary
-
     # What their metrics.json adds (written before the plots): divergence, so the best is a healthy one.
     rows = []
     for run_id, cfg, m in zip(run_ids, cfgs, metrics):
         fpath = ckpt_dpath / run_id / "metrics.json"
-        rows.append(summary.make_row(run_id, cfg, json.loads(fpath.read_text()) if fpath.is_file() else m))
+        rows.append(rows_lib.make_row(run_id, cfg, json.loads(fpath.read_text()) if fpath.is_file() else m))
     title = f"{len(metrics)} SAEs, {_widths(cfgs)}, data={cfgs[0].data.shard_root}"
-    fig = plot_group(metrics, [f"{r} {lab}" for r, lab in zip(run_ids, labels)], title, summary.best(rows))
+    fig = plot_group(metrics, [f"{r} {lab}" for r, lab in zip(run_ids, labels)], title, rows_lib.best(rows))
     group = save_figure(fig, ckpt_dpath / f"group-{run_ids[0]}.png")
-    frontier = save_figure(plot_frontier(rows, summary.best(rows)), ckpt_dpath / summary.FRONTIER_FNAME)
+    frontier = save_figure(plot_frontier(rows, rows_lib.best(rows)), ckpt_dpath / FRONTIER_FNAME)
     return PlotPaths(per_sae=per_sae, group=group, frontier=frontier)
 
 
@@ -206,11 +208,11 @@ def pareto_front(l0: Float[np.ndarray, " n"], err: Float[np.ndarray, " n"]) -> l
 
 
 def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str = "") -> "Figure":
-    """L0 (log scale) against FVU for SAEs given as summary rows (`summary.make_row`).
+    """L0 (log scale) against FVU for SAEs given as summary rows (`rows.make_row`).
 
     Colour: kind (`KIND_COLORS`); marker: width (`WIDTH_MARKERS`). Healthy SAEs (empty `note`) are
     filled, one scatter per (kind, width) labelled `<kind> d_sae=<width>`; the Pareto front of the
-    healthy ones is a line (gid `pareto`); `starred` (the best, `summary.best`) get a star (gid
+    healthy ones is a line (gid `pareto`); `starred` (the best, `rows.best`) get a star (gid
     `best`); unhealthy ones (diverged, broken, ...) are crosses (gid `unhealthy`), drawn at the top
     edge when their error is off the chart. When some healthy SAE has no fvu, MSE is the y axis.
     """

@@ -6,18 +6,7 @@ and the sweep's frontier (L0 against FVU) in `<ckpt_path>/frontier.png`.
 rebuilds both from the `cfg.json` and `metrics.json` of every checkpoint in CKPT_DIR
 (after a crash, or to compare sweeps that wrote to one directory).
 
-Which SAE is "best" (`*`): the highest `quality` among the healthy SAEs only. An SAE is not
-healthy (its `note` says why, and it is never starred) when
-
-- its evaluation failed (`eval_error` in metrics.json);
-- it diverged (`diverged_step`, or `diverged: true`: training froze it);
-- it is broken: a non-finite mse, l0 or quality; `fvu > 1` (it reconstructs worse than the
-  data's mean would); when fvu is unknown, `mse > MSE_LIMIT` on normalised data (whose mean
-  squared element is about 1, so no usable SAE comes near); or every latent dead.
-
-Qualities are estimates with a standard error (`quality_stderr`): every healthy SAE whose
-quality is within the combined standard error sqrt(se_best^2 + se^2) of the best one's is
-starred too, as a tie the evaluation cannot resolve.
+Which SAE is starred and which are unhealthy: `rows.py`.
 """
 
 import csv
@@ -30,85 +19,11 @@ from collections.abc import Mapping
 from . import config
 from . import sae as sae_lib
 from .metrics import EvalMetrics
+from .rows import COLUMNS, MSE_LIMIT, Entry, best, health, make_row  # noqa: F401 (summary's names)
 
 CSV_FNAME = "summary.csv"
-FRONTIER_FNAME = "frontier.png"
-MSE_LIMIT = 100.0
-"""Without an fvu, an SAE on normalised data (`scale_norm` not false) with a larger mse is broken."""
-SPARSITY_FIELDS = {"relu": "sparsity_coeff", "topk": "k", "batchtopk": "k", "matryoshka": "k", "jumprelu": "l0_coefficient"}
-"""Each kind's own sparsity setting (a `config.SparseAutoencoder` field): the table's `sparsity` column."""
-COLUMNS = (
-    "run_id", "kind", "d_sae", "sparsity_coeff", "k", "l0_coefficient", "lr",
-    "mse", "fvu", "explained_variance", "l0", "l1", "n_dead", "n_almost_dead", "n_dense",
-    "quality", "quality_stderr", "rel_bias", "cos_sim", "dec_redundancy", "diverged_step", "note",
-)  # fmt: skip
-"""Columns of summary.csv, in order. A sparsity setting the row's kind does not read is empty."""
 TABLE_COLUMNS = ("run_id", "sparsity", "kind", "d_sae", "lr", "mse", "fvu", "expl_var", "l0", "n_dead", "n_dense", "quality", "quality_stderr", "note")
-"""Columns of the terminal table, in order; `sparsity` is the kind's own setting (`SPARSITY_FIELDS`)."""
-
-Entry = tuple[str, config.Train, EvalMetrics | Mapping[str, object]]
-"""(run id, its config, its EvalMetrics or the dict of its metrics.json)."""
-
-
-def _float(scalars: Mapping[str, object], key: str) -> float:
-    value = scalars.get(key)
-    return math.nan if value is None else float(value)
-
-
-def health(cfg: config.Train, scalars: Mapping[str, object]) -> str:
-    """Why an SAE is not healthy (one short phrase), or "" if it is (the module docstring's rule)."""
-    if "eval_error" in scalars:
-        return f"evaluation failed: {scalars['eval_error']}"
-    step = scalars.get("diverged_step")
-    if step is not None or scalars.get("diverged"):
-        return "diverged" if step is None else f"diverged at step {int(step)}"
-    for key in ("mse", "l0", "quality"):
-        if key in scalars and not math.isfinite(_float(scalars, key)):  # Missing (an older metrics.json) is not broken.
-            return f"broken: {key} is not finite"
-    fvu, mse = _float(scalars, "fvu"), _float(scalars, "mse")
-    if fvu > 1:
-        return f"broken: fvu {fvu:.3g} > 1"
-    if math.isnan(fvu) and cfg.data.scale_norm is not False and mse > MSE_LIMIT:
-        return f"broken: mse {mse:.3g} > {MSE_LIMIT:g} on normalised data"
-    if "n_dead" in scalars and int(scalars["n_dead"]) >= cfg.sae.d_sae:
-        return "broken: every latent dead"
-    return ""
-
-
-def make_row(run_id: str, cfg: config.Train, metrics: EvalMetrics | Mapping[str, object]) -> dict[str, object]:
-    """The summary row of one SAE (`COLUMNS`); a metric missing from an old metrics.json is NaN (counts: -1)."""
-    scalars = metrics.to_json() if isinstance(metrics, EvalMetrics) else metrics
-    own = SPARSITY_FIELDS.get(cfg.sae.kind)
-    row: dict[str, object] = {"run_id": run_id, "kind": cfg.sae.kind, "d_sae": cfg.sae.d_sae, "lr": cfg.lr}
-    for key in ("sparsity_coeff", "k", "l0_coefficient"):
-        row[key] = getattr(cfg.sae, key) if key == own else ""
-    for key in ("mse", "fvu", "explained_variance", "l0", "l1", "quality", "quality_stderr", "rel_bias", "cos_sim", "dec_redundancy"):
-        row[key] = _float(scalars, key)
-    for key in ("n_dead", "n_almost_dead", "n_dense"):
-        row[key] = int(scalars[key]) if key in scalars else -1
-    step = scalars.get("diverged_step")
-    row["diverged_step"] = "" if step is None else int(step)
-    row["note"] = health(cfg, scalars)
-    return {col: row[col] for col in COLUMNS}
-
-
-def best(rows: list[dict[str, object]]) -> list[int]:
-    """Positions of the starred rows: the healthy row of highest quality and every healthy row tied with it.
-
-    Tied: its quality is within sqrt(se_best^2 + se^2) of the best's (a NaN stderr counts as 0).
-    Empty when no row is healthy.
-    """
-    healthy = [i for i, r in enumerate(rows) if r["note"] == "" and math.isfinite(r["quality"])]
-    if not healthy:
-        return []
-    top = max(healthy, key=lambda i: rows[i]["quality"])
-
-    def se(i: int) -> float:
-        s = rows[i]["quality_stderr"]
-        return 0.0 if math.isnan(s) else s
-
-    q_top = rows[top]["quality"]
-    return [i for i in healthy if q_top - rows[i]["quality"] <= math.hypot(se(top), se(i))]
+"""Columns of the terminal table, in order; `sparsity` is the kind's own setting (`config.SETTINGS`)."""
 
 
 def _fmt(value: object) -> str:
@@ -118,7 +33,7 @@ def _fmt(value: object) -> str:
 
 
 def _table_cells(row: dict[str, object]) -> list[str]:
-    own = SPARSITY_FIELDS.get(row["kind"], "sparsity_coeff")
+    own = config.SETTINGS.get(row["kind"], "sparsity_coeff")
     shown = row | {"sparsity": row[own], "expl_var": row["explained_variance"]}
     return [_fmt(shown[c]) for c in TABLE_COLUMNS]
 
@@ -171,7 +86,7 @@ def write_summary(ckpt_dpath: str | pathlib.Path, entries: list[Entry], *, file=
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(fpath)
-    frontier = plots.save_figure(plots.plot_frontier(rows, best(rows)), ckpt_dpath / FRONTIER_FNAME)
+    frontier = plots.save_figure(plots.plot_frontier(rows, best(rows)), ckpt_dpath / plots.FRONTIER_FNAME)
     print(format_table(rows), file=file)
     print(legend(rows), file=file)
     print(f"Table: {fpath}; frontier (L0 against FVU): {frontier}", file=file)

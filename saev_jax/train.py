@@ -692,7 +692,7 @@ def dry_run(cfgs: list[config.Train], sources: list[str], *, file=None) -> None:
             print(f"  {line}", file=file)
         print("  config  stack  kind        d_sae   sparsity setting       lr        seed  sae.seed  from", file=file)
         for j, c in enumerate(group):
-            own = summary.SPARSITY_FIELDS.get(c.sae.kind, "sparsity_coeff")
+            own = config.SETTINGS.get(c.sae.kind, "sparsity_coeff")
             setting = f"{own} {getattr(c.sae, own):g}"
             print(f"  {j:>6}  {stack_of[j]:>5}  {c.sae.kind:<10}  {c.sae.d_sae:>5}   {setting:<21}  {c.lr:<8g}  {c.seed:>4}  {c.sae.seed:>8}  "
                   f"{where.get(id(c)) or '(flags)'}", file=file)  # fmt: skip

@@ -14,11 +14,8 @@ import pathlib
 
 PKG_DPATH = pathlib.Path(__file__).resolve().parent.parent / "saev_jax"
 
-ALLOWED = {
-    # Removed on the `kinds` branch (sae.py no longer reaches back into checkpoint.py); the lead
-    # deletes this allowance after merging it.
-    frozenset({"saev_jax.checkpoint", "saev_jax.sae"}),
-}
+ALLOWED: set[frozenset[str]] = set()
+"""Cycles tolerated for now (none)."""
 
 
 def module_names(pkg_dpath: pathlib.Path) -> dict[str, pathlib.Path]:

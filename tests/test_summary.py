@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from saev_jax import config, summary
+from saev_jax import config, plots, summary
 from saev_jax.metrics import EvalMetrics
 
 D, S = 8, 32
@@ -105,4 +105,4 @@ def test_columns_show_kind_width_own_sparsity_fvu_and_stderr(tmp_path):
     assert (rows["topk"]["sparsity_coeff"], rows["topk"]["k"], rows["topk"]["l0_coefficient"]) == ("", "5", "")
     assert (rows["relu"]["sparsity_coeff"], rows["relu"]["k"]) == ("0.01", "")
     assert float(rows["topk"]["fvu"]) == 0.25 and rows["relu"]["note"] == ""
-    assert (tmp_path / summary.FRONTIER_FNAME).read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / plots.FRONTIER_FNAME).read_bytes()[:4] == b"\x89PNG"
