@@ -144,3 +144,39 @@ def test_a_diverging_sae_is_marked_and_the_others_are_unchanged(tmp_path, shard_
         for name in ("mse", "l0", "l1"):
             np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-4, err_msg=f"{key} {name}")
     assert "diverged" in out  # The summary table marks it.
+
+
+def test_killed_under_one_budget_resumes_under_another_with_the_stored_plan(tmp_path, shard_root, uninterrupted):
+    """The plan is part of the snapshot: a resume where less memory is free reuses it (one round,
+    `group-1`), whatever a new plan would be, and ends with the uninterrupted run's checkpoints."""
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt"))
+    proc = start(sweep)
+    wait_for_snapshot(tmp_path / "ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    small = ["--memory-budget-gib", "7e-4"]  # A new plan would split these 4 SAEs into 2 rounds.
+    if proc.returncode == 0:  # The signal landed after the end: nothing to resume.
+        pytest.skip("the run ended before SIGTERM")
+    step = int(sorted((tmp_path / "ckpt" / "snapshots" / "group-1").glob("snapshot-*"))[-1].name.split("-")[1])
+    _, err = finish(start(sweep, *small))
+    assert f"resuming group-1 from step {step}" in err and "round" not in err.split("resuming")[0].split("Group 1/1")[-1]
+    got = checkpoints(tmp_path / "ckpt")
+    assert got.keys() == uninterrupted.keys()
+    for key, (params, metrics) in got.items():
+        for name in ("mse", "l0", "l1"):
+            np.testing.assert_allclose(metrics[name], uninterrupted[key][1][name], rtol=1e-4, err_msg=f"{key} {name}")
+
+
+def test_a_resume_that_cannot_fit_the_stored_plan_says_what_to_do(tmp_path, shard_root):
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt").replace("n_patches = 12000", "n_patches = 60000"))
+    proc = start(sweep)
+    wait_for_snapshot(tmp_path / "ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    proc = start(sweep, "--memory-budget-gib", "2.3e-4")  # One SAE fits, the stored round of 4 does not.
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "resuming group-1 needs" in last and "--fresh" in last, last

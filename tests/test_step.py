@@ -96,7 +96,7 @@ def test_nan_pads_leave_real_saes_bit_identical():
 
 def test_sharded_step_has_no_collectives():
     layout = make_layout(group_cfgs(), 4, 1)
-    hlo = layout.compile(identity_preprocess())[0].as_text()
+    hlo = layout.compile(identity_preprocess()).step.as_text()
     # The partitioned program: each device holds 1 of the 4 (padded) exp-4 SAEs, not all 4.
     assert f"f32[1,{D},{D * 4}]" in hlo and f"f32[4,{D},{D * 4}]" not in hlo
     for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
@@ -119,3 +119,4 @@ def test_a_diverging_sae_is_frozen_and_sinks_nobody():
     # The others end exactly as they would have without it (each SAE is its own chunk).
     assert_same(without, with_bad[:2] + with_bad[3:], exact=True)
     assert all(d == -1 for _, d in without)
+
