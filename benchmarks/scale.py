@@ -91,20 +91,24 @@ def run_case(d_vit: int, exp: int, m: int, batch: int, n_devices: int, chunk: in
 KINDS = ("relu", "topk", "batchtopk", "matryoshka", "jumprelu")
 
 
-def calibrate() -> None:
-    """Prints, per kind, chunk and device count, XLA's peak and the planner's estimate (compiles only)."""
+def calibrate(real: bool = False) -> None:
+    """Prints, per kind, chunk and device count, XLA's peak and the planner's estimate (compiles only).
+
+    `real`: at d_vit 256, exp 32, batch 16384, 16 SAEs on one device instead (chunks 1 and 4; slow to compile).
+    """
     import dataclasses
 
     import jax
 
     from saev_jax import config, plan, train
 
-    for d_vit, exp, batch, m in ((64, 16, 512, 8), (64, 32, 4096, 4)):
+    shapes = ((256, 32, 16384, 16),) if real else ((64, 16, 512, 8), (64, 32, 4096, 4))
+    for d_vit, exp, batch, m in shapes:
         for kind in KINDS:
             base = config.Train(sae_batch_size=batch, sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=exp, kind=kind, n_reinit_samples=0, k=8, k_aux=32))
             cfgs = [dataclasses.replace(base, sae=dataclasses.replace(base.sae, seed=i)) for i in range(m)]
-            for n_dev in (1, 4):
-                for chunk in sorted({1, 2, m // n_dev}):
+            for n_dev in (1,) if real else (1, 4):
+                for chunk in (1, 4) if real else sorted({1, 2, m // n_dev}):
                     s = plan.StackPlan(tuple(range(m)), d_vit, d_vit * exp, m, chunk, kind)
                     xla = train.Layout(cfgs, plan.Round((s,), 0), plan.make_mesh(jax.devices()[:n_dev])).compile().peak_bytes
                     est = plan.estimate([s], n_dev, batch)
@@ -202,6 +206,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="classification.toml's group of 12 at full size on one GPU")
     parser.add_argument("--quick", action="store_true", help="fewer, smaller CPU cases")
     parser.add_argument("--calibrate", action="store_true", help="estimate / XLA per kind, chunk and device count")
+    parser.add_argument("--real", action="store_true", help="--calibrate at d_vit 256, exp 32, batch 16384, 16 SAEs")
     parser.add_argument("--whole", metavar="SHARDS", help="whole CLI runs at d_vit 256 on these shards: peak RSS per kind")
     parser.add_argument("--kinds", default=",".join(KINDS), help="--whole: comma-separated kinds")
     parser.add_argument("--m", type=int, default=4, help="--whole: SAEs per run")
@@ -213,8 +218,9 @@ def main() -> None:
         return
     if args.calibrate:
         if "JAX_NUM_CPU_DEVICES" not in os.environ:  # Four CPU devices, set before JAX starts.
-            os.execve(sys.executable, [sys.executable, __file__, "--calibrate"], dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4"))
-        calibrate()
+            env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4")
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        calibrate(args.real)
         return
     if args.whole:
         cases = [dict(kind=k, m=args.m, d_vit=256, chunk=int(c)) for k in args.kinds.split(",") for c in args.chunks.split(",")]
