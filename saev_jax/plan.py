@@ -251,6 +251,12 @@ def make_plan(
         n_padded = -(-len(indices) // n_dev) * n_dev
         return StackPlan(tuple(indices), c0.sae.d_vit, c0.sae.d_sae, n_padded, chunk, c0.sae.kind)
 
+    largest = max(-(-len(indices) // n_dev) for indices in shapes_of(cfgs))
+    if cfg.sae_chunk > largest:
+        raise config.InputError(
+            f"sae_chunk = {cfg.sae_chunk}: larger than any stack's share of a device (at most {largest} SAEs "
+            f"on each of {n_dev} devices); use at most {largest}, or 0 to let the planner choose"
+        )
     # Rounds: add SAEs (in config order within each shape) while the resident state and one SAE in flight fit.
     rounds: list[list[list[int]]] = []
     for indices in shapes_of(cfgs):

@@ -213,7 +213,7 @@ def clear(dpath: str | os.PathLike) -> None:
         shutil.rmtree(fpath)
 
 
-LAYOUT_KEYS = ("memory_budget_gib", "sae_chunk", "fresh", "n_workers")
+LAYOUT_KEYS = ("memory_budget_gib", "sae_chunk", "fresh", "n_workers", "n_devices")
 """Config keys that change how a run is laid out or started, not what it computes: a resume may change them."""
 
 

@@ -148,3 +148,10 @@ def test_chunks_divide_the_share_and_count_the_state_copy():
 def test_plan_round_trips_through_json():
     p = plan.make_plan(cfgs_of(6) + cfgs_of(3, exp=8), jax.devices()[:4], 64 * GIB, "test")
     assert plan.Plan.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_sae_chunk_larger_than_every_stack_is_a_clear_error():
+    with pytest.raises(config.InputError, match=r"sae_chunk = 9: larger than any stack's share of a device \(at most 3 SAEs on each of 1 devices\)"):
+        plan.make_plan(cfgs_of(3, sae_chunk=9), jax.devices()[:1], 64 * GIB, "test")
+    p = plan.make_plan(cfgs_of(3, sae_chunk=3), jax.devices()[:1], 64 * GIB, "test")
+    assert p.rounds[0].stacks[0].chunk == 3
