@@ -171,7 +171,8 @@ def whole(shards: str, cases: list[dict]) -> list[dict]:
 
 
 def whole_markdown(rows: list[dict], title: str) -> str:
-    head = "| kind | M | d_vit x d_sae | sae_chunk flag | chunk used | planned GiB | XLA GiB | peak RSS GiB (whole run) | RAM GiB | metrics.json | exit | s |"
+    head = ("| kind | M | d_vit x d_sae | sae_chunk flag | chunk used | train step GiB (planned, XLA-checked) | "
+            "largest XLA GiB (train or evaluation step) | peak RSS GiB (whole run) | RAM GiB | metrics.json | exit | s |")
     lines = [f"# {title}", "", head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
