@@ -14,6 +14,10 @@
 # Needs python3 with jax[cuda], equinox, optax, jaxtyping, torch, numpy, matplotlib,
 # safetensors, tqdm. Not tyro or wandb: benchmarks/train.py stubs them when they are missing.
 # PYTHON=/path/to/python picks the interpreter.
+#
+# SCALE=1 also runs `benchmarks/scale.py --gpu` afterwards: saev's classification.toml group
+# (12 SAEs, d_vit 1024, exp 32, batch 16384) at full size, chunk 1, 2, 4 and 12, with the planned,
+# XLA and measured peak bytes per device (results/scale-gpu.{json,md}; a few more minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -30,6 +34,11 @@ status=0
 timeout --signal=INT --kill-after=15 340 \
     "$PYTHON" -m benchmarks.train --out "$OUT" --time-budget-s 270 --no-table "$@" 2>&1 | tee "$OUT/log.txt" \
     || status=$?
+
+if [ "${SCALE:-0}" = 1 ]; then
+    timeout --signal=INT --kill-after=15 600 "$PYTHON" benchmarks/scale.py --gpu 2>&1 | tee "$OUT/scale-log.txt" || status=$?
+    cp benchmarks/results/scale-gpu.* "$OUT"/ 2>/dev/null || true
+fi
 
 echo
 echo "exit status $status; files in $OUT:"

@@ -221,6 +221,10 @@ CANNOT_PARALLELIZE = frozenset({
 })  # fmt: skip
 
 
+LAYOUT_KEYS = frozenset({"memory_budget_gib", "sae_chunk", "fresh", "n_workers", "n_devices"})
+"""Keys that say how a group runs, not what it trains: a resume may change them (`snapshot.diff_configs`)."""
+
+
 def to_dict(cfg) -> dict[str, object]:
     """A config as plain JSON-ready data (tuples as lists, as JSON and wandb give them back)."""
     return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
@@ -555,10 +559,10 @@ def group_name(cfgs: list[Train]) -> str:
 
     So rerunning a command with another sweep file added finds this group's snapshots again,
     and a group whose SAEs changed (another lr, one more file joining it) finds them too, and is
-    refused as made with other configs. `fresh` and `slurm` are left out: they say how to run,
-    and a Slurm job trains its group with `slurm = false`.
+    refused as made with other configs. `LAYOUT_KEYS` and `slurm` are left out: they say how to
+    run (a resume may change them), and a Slurm job trains its group with `slurm = false`.
     """
-    shared = {key: _canonical(cfgs[0], key) for key in sorted(CANNOT_PARALLELIZE - {"fresh", "slurm"})}
+    shared = {key: _canonical(cfgs[0], key) for key in sorted(CANNOT_PARALLELIZE - LAYOUT_KEYS - {"slurm"})}
     return "group-" + hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:8]
 
 

@@ -35,8 +35,23 @@ and input buffers: benchmarks/results/scale-cpu.md), so the CPU plan leaves half
 def headroom(platform: str) -> float:
     """The fraction of a `platform` device's memory a plan may use."""
     return HEADROOM.get(platform, 0.9)
-ACTIVATION_COPIES = 3
-"""`[B, d_sae]` float32 arrays alive per SAE in flight (XLA:CPU measured 2.3)."""
+ACTIVATION_COPIES = {
+    "relu": (2.7, 1.25),
+    "topk": (4.45, 0.1),
+    "batchtopk": (5.45, 0.1),
+    "matryoshka": (5.5, 0.1),
+    "jumprelu": (5.05, 0.1),
+}
+"""Per kind, the `[B, d_sae]` float32 arrays XLA keeps alive while the step runs: per SAE in flight
+(pre-activations, activations, their gradients, and the kind's own: selection masks, AuxK,
+prefix losses, thresholds), and once per stack whatever the chunk.
+
+The one place to recalibrate (after a kind's step changes, say): fitted to XLA:CPU's memory
+analysis of the compiled step at two shapes (64x1024, batch 512, 8 SAEs; 64x2048, batch 4096,
+4 SAEs) for chunks 1, 2 and all, on 1 and 4 devices. `python benchmarks/scale.py --calibrate`
+prints XLA's peak over the estimate for each kind and chunk, and
+`tests/test_plan.py::test_estimate_tracks_xla` is the judge (within 15%, never 5% under).
+"""
 BATCH_COPIES = 4
 """`[B, d_vit]` float32 batches alive per device: raw, preprocessed, and the loader's prefetch."""
 GIB = 2**30
@@ -54,6 +69,8 @@ class StackPlan:
     """Stack length after padding to a multiple of the device count (pads are never reported)."""
     chunk: int
     """SAEs each device runs at once inside the step."""
+    kind: str = "relu"
+    """The SAEs' kind (`sae.kind`), which sets what each keeps alive in flight."""
 
     @property
     def n_saes(self) -> int:
@@ -84,6 +101,18 @@ class Plan:
     """Bytes per device the plan must stay under."""
     limit_source: str
     """Where `limit` came from: the config's budget, the device, or the OS."""
+
+    def to_json(self) -> dict:
+        """The plan as JSON-ready data (`from_json` reads it back): what a resume must reuse."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        rounds = tuple(
+            Round(tuple(StackPlan(**(s | {"cfg_indices": tuple(s["cfg_indices"])})) for s in r["stacks"]), r["planned_bytes"])
+            for r in d["rounds"]
+        )  # fmt: skip
+        return cls(rounds, d["n_devices"], d["platform"], d["limit"], d["limit_source"])
 
     def lines(self) -> list[str]:
         """One line per stack: its SAEs, devices, chunk and planned bytes per device against the limit."""
@@ -116,9 +145,25 @@ def resident_bytes(n_params: int) -> int:
     return 12 * n_params
 
 
-def in_flight_bytes(n_params: int, batch_size: int, d_sae: int) -> int:
-    """What one SAE needs while its update is computed, beyond its resident state."""
-    return 8 * n_params + ACTIVATION_COPIES * batch_size * d_sae * 4
+def in_flight_bytes(n_params: int, batch_size: int, d_sae: int, kind: str = "relu") -> int:
+    """What one SAE of `kind` needs while its update is computed, beyond its resident state."""
+    return int(8 * n_params + ACTIVATION_COPIES[kind][0] * batch_size * d_sae * 4)
+
+
+def stack_flight_bytes(s: StackPlan, n_devices: int, batch_size: int) -> int:
+    """Per device, what stack `s` adds to its resident state while the step runs it.
+
+    Its `chunk` SAEs in flight, the arrays alive once per stack, and, when the stack runs in
+    more than one chunk, a second copy of its state: `lax.map` writes the new state into a
+    buffer of its own instead of updating the donated one in place. A chunk that does not
+    divide the device's share leaves a remainder that `lax.map` runs apart, with buffers of
+    its own (XLA counts both: 16 SAEs at chunk 6 hold 6 + 4 in flight).
+    """
+    per_dev = s.n_padded // n_devices
+    copy = per_dev * resident_bytes(s.n_params) if s.chunk < per_dev else 0
+    shared = int(ACTIVATION_COPIES[s.kind][1] * batch_size * s.d_sae * 4)
+    in_flight = s.chunk + per_dev % s.chunk
+    return in_flight * in_flight_bytes(s.n_params, batch_size, s.d_sae, s.kind) + shared + copy
 
 
 def estimate(stacks: list[StackPlan], n_devices: int, batch_size: int) -> int:
@@ -128,8 +173,12 @@ def estimate(stacks: list[StackPlan], n_devices: int, batch_size: int) -> int:
     """
     shared = BATCH_COPIES * batch_size * stacks[0].d_vit * 4
     resident = sum(s.n_padded // n_devices * resident_bytes(s.n_params) for s in stacks)
-    flight = max(s.chunk * in_flight_bytes(s.n_params, batch_size, s.d_sae) for s in stacks)
-    return shared + resident + flight
+    return shared + resident + max(stack_flight_bytes(s, n_devices, batch_size) for s in stacks)
+
+
+def divisors(n: int) -> list[int]:
+    """The chunk sizes that split `n` SAEs evenly, smallest first."""
+    return [c for c in range(1, n + 1) if n % c == 0]
 
 
 def get_devices(cfg: config.Train) -> list[jax.Device]:
@@ -181,30 +230,43 @@ def shapes_of(cfgs: list[config.Train]) -> list[tuple[int, ...]]:
     return [tuple(v) for v in stacks.values()]
 
 
-def make_plan(cfgs: list[config.Train], devices: list[jax.Device], limit: int, limit_source: str) -> Plan:
-    """The plan of one group from sizes alone (no compilation; see `check`).
+def make_plan(
+    cfgs: list[config.Train], devices: list[jax.Device], limit: int, limit_source: str, *, correction: float = 1.0
+) -> Plan:
+    """The plan of one group from sizes alone (no compilation; see `train.Layout.compile_within_limit`).
 
-    Raises InputError when one SAE alone does not fit a device.
+    `correction` scales every estimate (XLA's peak over the estimate, when a compiled step
+    showed the estimate low). Raises InputError, naming the smallest `memory_budget_gib` that
+    would do, when one SAE alone does not fit a device.
     """
     cfg = cfgs[0]
     B, n_dev = cfg.sae_batch_size, len(devices)
     usable = int(limit * headroom(devices[0].platform))
 
+    def estimate_(stacks):
+        return int(estimate(stacks, n_dev, B) * correction)
+
     def stack_plan(indices, chunk=1):
         c0 = cfgs[indices[0]]
         n_padded = -(-len(indices) // n_dev) * n_dev
-        return StackPlan(tuple(indices), c0.sae.d_vit, c0.sae.d_sae, n_padded, chunk)
+        return StackPlan(tuple(indices), c0.sae.d_vit, c0.sae.d_sae, n_padded, chunk, c0.sae.kind)
 
+    largest = max(-(-len(indices) // n_dev) for indices in shapes_of(cfgs))
+    if cfg.sae_chunk > largest:
+        raise config.InputError(
+            f"sae_chunk = {cfg.sae_chunk}: larger than any stack's share of a device (at most {largest} SAEs "
+            f"on each of {n_dev} devices); use at most {largest}, or 0 to let the planner choose"
+        )
     # Rounds: add SAEs (in config order within each shape) while the resident state and one SAE in flight fit.
     rounds: list[list[list[int]]] = []
     for indices in shapes_of(cfgs):
         one = stack_plan(indices[:1])
-        if estimate([one], n_dev, B) > usable:
-            need = estimate([one], n_dev, B)
+        if (need := estimate_([one])) > usable:
+            smallest = need / headroom(devices[0].platform) / GIB
             raise config.InputError(
-                f"one SAE of {one.d_vit}x{one.d_sae} at sae_batch_size {B} needs about {format_bytes(need)} per device, "
+                f"one {one.kind} SAE of {one.d_vit}x{one.d_sae} at sae_batch_size {B} needs about {format_bytes(need)} per device, "
                 f"more than the {format_bytes(usable)} usable of {format_bytes(limit)} ({limit_source}); "
-                "lower sae_batch_size, raise memory_budget_gib or use a device with more memory"
+                f"the smallest memory_budget_gib that fits is {smallest:.3g} (on a device that has it), or lower sae_batch_size"
             )
         for i in indices:
             placed = False
@@ -215,7 +277,7 @@ def make_plan(cfgs: list[config.Train], devices: list[jax.Device], limit: int, l
                     same[0].append(i)
                 else:
                     trial.append([i])
-                if estimate([stack_plan(s) for s in trial], n_dev, B) <= usable:
+                if estimate_([stack_plan(s) for s in trial]) <= usable:
                     rounds[-1] = trial
                     placed = True
             if not placed:
@@ -231,10 +293,10 @@ def make_plan(cfgs: list[config.Train], devices: list[jax.Device], limit: int, l
                 plans[j] = dataclasses.replace(plans[j], chunk=min(cfg.sae_chunk, per_dev))
                 continue
             best = 1
-            for c in range(1, per_dev + 1):
+            for c in divisors(per_dev):  # A remainder chunk would hold buffers of its own.
                 trial = plans[:j] + [dataclasses.replace(plans[j], chunk=c)] + plans[j + 1 :]
-                if estimate(trial, n_dev, B) <= usable:
+                if estimate_(trial) <= usable:
                     best = c
             plans[j] = dataclasses.replace(plans[j], chunk=best)
-        planned.append(Round(tuple(plans), estimate(plans, n_dev, B)))
+        planned.append(Round(tuple(plans), estimate_(plans)))
     return Plan(tuple(planned), n_dev, devices[0].platform, limit, limit_source)

@@ -202,21 +202,31 @@ def restore(fpath: str | os.PathLike, like):
     return jax.tree_util.tree_unflatten(treedef, out), meta
 
 
+def read_meta(fpath: str | os.PathLike) -> dict:
+    """The meta dict of the snapshot directory `fpath`, without reading its tensors."""
+    return json.loads((pathlib.Path(fpath) / _META).read_bytes())
+
+
 def clear(dpath: str | os.PathLike) -> None:
     """Deletes every snapshot in `dpath` (to start afresh); the directory stays."""
     for _, fpath in list_snapshots(dpath):
         shutil.rmtree(fpath)
 
 
+LAYOUT_KEYS = config.LAYOUT_KEYS
+"""Config keys that change how a run is laid out or started, not what it computes: a resume may change them."""
+
+
 def diff_configs(saved: list[dict[str, object]], now: list[dict[str, object]]) -> str | None:
     """The first difference between two lists of configs (as `config.to_dict` gives), or None.
 
     Says where, e.g. "config 2: sae.sparsity_coeff = 0.001 in the snapshot, 0.003 now", or
-    how the number of configs differs.
+    how the number of configs differs. `LAYOUT_KEYS` are not compared.
     """
     if len(saved) != len(now):
         return f"the snapshot holds {len(saved)} configs, the command gives {len(now)}"
-    for i, (a, b) in enumerate(zip(saved, now)):
+    strip = lambda d: {k: v for k, v in d.items() if k not in LAYOUT_KEYS}  # noqa: E731
+    for i, (a, b) in enumerate(zip(map(strip, saved), map(strip, now))):
         if (where := _first_difference(a, b)) is not None:
             key, va, vb = where
             return f"config {i}: {key} = {json.dumps(va)} in the snapshot, {json.dumps(vb)} now"

@@ -7,7 +7,8 @@ a stack the SAEs run in chunks of `c` (`jax.lax.map(..., batch_size=c)`), so onl
 stack axis is split over a device mesh axis `'sae'` with `jax.shard_map`: each device
 updates its own SAEs on the replicated batch, and the compiled step has no collectives.
 
-An SAE whose loss or updated parameters are not finite keeps its last finite parameters and
+An SAE whose loss or updated parameters are not finite, or whose loss blew up while staying
+finite (more than `BLOWUP` times its first step's loss), keeps its last parameters and
 optimizer state from then on (`Stack.diverged_at` records the step); no other SAE notices,
 and the host learns of it at the next log step, not by a round trip per step.
 """
@@ -24,6 +25,9 @@ from jaxtyping import Array, Bool, Float, Int
 from . import config, data, kinds, optim
 
 SAE_AXIS = "sae"
+BLOWUP = 1e4
+"""An SAE whose loss exceeds this many times its first step's loss has diverged (frozen as a non-finite one):
+every kind's loss is a reconstruction error plus a penalty, which training only lowers from its start."""
 """The mesh axis the stack axis of every `Stack` is split over."""
 
 
@@ -76,9 +80,11 @@ class Stack(eqx.Module):
     saes: kinds.Kind
     opt_state: optax.OptState
     diverged_at: Int[Array, " M"]
-    """The step at which each SAE's update first was not finite (it is frozen since); -1 if never."""
+    """The step at which each SAE's update first was not finite or its loss blew up (it is frozen since); -1 if never."""
     state: eqx.Module
     """The kind's non-trainable state (dead-latent counters, BatchTopK's threshold; empty for ReLU)."""
+    first_loss: Float[Array, " M"]
+    """Each SAE's loss at its first step (NaN before it): what `BLOWUP` compares against."""
 
     @property
     def n_saes(self) -> int:
@@ -104,7 +110,10 @@ def make_stack(saes: kinds.Kind, hparams: Hparams) -> Stack:
 
     opt_state = eqx.filter_vmap(init_one)(saes, hparams)
     n = hparams.lr.shape[0]
-    return Stack(saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32), state=kinds.init_state(saes))
+    return Stack(
+        saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32), state=kinds.init_state(saes),
+        first_loss=jnp.full(n, jnp.nan, jnp.float32),
+    )  # fmt: skip
 
 
 def make_state(stacks: tuple[Stack, ...]) -> TrainState:
@@ -149,11 +158,13 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     updates, opt_state = optimizer.update(grads, stack.opt_state, normed)
     updated = eqx.apply_updates(normed, updates)
 
-    # A diverged SAE keeps the parameters it had before its first non-finite step, for good.
-    ok = jnp.isfinite(loss) & _all_finite(updated) & _all_finite(opt_state) & _all_finite(kind_state)
+    # A diverged SAE keeps the parameters it had before its first non-finite or blown-up step, for good.
+    first_loss = jnp.where(jnp.isnan(stack.first_loss), loss, stack.first_loss)
+    blown = loss > BLOWUP * jnp.abs(first_loss)
+    ok = jnp.isfinite(loss) & ~blown & _all_finite(updated) & _all_finite(opt_state) & _all_finite(kind_state)
     alive = stack.diverged_at < 0
     keep = ok & alive
-    new = Stack(saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at, state=kind_state)
+    new = Stack(saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at, state=kind_state, first_loss=first_loss)
     new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, stack)
     new = eqx.tree_at(lambda s: s.diverged_at, new, jnp.where(alive & ~ok, step, stack.diverged_at))
     metrics |= {"learning_rate": hp.learning_rate()(step), "diverged": ~(ok & alive)}

@@ -116,7 +116,8 @@ class ParallelWandbRun:
     are journaled under `queue_dpath` as they are logged (see the module docstring), so
     nothing is lost if the process dies before `finish()`. As a context manager, leaving
     the block calls `finish()` — with exit code 1 if the block raised, whose exception
-    then propagates.
+    then propagates — or `suspend()` if it raised SystemExit or KeyboardInterrupt (a
+    stopped job, to be resumed).
 
     Args:
         project: The wandb project of every run.
@@ -256,6 +257,9 @@ class ParallelWandbRun:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             self.finish()
+            return False
+        if issubclass(exc_type, (KeyboardInterrupt, SystemExit)):
+            self.suspend()  # Stopped (SIGINT, SIGTERM), not failed: the resume continues these runs.
             return False
         try:
             self.finish(exit_code=1)

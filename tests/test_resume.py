@@ -2,6 +2,7 @@
 bit-identical to a run that was never stopped; finished groups are skipped; changed configs are
 refused; a diverging SAE is marked and sinks nobody."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -92,7 +93,7 @@ def test_sigkill_then_the_same_command_gives_identical_checkpoints(tmp_path, sha
     proc.wait()
     _, err = finish(start(sweep))
     if "is complete" not in err:  # The kill may land after the end; then there is nothing to resume.
-        assert re.search(r"resuming group-[0-9a-f]{8} from step ", err)
+        assert re.search(r"resuming group-1 from step \d+ \(snapshots/group-[0-9a-f]{8}\)", err)
     assert checkpoints(tmp_path / "ckpt") == uninterrupted
 
 
@@ -110,10 +111,10 @@ def test_sigterm_snapshots_and_exits_nonzero_then_resumes(tmp_path, shard_root, 
     assert 1 <= len(snaps) <= 2  # The last two are kept.
     step = int(snaps[-1].name.split("-")[1])
     _, err = finish(start(sweep))
-    assert f"resuming {name} from step {step}" in err
+    assert f"resuming group-1 from step {step} (snapshots/{name})" in err
     # Run again: the finished group is skipped with one line.
     _, err = finish(start(sweep))
-    assert f"{name} is complete (4 SAEs" in err and "resuming" not in err
+    assert "group-1 is complete (4 SAEs" in err and "resuming" not in err
 
 
 def test_changed_configs_are_refused_unless_fresh(tmp_path, shard_root):
@@ -146,3 +147,46 @@ def test_a_diverging_sae_is_marked_and_the_others_are_unchanged(tmp_path, shard_
         for name in ("mse", "l0", "l1"):
             np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-4, err_msg=f"{key} {name}")
     assert "diverged" in out  # The summary table marks it.
+
+
+def test_killed_under_one_budget_resumes_under_another_with_the_stored_plan(tmp_path, shard_root, uninterrupted):
+    """The plan is part of the snapshot: a resume where less memory is free reuses it (one round,
+    `group-1`), whatever a new plan would be, and ends with the uninterrupted run's checkpoints."""
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt"))
+    proc = start(sweep)
+    wait_for_snapshot(tmp_path / "ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    small = ["--memory-budget-gib", "7e-4"]  # A new plan would split these 4 SAEs into 2 rounds.
+    if proc.returncode == 0:  # The signal landed after the end: nothing to resume.
+        pytest.skip("the run ended before SIGTERM")
+    step = int(sorted((tmp_path / "ckpt" / "snapshots").glob("group-*/snapshot-*"))[-1].name.split("-")[1])
+    _, err = finish(start(sweep, *small))
+    assert f"resuming group-1 from step {step}" in err and "the plan of the run being resumed" in err
+    assert "group-1-round" not in err and "round 1/" not in err
+    got = checkpoints(tmp_path / "ckpt")
+    assert got.keys() == uninterrupted.keys()
+    for key, (params, metrics) in got.items():
+        for name in ("mse", "l0", "l1"):
+            np.testing.assert_allclose(metrics[name], uninterrupted[key][1][name], rtol=1e-4, err_msg=f"{key} {name}")
+
+
+def test_a_resume_that_cannot_fit_the_stored_plan_says_what_to_do(tmp_path, shard_root, monkeypatch):
+    """Killed under one plan, resumed where XLA says even chunk 1 of the stored round is over: one line, `--fresh`."""
+    from saev_jax import config, train
+
+    sweep = tmp_path / "sweep.toml"
+    sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt").replace("n_patches = 12000", "n_patches = 60000"))
+    proc = start(sweep)
+    wait_for_snapshot(tmp_path / "ckpt", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=300)
+    compile_ = train.Layout.compile
+
+    def no_room(self, preprocess=None):  # Less memory now: every chunk is over the limit.
+        return dataclasses.replace(compile_(self, preprocess), peak_bytes=self.limit)
+
+    monkeypatch.setattr(train.Layout, "compile", no_room)
+    with pytest.raises(config.InputError, match=r"resuming group-1 needs .* usable now; .*--fresh"):
+        train.cli([str(sweep), "--n-devices", "1"])

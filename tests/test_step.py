@@ -3,6 +3,7 @@ leak, no collectives, and a diverging SAE that sinks nobody."""
 
 import dataclasses
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,7 +97,7 @@ def test_nan_pads_leave_real_saes_bit_identical():
 
 def test_sharded_step_has_no_collectives():
     layout = make_layout(group_cfgs(), 4, 1)
-    hlo = layout.compile(identity_preprocess())[0].as_text()
+    hlo = layout.compile(identity_preprocess()).step.as_text()
     # The partitioned program: each device holds 1 of the 4 (padded) exp-4 SAEs, not all 4.
     assert f"f32[1,{D},{D * 4}]" in hlo and f"f32[4,{D},{D * 4}]" not in hlo
     for op in ("all-reduce", "all-gather", "all-to-all", "collective-permute", "reduce-scatter"):
@@ -119,3 +120,32 @@ def test_a_diverging_sae_is_frozen_and_sinks_nobody():
     # The others end exactly as they would have without it (each SAE is its own chunk).
     assert_same(without, with_bad[:2] + with_bad[3:], exact=True)
     assert all(d == -1 for _, d in without)
+
+
+
+def test_a_finite_blow_up_is_frozen_too():
+    """An SAE whose loss passes BLOWUP x its first step's loss while finite is frozen like a non-finite one;
+    an lr 1e3 SAE beside an lr 1e-3 one is marked diverged and its neighbour is untouched."""
+    cfgs, xs = group_cfgs()[:1], batches(3)
+    tame = dataclasses.replace(cfgs[0], lr=1e-3, n_lr_warmup=0)
+    wild = dataclasses.replace(tame, lr=1e3, sae=dataclasses.replace(tame.sae, seed=98))
+    (_, tame_div), (params, wild_div) = run([tame, wild], xs, chunk=1)
+    assert tame_div == -1 and wild_div >= 0 and all(np.all(np.isfinite(v)) for v in params.values())
+    assert_same(run([tame], xs, chunk=1), run([tame, wild], xs, chunk=1)[:1], exact=True)
+
+    # The rule itself: a first loss far below today's (finite) loss freezes SAE 1 at this step, not SAE 0.
+    layout = make_layout([tame, tame], 1, 2)
+    state = layout.init_state(None, identity_preprocess())
+    pre = jax.device_put(identity_preprocess(), layout.replicated)
+    state, _ = step.train_step(state, layout.hparams, pre, jnp.asarray(xs[0]), chunks=layout.chunks, mesh=layout.mesh)
+    first = np.asarray(state.stacks[0].first_loss)
+    assert np.all(np.isfinite(first) & (first > 0))
+    low = jnp.asarray([first[0], first[1] / step.BLOWUP / 10], jnp.float32)
+    state = eqx.tree_at(lambda s: s.stacks[0].first_loss, state, jax.device_put(low, state.stacks[0].first_loss.sharding))
+    before = np.asarray(state.stacks[0].saes.W_enc)
+    state, metrics = step.train_step(state, layout.hparams, pre, jnp.asarray(xs[1]), chunks=layout.chunks, mesh=layout.mesh)
+    assert np.asarray(state.stacks[0].diverged_at).tolist() == [-1, 1]
+    assert np.asarray(metrics[0]["diverged"]).tolist() == [False, True]
+    after = np.asarray(state.stacks[0].saes.W_enc)
+    np.testing.assert_array_equal(after[1], before[1])
+    assert not np.array_equal(after[0], before[0])

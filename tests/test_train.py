@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from saev_jax import config, data, plan, step, train
 from saev_jax import sae as sae_lib
@@ -142,3 +143,19 @@ def test_n_train_steps_matches_saev_batch_limiter():
             if seen > n_patches:
                 break
         assert train.n_train_steps(cfg) == steps == expected
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(sae, dpath, *args, **kwargs):  # Writes part of the temporary directory, then the disk is full.
+        tmp = dpath.with_name(f".{dpath.name}.tmp")
+        tmp.mkdir(parents=True)
+        (tmp / "sae.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train.checkpoint, "save", full_disk)
+    with pytest.raises(config.InputError, match=r"ckpt/run1: could not write the checkpoint: No space left on device; .*run the same command again") as err:
+        train.save_checkpoint(None, tmp_path / "ckpt" / "run1", config.Train(), None, {})
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "ckpt" / ".run1.tmp").exists() and not (tmp_path / "ckpt" / "run1").exists()

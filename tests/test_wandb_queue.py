@@ -638,3 +638,16 @@ def test_suspend_keeps_the_journals_unlocked_for_a_resume(wandb_root, tmp_path):
     flush_wandb()
     assert not queue_dpath.exists()
     assert only_offline_run(wandb_root, run.ids[1]).history == {s: expected_row(1, s) for s in (0, 1)}
+
+
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()])
+def test_a_stopped_block_suspends_instead_of_failing_the_runs(wandb_root, tmp_path, stop):
+    """SIGTERM (SystemExit from the training loop) or SIGINT leaving the with-block keeps every journal for the resume."""
+    queue_dpath = tmp_path / "queue"
+    with pytest.raises(type(stop)):
+        with wandb_queue.ParallelWandbRun(PROJECT, make_cfgs(3), "offline", [], queue_dpath) as run:
+            run.log([scalars(m, 0) for m in range(3)], step=0)
+            raise stop
+    journals = {p.name: journal_lines(p) for p in queue_dpath.glob(f"*{wandb_queue.SUFFIX}")}
+    assert set(journals) == {f"{i}{wandb_queue.SUFFIX}" for i in run.ids}
+    assert all(len(lines) == 2 and "exit_code" not in lines[-1] for lines in journals.values())
