@@ -441,7 +441,7 @@ def _kind_checks(cfg: Train) -> list[tuple[bool, str, str]]:
     ]  # fmt: skip
     checks += [
         (sae.k <= 0, "sae.k", "must be positive"),
-        (sae.k > sae.d_sae, "sae.k", f"must be at most d_sae = {sae.d_sae}"),
+        (sae.k > sae.d_sae and sae.kind in KIND_FIELDS["k"], "sae.k", f"must be at most d_sae = {sae.d_sae}"),
         (sae.k_aux <= 0, "sae.k_aux", "must be positive"),
         (sae.auxk_alpha < 0, "sae.auxk_alpha", "must not be negative"),
         (not 0 < sae.dead_threshold_tokens < 2**30, "sae.dead_threshold_tokens", "must be in [1, 2^30)"),

@@ -27,7 +27,8 @@ MSE_LIMIT = 100.0
 COLUMNS = (
     "run_id", "kind", "d_sae", "sparsity_coeff", "k", "l0_coefficient", "lr",
     "mse", "fvu", "explained_variance", "l0", "l1", "n_dead", "n_almost_dead", "n_dense",
-    "quality", "quality_stderr", "rel_bias", "cos_sim", "dec_redundancy", "diverged_step", "note",
+    "quality", "quality_stderr", "rel_bias", "cos_sim", "dec_redundancy", "target_l0", "final_sparsity_coeff",
+    "diverged_step", "note",
 )  # fmt: skip
 """Columns of summary.csv, in order. A sparsity setting the row's kind does not read is empty."""
 Entry = tuple[str, config.Train, EvalMetrics | Mapping[str, object]]
@@ -70,6 +71,8 @@ def make_row(run_id: str, cfg: config.Train, metrics: EvalMetrics | Mapping[str,
         row[key] = _float(scalars, key)
     for key in ("n_dead", "n_almost_dead", "n_dense"):
         row[key] = int(scalars[key]) if key in scalars else -1
+    for key in ("target_l0", "final_sparsity_coeff"):  # Steered SAEs (sae.target_l0) only.
+        row[key] = "" if scalars.get(key) is None else float(scalars[key])
     step = scalars.get("diverged_step")
     row["diverged_step"] = "" if step is None else int(step)
     row["note"] = health(cfg, scalars)

@@ -32,7 +32,7 @@ import tqdm
 import tyro
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import checkpoint, config, data, evaluate, kinds, launch, plan, plots, snapshot, step, summary, wandb_queue
+from . import checkpoint, config, data, evaluate, kinds, launch, plan, plots, snapshot, step, steer, summary, wandb_queue
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +454,11 @@ def open_group(cfgs: list[config.Train]) -> data.Activations:
     config.check_groupable(cfgs)
     for c in cfgs:
         config.validate(c)
+    if cfg.prune != "none":  # Refused rather than ignored: every SAE would silently train to the end.
+        raise config.InputError(
+            f"prune = {cfg.prune!r}: stopping SAEs early is not part of training in this version "
+            "(steer.halving_stops chooses, the loop does not act on it yet); set prune = \"none\""
+        )
     acts = data.Activations(cfg.data)
     if acts.d_vit != cfg.sae.d_vit:
         raise config.InputError(
@@ -551,11 +556,12 @@ def train_round(
             return []
 
         # Write the parameters.
-        diverged_at = [-1] * len(cfgs)
+        diverged_at, steering = [-1] * len(cfgs), [{}] * len(cfgs)
         for indices, saes, div in stacks:
             for j, (i, d) in enumerate(zip(indices, div)):
                 diverged_at[i] = int(d)
-                sae, kind_state = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.state))
+                sae, kind_state, hp = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.state, saes.hp))
+                steering[i] = steer.report(hp, kind_state)  # target_l0 and the final coefficient (ReLU, JumpReLU)
                 kind_tensors = jax.device_get(sae.inference_tensors(kind_state))
                 # An earlier attempt of this round (same run ids, from its snapshot) may have been
                 # killed after writing some checkpoints: the resumed state is the same, so rewrite them.
@@ -570,12 +576,13 @@ def train_round(
         for i, (run_id, result) in enumerate(zip(run.ids, results)):
             div = {"diverged": diverged_at[i] >= 0, "diverged_step": diverged_at[i] if diverged_at[i] >= 0 else None}
             if isinstance(result, evaluate.EvalMetrics):
-                checkpoint.add_metrics(ckpt_dpath / run_id, result.to_json() | div, result.freqs)
+                checkpoint.add_metrics(ckpt_dpath / run_id, result.to_json() | div | steering[i], result.freqs)
             else:
-                checkpoint.add_metrics(ckpt_dpath / run_id, {"eval_error": result} | div)
+                checkpoint.add_metrics(ckpt_dpath / run_id, {"eval_error": result} | div | steering[i])
         run.log([
             (r.for_wandb(c.sae) if isinstance(r, evaluate.EvalMetrics) else {"eval/error": r}) | {"eval/diverged": d >= 0}
-            for r, d, c in zip(results, diverged_at, cfgs)
+            | {f"eval/{key}": value for key, value in st.items() if value is not None}
+            for r, d, c, st in zip(results, diverged_at, cfgs, steering)
         ], step=final)  # fmt: skip
         ok = [i for i, r in enumerate(results) if isinstance(r, evaluate.EvalMetrics)]
         if ok:

@@ -127,3 +127,11 @@ def test_validate():
 def test_round_trip_dict():
     cfg = config.grid(config.Train(), SAEV_SWEEP)[5]
     assert config.from_dict(config.Train, config.to_dict(cfg)) == cfg
+
+
+def test_a_narrow_relu_sae_is_not_checked_against_topk_k():
+    """sae.k is TopK's: a ReLU SAE narrower than k's default validates (and a TopK one does not)."""
+    narrow = config.SparseAutoencoder(d_vit=8, exp_factor=2)
+    config.validate(config.Train(sae=narrow))
+    with pytest.raises(config.InputError, match="sae.k = 32: must be at most d_sae = 16"):
+        config.validate(config.Train(sae=dataclasses.replace(narrow, kind="topk")))

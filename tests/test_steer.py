@@ -324,3 +324,31 @@ def test_halving_rejects_keep_outside_the_open_interval():
     for keep in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="keep"):
             steer.halving_stops([("relu", 8, None)], [0.1], [1.0], [True], keep=keep)
+
+
+def test_prune_halving_is_refused_by_training_until_it_acts(tmp_path):
+    """A valid prune config must not be silently ignored: training refuses it with one line, before reading data."""
+    with pytest.raises(config.InputError, match=r"prune = 'halving': .*set prune = \"none\""):
+        train.main([config.Train(prune="halving", ckpt_path=str(tmp_path / "ckpt"), track=False)])
+
+
+def test_metrics_json_and_summary_report_the_target_and_final_coefficient(tmp_path):
+    """Through the CLI: a steered SAE's metrics.json and summary.csv carry its target and final λ; an unsteered one's do not."""
+    import csv
+    import json
+
+    from saev_jax import synthetic
+
+    shards = tmp_path / "shards"
+    synthetic.write_shards(shards, synthetic.Synthetic(d_vit=8, n_features=24, k=2, n_imgs=32, n_patches_per_img=8, n_patches_per_shard=256))
+    ids = train.cli([
+        "--data.shard-root", str(shards), "--n-patches", "640", "--sae-batch-size", "64", "--n-workers", "1",
+        "--no-track", "--ckpt-path", str(tmp_path / "ckpt"), "--sae.exp-factor", "2",
+        "--sae.n-reinit-samples", "0", "--sae.target-l0", "4",
+    ])  # fmt: skip
+    metrics = json.loads((tmp_path / "ckpt" / ids[0] / "metrics.json").read_text())
+    assert metrics["target_l0"] == 4.0
+    assert metrics["final_sparsity_coeff"] > 0 and metrics["final_sparsity_coeff"] != config.SparseAutoencoder.sparsity_coeff
+    with open(tmp_path / "ckpt" / "summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["target_l0"]) == 4.0 and float(row["final_sparsity_coeff"]) == metrics["final_sparsity_coeff"]
