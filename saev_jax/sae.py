@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from . import checkpoint, config
-from .kinds.base import PRECISIONS, TENSOR_NAMES, NoState, safe_mse
-from .kinds.relu import ReLU, ReLUHparams
+from . import checkpoint, config, steer
+from .kinds.base import PRECISIONS, TENSOR_NAMES, safe_mse
+from .kinds.relu import ReLU
 
 SAE = ReLU
 """saev's ReLU SAE: `SAE(d_vit, d_sae, key=..., precision=...)`; `sae(x_D) -> (x_hat_D, f_S)`."""
@@ -24,8 +24,10 @@ __all__ = ["PRECISIONS", "SAE", "TENSOR_NAMES", "load", "load_cfg", "loss", "mak
 
 def loss(sae: SAE, x_BD: Float[Array, "B d_vit"], sparsity_coeff: Float[Array, ""]):
     """SPEC 3's loss of one SAE on a batch with this coefficient: (loss, dict of the terms and metrics)."""
-    hp = ReLUHparams(sparsity_coeff=jnp.asarray(sparsity_coeff, jnp.float32), n_sparsity_warmup=jnp.int32(0))
-    total, (metrics, _) = sae.loss(NoState(), x_BD, hp, jnp.int32(0))
+    # saev's settings (no warm-up, no L0 target) for one SAE, with this coefficient.
+    hp = jax.tree.map(lambda leaf: leaf[0], ReLU.make_hparams([config.Train(n_sparsity_warmup=0)]))
+    hp = eqx.tree_at(lambda h: h.sparsity_coeff, hp, jnp.asarray(sparsity_coeff, jnp.float32))
+    total, (metrics, _) = sae.loss(steer.init_state(), x_BD, hp, jnp.int32(0))
     return total, metrics
 
 
