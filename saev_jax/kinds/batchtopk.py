@@ -9,10 +9,10 @@ import typing
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import config
-from . import base, select, topk
+from . import base, select, sparse, topk
 
 
 class BatchTopKHparams(eqx.Module):
@@ -21,6 +21,8 @@ class BatchTopKHparams(eqx.Module):
     k: Int[Array, "*M"]
     topk_threshold_lr: Float[Array, "*M"]
     aux: select.AuxKHparams
+    k_max: int = eqx.field(static=True, default=0)
+    """The stack's largest k (0: d_sae); the selection considers `select.batch_candidates` per example."""
 
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "BatchTopKHparams":
@@ -28,6 +30,7 @@ class BatchTopKHparams(eqx.Module):
             k=jnp.array([c.sae.k for c in cfgs], jnp.int32),
             topk_threshold_lr=jnp.array([c.sae.topk_threshold_lr for c in cfgs], jnp.float32),
             aux=select.AuxKHparams.from_cfgs(cfgs),
+            k_max=max(c.sae.k for c in cfgs),
         )
 
 
@@ -43,6 +46,11 @@ class ThresholdState(eqx.Module):
 
     def update(self, f_BS: Float[Array, "B d_sae"], rate: Float[Array, ""]) -> "ThresholdState":
         return ThresholdState(self.dead_counts.update(f_BS), select.ema_threshold(self.threshold, f_BS, rate))
+
+    def update_sparse(self, v_N: Float[Array, " N"], col_N, n: int, rate: Float[Array, ""]) -> "ThresholdState":
+        """`update` from the kept entries (values `v_N` of latents `col_N`) of a batch of n examples."""
+        fired_S = sparse.fired(v_N, col_N, self.dead_counts.tokens_since_fired.shape[-1])
+        return ThresholdState(self.dead_counts.update_fired(fired_S, n), select.ema_threshold(self.threshold, v_N, rate))
 
 
 def encode_with_threshold(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""]) -> Float[Array, "B d_sae"]:
@@ -91,10 +99,33 @@ class BatchTopK(base.Kind):
         return encode_with_threshold(self.pre_acts(x_BD), state.threshold)
 
     def loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+        if sparse.use_sparse(self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])):
+            return self.sparse_loss(state, x_BD, hp, step)
+        return self.dense_loss(state, x_BD, hp, step)
+
+    def sparse_loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+        """`loss` from each example's `select.batch_candidates` largest pre-activations (kinds/sparse.py)."""
+        picked, h_BS, overflow = sparse_batch_pick(self, x_BD, hp)
+        v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
+        x_hat_BD = sparse.decode(v_N, row_N, col_N, self.W_dec, jnp.bool_(True), x_BD.shape[0]) + self.b_dec
+        recon = base.fvu(x_hat_BD, x_BD)
+        total, metrics = topk.with_sparse_auxk(self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux)
+        new_state = state.update_sparse(v_N, col_N, x_BD.shape[0], hp.topk_threshold_lr)
+        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)}, new_state)
+
+    def dense_loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+        """`loss` computed on dense `[B, d_sae]` activations."""
         h_BS = self.pre_acts(x_BD)
         f_BS, _ = select.topk_batch(jax.nn.relu(h_BS), hp.k)
         x_hat_BD = self.decode(f_BS)
         recon = base.fvu(x_hat_BD, x_BD)
         total, metrics = topk.with_auxk(self, state.dead_counts, x_BD, h_BS, f_BS, x_hat_BD, recon, hp.aux)
         new_state = state.update(f_BS, hp.topk_threshold_lr)
-        return total, (metrics | {"threshold": new_state.threshold}, new_state)
+        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}, new_state)
+
+
+def sparse_batch_pick(sae: base.Kind, x_BD, hp) -> tuple[select.Picked, Float[Array, "B d_sae"], Bool[Array, ""]]:
+    """BatchTopK's selection for a sparse step: the picked slots, the (gradient-free) pre-activations, overflow."""
+    h_BS = jax.lax.stop_gradient(sae.pre_acts(x_BD))  # its gradient comes sparsely, through sparse.take
+    picked, _, overflow = select.pick_batch(h_BS, hp.k, topk.k_max_of(hp, h_BS.shape[1]))
+    return picked, h_BS, overflow
