@@ -98,6 +98,10 @@ class BatchTopK(base.Kind):
     def encode(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> Float[Array, "B d_sae"]:
         return encode_with_threshold(self.pre_acts(x_BD), state.threshold)
 
+    def encode_sparse(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> sparse.Code:
+        """`encode` as each example's `select.batch_candidates` largest, plus a dense remainder on overflow."""
+        return threshold_code(self.pre_acts(x_BD), state.threshold, hp)
+
     def loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
         if sparse.use_sparse(self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])):
             return self.sparse_loss(state, x_BD, hp, step)
@@ -122,6 +126,33 @@ class BatchTopK(base.Kind):
         total, metrics = topk.with_auxk(self, state.dead_counts, x_BD, h_BS, f_BS, x_hat_BD, recon, hp.aux)
         new_state = state.update(f_BS, hp.topk_threshold_lr)
         return total, (metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}, new_state)
+
+
+def threshold_code(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""], hp) -> sparse.Code:
+    """`encode_with_threshold(h, threshold)` as a `sparse.Code`, with the training form's count on the batch.
+
+    Slots: each example's `select.batch_candidates` largest pre-activations, kept above the
+    threshold. An example with more above it makes the code overflow, and only then is the
+    dense remainder computed. Likewise the training form's count is exact: when the batch's
+    selection overflows its candidates, it is counted densely.
+    """
+    B, S = h_BS.shape
+    k_max = topk.k_max_of(hp, S)
+    vals_BC, cols_BC = select.top_k(h_BS, select.batch_candidates(S, k_max))
+    a_BC = jax.nn.relu(vals_BC)
+    keep_BC = a_BC > threshold
+    overflow = (vals_BC.shape[1] < S) & jnp.any(keep_BC[:, -1])
+
+    def rest():
+        return encode_with_threshold(h_BS, threshold).at[jnp.arange(B)[:, None], cols_BC].set(0.0)
+
+    rest_BS = sparse.run_if(overflow, rest, jnp.zeros_like(h_BS))
+    picked, _, train_overflow = select.pick_batch_from(vals_BC, cols_BC, hp.k, S)
+    dense_count = lambda: jnp.sum(select.topk_batch(jax.nn.relu(h_BS), hp.k)[0] > 0, dtype=jnp.int32)  # noqa: E731
+    n_train = jnp.where(
+        train_overflow, sparse.run_if(train_overflow, dense_count, jnp.int32(0)), jnp.sum(picked.keep_BK, dtype=jnp.int32)
+    )
+    return sparse.Code(jnp.where(keep_BC, a_BC, 0.0), cols_BC, overflow, rest_BS, n_train, d_sae=S)
 
 
 def sparse_batch_pick(sae: base.Kind, x_BD, hp) -> tuple[select.Picked, Float[Array, "B d_sae"], Bool[Array, ""]]:

@@ -98,6 +98,10 @@ class Matryoshka(base.Kind):
     def encode(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp) -> Float[Array, "B d_sae"]:
         return batchtopk.encode_with_threshold(self.pre_acts(x_BD), state.threshold)
 
+    def encode_sparse(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp) -> sparse.Code:
+        """`encode` as a `sparse.Code` (as BatchTopK's)."""
+        return batchtopk.threshold_code(self.pre_acts(x_BD), state.threshold, hp)
+
     def prefix_fvus(self, f_BS: Float[Array, "B d_sae"], x_BD: Float[Array, "B d_vit"]):
         """The FVU of every prefix of the grid, `[G]`, and the full reconstruction."""
         x_hat_BD = jnp.broadcast_to(self.b_dec, x_BD.shape)

@@ -187,12 +187,16 @@ def pick_batch(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> tupl
     result is exactly `topk_batch`'s: the threshold of the candidates is a lower bound of the
     batch's, and if no row's last candidate reaches it, no latent outside the candidates does.
     """
-    n_cand = batch_candidates(h_BS.shape[1], k_max)
-    vals_BC, cols_BC = top_k(h_BS, n_cand)
+    return pick_batch_from(*top_k(h_BS, batch_candidates(h_BS.shape[1], k_max)), k, h_BS.shape[1])
+
+
+def pick_batch_from(vals_BC, cols_BC, k: Int[Array, ""], d_sae: int) -> tuple[Picked, Float[Array, ""], Bool[Array, ""]]:
+    """`pick_batch` from each row's candidates, `top_k(h, batch_candidates(d_sae, k_max))`."""
+    B, n_cand = vals_BC.shape
     a_BC = jax.nn.relu(vals_BC)
-    threshold = kth_largest_nonneg(a_BC, k * h_BS.shape[0])
+    threshold = kth_largest_nonneg(a_BC, k * B)
     last_B = a_BC[:, -1]
-    overflow = (n_cand < h_BS.shape[1]) & jnp.any((last_B > 0) & (last_B >= threshold))
+    overflow = (n_cand < d_sae) & jnp.any((last_B > 0) & (last_B >= threshold))
     return Picked(keep_BK=(a_BC >= threshold) & (a_BC > 0), cols_BK=cols_BC), threshold, overflow
 
 

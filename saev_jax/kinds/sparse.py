@@ -20,6 +20,7 @@ latents). Under `vmap` a while loop runs as long as any SAE of the chunk needs i
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
@@ -234,3 +235,56 @@ benchmarks/results/kinds-speed-cpu.md); closer to d_sae the dense products are f
 def use_sparse(d_sae: int, k_max: int) -> bool:
     """Whether a stack of this width and static selection size trains sparsely."""
     return k_max <= d_sae * SPARSE_MAX_FRACTION
+
+
+# --- inference: a batch's code for evaluation ------------------------------------------------------
+
+
+class Code(eqx.Module):
+    """A batch's activations in the inference form: K slots per example (value 0 = unused), and the
+    activations beyond them as a dense remainder, computed only when some example has any.
+
+    TopK's examples never have more than k; BatchTopK's and Matryoshka's thresholded examples
+    rarely have more than their candidates (`overflow` then, and `rest_BS` is not all zero).
+    """
+
+    values_BK: Float[Array, "B K"]
+    cols_BK: Int[Array, "B K"]
+    overflow: Bool[Array, ""]
+    rest_BS: Float[Array, "B S"] | None
+    """Zero at the slots' latents; None for a kind that cannot overflow."""
+    n_train_fired: Int[Array, ""]
+    """How many activations of the training form are positive on this batch (BatchTopK's k * B at most)."""
+    d_sae: int = eqx.field(static=True)
+
+    def dense(self) -> Float[Array, "B S"]:
+        """The activations as a dense `[B, d_sae]` array."""
+        B = self.cols_BK.shape[0]
+        base_BS = jnp.zeros((B, self.d_sae), self.values_BK.dtype) if self.rest_BS is None else self.rest_BS
+        add = lambda base, v, c: base.at[jnp.arange(B)[:, None], c].add(v)  # noqa: E731
+        return one_at_a_time(add)(base_BS, self.values_BK, self.cols_BK)
+
+    def decode(self, W_dec: Float[Array, "S D"]) -> Float[Array, "B D"]:
+        """`dense() @ W_dec` (no b_dec) from the slots; the remainder's dense product only on overflow."""
+        row_N, col_N = flat(self.cols_BK)
+        B = self.cols_BK.shape[0]
+        x_hat_BD = decode(self.values_BK.reshape(-1), row_N, col_N, W_dec, jnp.bool_(True), B)
+        if self.rest_BS is None:
+            return x_hat_BD
+        rest_product = lambda: jnp.matmul(self.rest_BS, W_dec, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+        return x_hat_BD + run_if(self.overflow, rest_product, jnp.zeros_like(x_hat_BD))
+
+    def products(self, rows_b: Int[Array, " b"], a_TbS: Float[Array, "T b S"], W_dec: Float[Array, "S D"]) -> Float[Array, "T b D"]:
+        """`a_t @ W_dec` for arrays `a_TbS` that are zero wherever `dense()[rows_b]` is (e.g. pruned copies of it)."""
+        cols_bK = self.cols_BK[rows_b]
+        a_TbK = jnp.take_along_axis(a_TbS, jnp.broadcast_to(cols_bK, (a_TbS.shape[0], *cols_bK.shape)), axis=2)
+        out_TbD = jnp.einsum("tbk,bkd->tbd", a_TbK, W_dec[cols_bK], precision=jax.lax.Precision.HIGHEST)
+        if self.rest_BS is None:
+            return out_TbD
+
+        def rest_product():
+            b = rows_b.shape[0]
+            outside_bS = jnp.ones(a_TbS.shape[1:], a_TbS.dtype).at[jnp.arange(b)[:, None], cols_bK].set(0)
+            return jnp.matmul(a_TbS * outside_bS, W_dec, precision=jax.lax.Precision.HIGHEST)
+
+        return out_TbD + run_if(self.overflow, rest_product, jnp.zeros_like(out_TbD))

@@ -66,6 +66,14 @@ class TopK(base.Kind):
     def encode(self, state, x_BD: Float[Array, "B d_vit"], hp: TopKHparams) -> Float[Array, "B d_sae"]:
         return self.encode_train(state, x_BD, hp)
 
+    def encode_sparse(self, state, x_BD: Float[Array, "B d_vit"], hp: TopKHparams) -> sparse.Code:
+        """`encode` as k_max slots per example (the form evaluation uses)."""
+        h_BS = self.pre_acts(x_BD)
+        picked = select.pick_rows(h_BS, hp.k, k_max_of(hp, h_BS.shape[1]))
+        values_BK = jnp.where(picked.keep_BK, jnp.take_along_axis(jax.nn.relu(h_BS), picked.cols_BK, axis=1), 0.0)
+        n_fired = jnp.sum(values_BK > 0, dtype=jnp.int32)
+        return sparse.Code(values_BK, picked.cols_BK, jnp.bool_(False), None, n_fired, d_sae=h_BS.shape[1])
+
     def loss(self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]):
         if sparse.use_sparse(self.b_enc.shape[-1], k_max_of(hp, self.b_enc.shape[-1])):
             return self.sparse_loss(state, x_BD, hp, step)
