@@ -1,8 +1,26 @@
 """Selection with a traced count, and AuxK: the pieces TopK, BatchTopK and Matryoshka share.
 
 Everything here takes the number to keep as an array, so one compiled step serves SAEs with
-different k (`lax.top_k` needs a static k). Selection is exact: the n-th largest value is found
-by bisection on the float bits (research/sae-kinds.md 7.1).
+different k. Two forms, both exact:
+
+- dense (`topk_rows`, `topk_batch`, `auxk_loss`): the n-th largest value by 32 bisection passes
+  on the float bits (research/sae-kinds.md 7.1), then a mask over `[B, d_sae]`. The reference.
+- sparse (`pick_rows`, `pick_batch`, `pick_auxk`, used by the train step and evaluation):
+  `lax.top_k` with the stack's static k_max (a traced k <= k_max picks its k-th value out of
+  the sorted k_max), giving `[B, k_max]` slots. BatchTopK takes each example's
+  `BATCH_CANDIDATES * k_max` largest and finds the batch's (k * B)-th largest among those by
+  bisection on `[B, 4 k_max]`; that is the batch's threshold unless an example's last
+  candidate reaches it (`overflow`, reported as the metric `select_overflow`).
+
+Measured side by side on the 2-core CPU at [4096, 16384] (benchmarks/results/kinds-speed-cpu.md):
+`lax.top_k` k 32: 0.25 s, k 128: 0.53 s, k 512: 1.2 s; `lax.approx_max_k` k 32: 0.27 s (on CPU
+it is exact and no faster); the 32-pass bisection: 3.2 s per row-wise and 3.5 s batch-wide
+selection, more than the 2.5 s encoder product itself. So: `lax.top_k` everywhere.
+On GPUs the same choice: XLA lowers top_k to a top-k kernel (newer versions RAFT's select_k)
+or, for larger k on older versions, a sort and slice (research/sae-kinds.md 7.7); the bisection
+reads the whole `[B, d_sae]` 32 times, ~10 ms per SAE at B 16k, d_sae 16k on an H100. On TPUs `lax.approx_max_k` is the fast one but it is
+approximate (recall_target < 1 misses some of the true top k); it would change what is
+trained, so it is not used; `lax.top_k` stays exact there at a cost.
 """
 
 import equinox as eqx
