@@ -537,3 +537,39 @@ def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
     monkeypatch.setattr(kinds.Inference, "encode_sparse", lambda self, x_BD: None)
     want = sums()
     _assert_trees_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["batchtopk", "matryoshka"])
+def test_sparse_step_on_overflow_is_the_dense_step(kind):
+    """An example with more of the batch's k * B than its candidates: the step falls back to the dense one."""
+    extra = {"matryoshka_widths": (4, 8, 16, 32)} if kind == "matryoshka" else {}
+    cfg = make_cfg(kind, k=1, k_aux=4, auxk_alpha=0.25, dead_threshold_tokens=100, **extra)  # 4 candidates per example
+    p = random_params(14)
+    sae, hp, _ = one(cfg, p)
+    dead = np.zeros(S, bool)
+    dead[[2, 7]] = True
+    state = dead_state(sae, dead, cfg)
+    x = batch(14)
+    x[0] *= 30  # example 0 takes most of the batch's 16
+    x = jnp.asarray(x)
+    assert bool(select.pick_batch(sae.pre_acts(x), hp.k, 1)[2])
+    sp = eqx.filter_jit(_value_grads)(sae, state, x, hp, "sparse_loss")
+    de = eqx.filter_jit(_value_grads)(sae, state, x, hp, "dense_loss")
+    assert float(sp[1]["select_overflow"]) == 1.0
+    np.testing.assert_allclose(float(sp[0]), float(de[0]), rtol=RTOL)
+    _assert_trees_close(sp[2], de[2], rtol=0, atol=0)
+    _assert_trees_close(sp[3], de[3], rtol=RTOL, atol=ATOL)
+    # Under vmap beside an SAE that does not overflow (tiny W_enc: every example ranks its latents by b_enc).
+    q = dict(p, W_enc=p["W_enc"] * 1e-4, b_enc=np.abs(p["b_enc"]) + 0.1)
+    other, _, _ = one(cfg, q)
+    assert not bool(select.pick_batch(other.pre_acts(x), hp.k, 1)[2])
+    stack = jax.tree.map(lambda *leaves: jnp.stack(leaves), sae, other)
+    states = jax.tree.map(lambda *leaves: jnp.stack(leaves), state, dead_state(other, dead, cfg))
+    hps = jax.tree.map(lambda *leaves: jnp.stack(leaves), hp, hp)
+    together = eqx.filter_jit(jax.vmap(lambda a, b, c: _value_grads(a, b, x, c, "sparse_loss")))(stack, states, hps)
+    for m, alone in enumerate((de, eqx.filter_jit(_value_grads)(other, dead_state(other, dead, cfg), x, hp, "dense_loss"))):
+        got = jax.tree.map(lambda leaf: leaf[m], together)
+        assert float(got[1]["select_overflow"]) == (1.0 if m == 0 else 0.0)
+        np.testing.assert_allclose(float(got[0]), float(alone[0]), rtol=RTOL)
+        _assert_trees_close(got[2], alone[2], rtol=0, atol=0)
+        _assert_trees_close(got[3], alone[3], rtol=RTOL, atol=ATOL)
