@@ -173,12 +173,14 @@ class Picked(eqx.Module):
 
 
 def top_k(a_BS: Float[Array, "B S"], k: int) -> tuple[Float[Array, "B k"], Int[Array, "B k"]]:
-    """`lax.top_k` kept apart from what uses its values.
+    """`lax.top_k`, its values read back from `a` by index.
 
-    On XLA's CPU backend, letting an elementwise use of the values fuse with the top-k turned
-    it into a full sort: 33 s instead of 0.35 s at [4096, 16384], k 32. The barrier stops that.
+    On XLA's CPU backend an elementwise use of top_k's own values turned it into a full sort:
+    33 s instead of 0.15 s at [4096, 16384], k 32. (An optimization barrier also avoids that,
+    but crashed XLA's CPU compiler in a small train step.) The values are the same numbers.
     """
-    return jax.lax.optimization_barrier(jax.lax.top_k(a_BS, k))
+    _, cols_BK = jax.lax.top_k(a_BS, k)
+    return jnp.take_along_axis(a_BS, cols_BK, axis=1), cols_BK
 
 
 def pick_rows(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> Picked:

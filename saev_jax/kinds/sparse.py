@@ -68,8 +68,10 @@ def run_if(active: Bool[Array, ""], fn, default):
     computes `fn` only when some SAE of the vmapped chunk needs it. Not differentiable.
     """
     out = jax.eval_shape(fn)
-    default = jax.tree.map(lambda d, o: jnp.asarray(d, o.dtype) + _zero(o.dtype, active), default, out)
-    body = lambda carry: (carry[0] & False, fn())  # noqa: E731
+    # Inside shard_map both must vary over `active`'s mesh axes (see `_zero`).
+    vary = lambda tree: jax.tree.map(lambda d, o: jnp.asarray(d, o.dtype) + _zero(o.dtype, active), tree, out)  # noqa: E731
+    default = vary(default)
+    body = lambda carry: (carry[0] & False, vary(fn()))  # noqa: E731
     return jax.lax.while_loop(lambda carry: carry[0], body, (active, default))[1]
 
 
