@@ -573,3 +573,32 @@ def test_sparse_step_on_overflow_is_the_dense_step(kind):
         np.testing.assert_allclose(float(got[0]), float(alone[0]), rtol=RTOL)
         _assert_trees_close(got[2], alone[2], rtol=0, atol=0)
         _assert_trees_close(got[3], alone[3], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
+def test_train_step_sparse_equals_dense(kind):
+    """Two `step.train_step`s (shard_map, then vmap or lax.map chunks) of a stack wide enough to train sparsely
+    (d_sae 1024, k <= 16) equal the same steps forced dense (k_max = d_sae), per-SAE k and k_aux."""
+    from saev_jax import data, plan, step
+
+    d_sae = 1024
+    cfgs = [config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=d_sae // D, kind=kind, seed=m, k=k,
+            k_aux=8 + m, dead_threshold_tokens=B)) for m, k in enumerate((4, 16, 9))]  # fmt: skip
+    hp = step.Hparams.from_cfgs(cfgs)
+    assert kinds.sparse.use_sparse(d_sae, hp.kind.k_max)
+    dense_hp = dataclasses.replace(hp, kind=dataclasses.replace(hp.kind, k_max=d_sae))
+    mesh = plan.make_mesh(jax.devices()[:1])
+    pre = data.Preprocess(clamp=1e5, act_mean=jnp.zeros(D), scalar=jnp.float32(1.0))
+    results = []
+    for h, chunk in ((hp, 3), (hp, 2), (dense_hp, 3)):
+        state, hps = step.init_single(kinds.make_stack(cfgs), h, mesh)
+        for i in range(2):  # after one batch every latent that did not fire is dead (threshold B): AuxK runs
+            state, metrics = step.train_step(state, hps, pre, jnp.asarray(batch(20 + i)), chunks=(chunk,), mesh=mesh)
+        results.append((state, metrics))
+    assert float(jnp.max(results[0][1][0]["n_dead"])) > 0
+    for got in results[:2]:
+        _assert_trees_close(got[0].stacks[0].saes, results[2][0].stacks[0].saes, rtol=1e-5, atol=1e-6)
+        _assert_trees_close(got[0].stacks[0].state, results[2][0].stacks[0].state, rtol=0, atol=0)
+        for key in set(results[2][1][0]) - {"select_overflow"}:  # the dense step never overflows
+            np.testing.assert_allclose(got[1][0][key], results[2][1][0][key], rtol=1e-5, atol=1e-6, err_msg=key)

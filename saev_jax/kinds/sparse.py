@@ -229,9 +229,14 @@ def to_dense(v_N, row_N, col_N, shape: tuple[int, int]) -> Float[Array, "B S"]:
     return jnp.zeros(shape, v_N.dtype).at[row_N, col_N].add(v_N)
 
 
-SPARSE_MAX_FRACTION = 1 / 8
-"""The sparse step is used while k_max <= d_sae * SPARSE_MAX_FRACTION (measured on CPU, see
-benchmarks/results/kinds-speed-cpu.md); closer to d_sae the dense products are faster."""
+SPARSE_MAX_FRACTION = 1 / 64
+"""The sparse step is used while k_max <= d_sae / 64. Measured on the 2-core CPU at B 4096, d_vit
+1024, d_sae 16384: the sparse passes cost about 46 ms per unit of k (decode 6, its two gradients
+12 + 14, the encoder's gradient 14), the four dense products they replace about 10 s, so they
+break even near k = 220 = d_sae / 75; both scale with B * d_vit, so the rule is a fraction of
+d_sae. (At k = 32 the whole step measured 0.35x ReLU's, benchmarks/results/kinds-speed-cpu.md.)
+On a GPU the dense products gain more from the hardware than the gathers and scatters, so the
+crossover is likely lower there: kinds_speed's `--dense` rows in benchmarks/gpu.sh measure it."""
 
 
 def use_sparse(d_sae: int, k_max: int) -> bool:
