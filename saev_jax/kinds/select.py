@@ -173,14 +173,16 @@ class Picked(eqx.Module):
 
 
 def top_k(a_BS: Float[Array, "B S"], k: int) -> tuple[Float[Array, "B k"], Int[Array, "B k"]]:
-    """`lax.top_k`, its values read back from `a` by index.
+    """`lax.top_k` behind an optimization barrier.
 
-    On XLA's CPU backend an elementwise use of top_k's own values turned it into a full sort:
-    33 s instead of 0.15 s at [4096, 16384], k 32. (An optimization barrier also avoids that,
-    but crashed XLA's CPU compiler in a small train step.) The values are the same numbers.
+    On XLA's CPU backend an elementwise use of top_k's values could fuse with it and turn it
+    into a full sort: 33 s instead of 0.15 s at [4096, 16384], k 32 (a barrier on the values
+    alone, or reading them back by index, measured 5x slower than this inside the step). The
+    extra scalar keeps XLA from folding the barrier's operand into top_k's own result tuple,
+    which crashed its CPU compiler in a small step.
     """
-    _, cols_BK = jax.lax.top_k(a_BS, k)
-    return jnp.take_along_axis(a_BS, cols_BK, axis=1), cols_BK
+    vals_BK, cols_BK, _ = jax.lax.optimization_barrier((*jax.lax.top_k(a_BS, k), jnp.zeros((), a_BS.dtype)))
+    return vals_BK, cols_BK
 
 
 def pick_rows(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> Picked:
