@@ -132,12 +132,9 @@ class Matryoshka(base.Kind):
         recon = jnp.sum(hp.prefix_weights * fvus_G)
         total, metrics = topk.with_sparse_auxk(self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux)
         new_state = state.update_sparse(v_N, col_N, B, hp.topk_threshold_lr)
-        metrics = metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}
-        # An example with more kept latents than candidates: this SAE's step is the dense one, exactly.
-        total, (metrics, new_state) = sparse.dense_where(
-            overflow, self, lambda sae: sae.dense_loss(state, x_BD, hp, step), (total, (metrics, new_state))
-        )
-        return total, (metrics | {"select_overflow": overflow.astype(jnp.float32)}, new_state)
+        # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
+        # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
+        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)}, new_state)
 
     def dense_loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
         """`loss` computed on dense `[B, d_sae]` activations."""
