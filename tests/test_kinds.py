@@ -577,14 +577,21 @@ def test_train_step_sparse_equals_dense(kind):
     mesh = plan.make_mesh(jax.devices()[:1])
     pre = data.Preprocess(clamp=1e5, act_mean=jnp.zeros(D), scalar=jnp.float32(1.0))
     results = []
+    overflowed = np.zeros(3, bool)
     for h, chunk in ((hp, 3), (hp, 2), (dense_hp, 3)):
         state, hps = step.init_single(kinds.make_stack(cfgs), h, mesh)
         for i in range(2):  # after one batch every latent that did not fire is dead (threshold B): AuxK runs
             state, metrics = step.train_step(state, hps, pre, jnp.asarray(batch(20 + i)), chunks=(chunk,), mesh=mesh)
+            if h is hp and "select_overflow" in metrics[0]:
+                overflowed |= np.asarray(metrics[0]["select_overflow"]) > 0
         results.append((state, metrics))
     assert float(jnp.max(results[0][1][0]["n_dead"])) > 0
+    # BatchTopK on 16 examples: an SAE whose selection overflowed its candidates (reported) differs; compare the rest.
+    same = np.flatnonzero(~overflowed)
+    assert len(same) >= 1
+    pick = lambda tree: jax.tree.map(lambda leaf: np.asarray(leaf)[same], tree)  # noqa: E731
     for got in results[:2]:
-        _assert_trees_close(got[0].stacks[0].saes, results[2][0].stacks[0].saes, rtol=1e-5, atol=1e-6)
-        _assert_trees_close(got[0].stacks[0].state, results[2][0].stacks[0].state, rtol=0, atol=0)
+        _assert_trees_close(pick(got[0].stacks[0].saes), pick(results[2][0].stacks[0].saes), rtol=1e-5, atol=1e-6)
+        _assert_trees_close(pick(got[0].stacks[0].state), pick(results[2][0].stacks[0].state), rtol=0, atol=0)
         for key in set(results[2][1][0]) - {"select_overflow"}:  # the dense step never overflows
-            np.testing.assert_allclose(got[1][0][key], results[2][1][0][key], rtol=1e-5, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(got[1][0][key][same], results[2][1][0][key][same], rtol=1e-5, atol=1e-6, err_msg=key)
