@@ -1,53 +1,106 @@
-"""Evaluation's arithmetic rate against the training step's, per batch, data in memory.
+"""Evaluation's per-example rate against training's, per SAE kind, data in memory.
 
-Evaluation is one forward pass per example, a third of a training step's arithmetic, so
-"at the training step's rate" means one eval batch in a third of a step's time.
+    python -m benchmarks.eval_rate [--d-vit 256] [--d-sae 4096] [--k 32] [--batch 4096] [--n-saes 2]
+        [--stride 32] [--repeats 5] [--kinds relu,topk,batchtopk,matryoshka,jumprelu] [--out PATH]
 
-    python benchmarks/eval_rate.py D_VIT EXP N_SAES BATCH [--old PATH_TO_OLD_EVALUATE_PY]
-
-`--old` times an earlier evaluate.py's kernel (with every batch's quality sums) in the same run.
+For each kind, one stack of `--n-saes` SAEs: two training steps (so BatchTopK's threshold is
+set), then timed round-robin over kinds: one training step (`step.train_step`) and one
+evaluation batch (`evaluate._accumulate`, with `quality`'s sampled sums on 1 example in
+`--stride`, the default on data sets of >= 65,536 examples) on the same batch. The rate ratio is
+training's time per batch over evaluation's: >= 1 means evaluating an example costs no more
+than training on it. Writes benchmarks/results/eval-rate-<platform>.{json,md} unless --out.
 """
 
-import importlib.util
-import sys
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
 import time
-import jax, jax.numpy as jnp, numpy as np
-from saev_jax import evaluate, data, config, step, plan, kinds
-from saev_jax import sae as sae_lib
-D, EXP, M, B = [int(a) for a in sys.argv[1:5]]
-old_evaluate = None
-if "--old" in sys.argv:  # e.g. `git show ac46351:saev_jax/evaluate.py | sed 's/^from \./from saev_jax/' > /tmp/old_evaluate.py`
-    spec = importlib.util.spec_from_file_location("old_evaluate", sys.argv[sys.argv.index("--old") + 1])
-    old_evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old_evaluate)
-S = D * EXP
-cfgs = [config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP, seed=i), sae_batch_size=B) for i in range(M)]
-saes = sae_lib.make_saes([c.sae for c in cfgs])
-pre = data.Preprocess(clamp=1e5, act_mean=np.zeros(D, np.float32), scalar=1.0)
-x = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)).astype(np.float32)); nv = jnp.asarray(B, jnp.int32)
-mesh = plan.make_mesh(jax.devices()[:1])
-state, hp = step.init_single(jax.tree.map(jnp.copy, saes), step.Hparams.from_cfgs(cfgs), mesh); st = [state]
-def tr():
-    st[0], _ = step.train_step(st[0], hp, pre, x, chunks=(M,), mesh=mesh); jax.block_until_ready(st[0])
-fns = {"train_step": tr}
-for stride in (32, 64):
-    s = [jax.device_put(evaluate._zero_sums(M, S, D))]
-    def ev(s=s, stride=stride):
-        s[0], c, n = evaluate._accumulate(s[0], kinds.as_inference(saes), pre, x, nv, jnp.asarray(3, jnp.int32), stride=stride, chunk=M); jax.block_until_ready((s[0], c))
-    fns[f"eval_stride{stride}"] = ev
-if old_evaluate is not None:
-    o = [old_evaluate._zero_sums(M, S, D)]
 
-    def old():
-        o[0] = old_evaluate._accumulate(o[0], saes, pre, x, nv, with_code=True)
-        jax.block_until_ready(o[0])
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-    fns["old_eval_with_quality"] = old
-for f in fns.values(): f(); f()
-ts = {k: [] for k in fns}
-for _ in range(5):
-    for k, f in fns.items():
-        t0 = time.perf_counter(); f(); ts[k].append(time.perf_counter() - t0)
-med = {k: float(np.median(v)) for k, v in ts.items()}
-print(f"D={D} S={S} M={M} B={B}:", {k: f"{v*1e3:.0f} ms" for k, v in med.items()})
-print("eval arithmetic rate / training step's (eval = 1/3 of a step's arithmetic):", {k: round(med["train_step"] / 3 / v, 2) for k, v in med.items() if k != "train_step"})
+from saev_jax import config, data, evaluate, kinds, plan, step
+
+
+def make_runners(kind: str, args):
+    extra = dict(k=args.k) if kind in ("topk", "batchtopk", "matryoshka") else {}
+    sae = config.SparseAutoencoder(d_vit=args.d_vit, exp_factor=args.d_sae // args.d_vit, kind=kind, n_reinit_samples=0, **extra)
+    cfgs = [config.Train(sae_batch_size=args.batch, sae=dataclasses.replace(sae, seed=m)) for m in range(args.n_saes)]
+    mesh = plan.make_mesh(jax.devices()[:1])
+    state, hp = step.init_single(kinds.make_stack(cfgs), step.Hparams.from_cfgs(cfgs), mesh)
+    pre = data.Preprocess(clamp=1e5, act_mean=jnp.zeros(args.d_vit), scalar=jnp.float32(1.0))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(args.batch, args.d_vit)), jnp.float32)
+    box = {"state": state}
+
+    def train() -> float:
+        t0 = time.perf_counter()
+        box["state"], metrics = step.train_step(box["state"], hp, pre, x, chunks=(args.n_saes,), mesh=mesh)
+        jax.block_until_ready((box["state"], metrics))
+        return time.perf_counter() - t0
+
+    train(), train()
+    stack = box["state"].stacks[0]
+    # Copies: the train step donates (and so deletes) the state it is given.
+    inference = jax.tree.map(jnp.copy, kinds.Inference(stack.saes, stack.state, hp[0].kind))
+    sums = [jax.device_put(evaluate._zero_sums(args.n_saes, sae.d_sae, args.d_vit))]
+    n_valid, offset = jnp.asarray(args.batch, jnp.int32), jnp.asarray(3, jnp.int32)
+
+    def ev() -> float:
+        t0 = time.perf_counter()
+        sums[0], code, n = evaluate._accumulate(sums[0], inference, pre, x, n_valid, offset, stride=args.stride, chunk=args.n_saes)
+        jax.block_until_ready((sums[0], code, n))
+        return time.perf_counter() - t0
+
+    ev(), ev()
+    return train, ev
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--d-vit", type=int, default=256)
+    parser.add_argument("--d-sae", type=int, default=4096)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--n-saes", type=int, default=2)
+    parser.add_argument("--stride", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", default="relu,topk,batchtopk,matryoshka,jumprelu")
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    platform, device = jax.devices()[0].platform, jax.devices()[0].device_kind
+    runners = {kind: make_runners(kind, args) for kind in args.kinds.split(",")}
+    times = {kind: ([], []) for kind in runners}
+    for _ in range(args.repeats):
+        for kind, (train, ev) in runners.items():
+            times[kind][0].append(train())
+            times[kind][1].append(ev())
+    rows = []
+    for kind, (tr, ev) in times.items():
+        t, e = statistics.median(tr), statistics.median(ev)
+        rows.append(dict(kind=kind, train_s=t, eval_s=e, eval_rate_vs_train=t / e, train_times_s=tr, eval_times_s=ev))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"Evaluation vs training per example, {device} ({platform}), {when}: {args.n_saes} SAEs per kind, d_vit {args.d_vit}, "
+        f"d_sae {args.d_sae}, k {args.k} (TopK family), batch {args.batch}, quality sampled 1 in {args.stride}; medians of "
+        f"{args.repeats} round-robin repeats.",
+        "",
+        "`python -m benchmarks.eval_rate " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out") + "`",
+        "",
+        "| kind | train step (s) | eval batch (s) | eval rate / train rate |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['kind']} | {r['train_s']:.3f} | {r['eval_s']:.3f} | {r['eval_rate_vs_train']:.2f} |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    out = pathlib.Path(args.out or f"benchmarks/results/eval-rate-{platform}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), device=device, when=when, rows=rows), indent=1) + "\n")
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,15 @@
 """Step time of each SAE kind against ReLU at the same width, on this machine's default device.
 
-    python -m benchmarks.kinds_speed [--d-vit 256 --exp-factor 16 --batch 4096 --n-saes 2 --repeats 7]
+    python -m benchmarks.kinds_speed [--d-vit 1024] [--d-sae 16384] [--k 32] [--batch 4096] [--n-saes 1]
+        [--repeats 5] [--kinds relu,topk,batchtopk,matryoshka,jumprelu] [--dense] [--out PATH]
 
-Each kind trains as its own one-stack group of `--n-saes` SAEs (one compiled step each); after two
-warm-up steps, `--repeats` timed steps (each ended by `block_until_ready`), median reported, and the
-ratio to ReLU measured in the same run. Writes benchmarks/results/kinds-speed-<platform>.{json,md}.
+Each kind trains as its own one-stack group of `--n-saes` SAEs (one compiled step each). All
+kinds are compiled and warmed up first (two steps each); then the timed steps go round-robin
+over the kinds, `--repeats` rounds (each step ended by `block_until_ready`), so a shared
+machine's load falls on every kind alike. Medians are reported with the ratio to ReLU measured
+in the same run. `--dense` also times the TopK family's dense reference step (`dense_loss`),
+as `<kind>-dense`. Several `--d-sae`/`--k` values (comma-separated) give a grid; results are
+appended to the json/md at `--out` (default benchmarks/results/kinds-speed-<platform>).
 """
 
 import argparse
@@ -20,64 +25,97 @@ import numpy as np
 
 from saev_jax import config, data, plan, step, train
 
-KINDS = {
-    "relu": dict(),
-    "topk": dict(k=32),
-    "batchtopk": dict(k=32),
-    "matryoshka": dict(k=32),
-    "jumprelu": dict(),
-}
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
 
-def time_kind(kind: str, args) -> dict:
-    sae = config.SparseAutoencoder(d_vit=args.d_vit, exp_factor=args.exp_factor, kind=kind, n_reinit_samples=0, **KINDS[kind])
+def make_runner(kind: str, d_vit: int, d_sae: int, k: int, args):
+    """A function that runs one timed train step of a fresh stack of `kind` (after compiling it)."""
+    dense = kind.endswith("-dense")
+    name = kind.removesuffix("-dense")
+    extra = dict(k=k) if name in TOPK_FAMILY else {}
+    sae = config.SparseAutoencoder(d_vit=d_vit, exp_factor=d_sae // d_vit, kind=name, n_reinit_samples=0, **extra)
     cfgs = [config.Train(sae_batch_size=args.batch, sae=dataclasses.replace(sae, seed=m)) for m in range(args.n_saes)]
     for c in cfgs:
         config.validate(c)
     n = len(cfgs)
-    stacks = (plan.StackPlan(tuple(range(n)), args.d_vit, sae.d_sae, n, n),)
+    stacks = (plan.StackPlan(tuple(range(n)), d_vit, sae.d_sae, n, n),)
     layout = train.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
     state = layout.init_state(None, None)
-    pre = jax.device_put(data.Preprocess(clamp=1e5, act_mean=jnp.zeros(args.d_vit), scalar=jnp.float32(1.0)), layout.replicated)
+    hparams = layout.hparams
+    if dense:  # k_max = d_sae: `kinds.sparse.use_sparse` sends the stack to its dense reference step.
+        hparams = tuple(dataclasses.replace(hp, kind=dataclasses.replace(hp.kind, k_max=d_sae)) for hp in hparams)
+    pre = jax.device_put(data.Preprocess(clamp=1e5, act_mean=jnp.zeros(d_vit), scalar=jnp.float32(1.0)), layout.replicated)
     rng = np.random.default_rng(0)
-    xs = [jax.device_put(jnp.asarray(rng.normal(size=(args.batch, args.d_vit)), jnp.float32), layout.replicated) for _ in range(4)]
-    times = []
-    for i in range(2 + args.repeats):
+    xs = [jax.device_put(jnp.asarray(rng.normal(size=(args.batch, d_vit)), jnp.float32), layout.replicated) for _ in range(2)]
+    box = {"state": state, "i": 0}
+
+    def run() -> float:
         t0 = time.perf_counter()
-        state, metrics = step.train_step(state, layout.hparams, pre, xs[i % 4], chunks=layout.chunks, mesh=layout.mesh)
-        jax.block_until_ready((state, metrics))
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return dict(kind=kind, median_s=statistics.median(times), times_s=times)
+        box["state"], metrics = step.train_step(box["state"], hparams, pre, xs[box["i"] % 2], chunks=layout.chunks, mesh=layout.mesh)
+        jax.block_until_ready((box["state"], metrics))
+        box["i"] += 1
+        return time.perf_counter() - t0
+
+    return run
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--d-vit", type=int, default=256)
-    parser.add_argument("--exp-factor", type=int, default=16)
+    parser.add_argument("--d-vit", type=int, default=1024)
+    parser.add_argument("--d-sae", default="16384", help="comma-separated")
+    parser.add_argument("--k", default="32", help="comma-separated; the TopK family's k")
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--n-saes", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--n-saes", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--kinds", default="relu,topk,batchtopk,matryoshka,jumprelu")
+    parser.add_argument("--dense", action="store_true", help="also time the TopK family's dense reference step")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     platform = jax.devices()[0].platform
-    rows = [time_kind(kind, args) for kind in KINDS]
-    base = rows[0]["median_s"]
-    d_sae = args.d_vit * args.exp_factor
-    lines = [
-        f"Train step of {args.n_saes} SAEs, d_vit {args.d_vit}, d_sae {d_sae}, batch {args.batch}, k = 32 for the TopK family, "
-        f"on {jax.devices()[0].device_kind} ({platform}); median of {args.repeats} steps after 2 warm-up steps.",
-        "",
-        "| kind | median step (s) | vs relu |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {r['kind']} | {r['median_s']:.3f} | {r['median_s'] / base:.2f}x |" for r in rows]
-    md = "\n".join(lines) + "\n"
+    device = jax.devices()[0].device_kind
     out = pathlib.Path(args.out or f"benchmarks/results/kinds-speed-{platform}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), device=jax.devices()[0].device_kind, rows=rows), indent=1) + "\n")
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    json_path = out.with_suffix(".json")
+    runs = json.loads(json_path.read_text()) if json_path.exists() and args.out else []
+    if not isinstance(runs, list):
+        runs = []
+    kinds = args.kinds.split(",")
+    if args.dense:
+        kinds += [f"{k}-dense" for k in kinds if k in TOPK_FAMILY]
+    for d_sae in [int(s) for s in args.d_sae.split(",")]:
+        for k in [int(s) for s in args.k.split(",")]:
+            runners = {}
+            for kind in kinds:
+                runners[kind] = make_runner(kind, args.d_vit, d_sae, k, args)
+                runners[kind]()  # compile
+                runners[kind]()  # warm
+            times = {kind: [] for kind in kinds}
+            for _ in range(args.repeats):
+                for kind in kinds:
+                    times[kind].append(runners[kind]())
+            del runners
+            med = {kind: statistics.median(t) for kind, t in times.items()}
+            base = med.get("relu")
+            rows = [dict(kind=kind, median_s=med[kind], vs_relu=med[kind] / base if base else None, times_s=times[kind]) for kind in kinds]
+            run = dict(d_vit=args.d_vit, d_sae=d_sae, k=k, batch=args.batch, n_saes=args.n_saes, repeats=args.repeats,
+                       device=device, platform=platform, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows)  # fmt: skip
+            runs.append(run)
+            print(f"d_vit {args.d_vit} d_sae {d_sae} k {k} batch {args.batch}: " + ", ".join(
+                f"{r['kind']} {r['median_s']:.2f}s" + (f" ({r['vs_relu']:.2f}x)" if r["vs_relu"] else "") for r in rows), flush=True)  # fmt: skip
+            json_path.write_text(json.dumps(runs, indent=1) + "\n")
+    lines = [
+        f"Train step time per kind against ReLU's, {device} ({platform}). One stack of n SAEs per kind; all kinds "
+        "compiled and warmed up, then timed round-robin; medians; `vs relu` measured in the same run.",
+        "",
+        "| d_vit | d_sae | k | batch | n | kind | median step (s) | vs relu |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for r in run["rows"]:
+            ratio = f"{r['vs_relu']:.2f}x" if r["vs_relu"] else "-"
+            lines.append(f"| {run['d_vit']} | {run['d_sae']} | {run['k']} | {run['batch']} | {run['n_saes']} | {r['kind']} | {r['median_s']:.3f} | {ratio} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

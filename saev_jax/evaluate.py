@@ -161,14 +161,19 @@ def _recon_sums(x_BD, x_hat_BD, valid_B1) -> tuple[Float[Array, ""], Float[Array
 def _one_sae(sae: kinds.Inference, x_BD, valid_B1, rms_B1, rows_b, sampled_b1, n_valid):
     """One SAE's contribution to the sums of a batch: the plain ones over every row, the code's on the sampled rows."""
     levels_T11 = jnp.asarray(quality_lib.PRUNE_LEVELS, np.float32)[:, None, None]
-    x_hat_BD, f_BS = jax.vmap(sae)(x_BD)
+    code = sae.encode_sparse(x_BD)  # the TopK family: k slots per example (kinds/sparse.py); else None
+    if code is None:
+        x_hat_BD, f_BS = jax.vmap(sae)(x_BD)
+    else:
+        x_hat_BD, f_BS = code.decode(sae.W_dec) + sae.b_dec, code.dense()
     f_BS = jnp.where(valid_B1, f_BS, 0.0)
     sq_err, recon = _recon_sums(x_BD, x_hat_BD, valid_B1)
     basic = (jnp.sum(f_BS > 0, axis=0, dtype=jnp.int32), jnp.sum(f_BS, axis=0), sq_err, recon)
     if type(sae.sae).batch_coupled:
         # The training form couples the examples of a batch: count full batches only.
         full = n_valid == x_BD.shape[0]
-        basic += (jnp.where(full, jnp.sum(sae.encode_batch(x_BD) > 0, dtype=jnp.int32), 0),)
+        n_batch = jnp.sum(sae.encode_batch(x_BD) > 0, dtype=jnp.int32) if code is None else code.n_train_fired
+        basic += (jnp.where(full, n_batch, 0),)
     else:
         basic += (jnp.zeros((), jnp.int32),)
 
@@ -182,8 +187,11 @@ def _one_sae(sae: kinds.Inference, x_BD, valid_B1, rms_B1, rows_b, sampled_b1, n
     f_TbS = jnp.where(sent_TbS, f_bS, 0.0)
     levels = (jnp.sum(sent_TbS, axis=1, dtype=jnp.int32), jnp.sum(f_TbS, axis=1))
     T, b, S = sent_TbS.shape
-    stacked = jnp.concatenate([f_TbS, sent_TbS.astype(jnp.float32)]).reshape(2 * T * b, S)
-    zu = (sae.decode(stacked) - sae.b_dec).reshape(2, T, b, -1)
+    stacked = jnp.concatenate([f_TbS, sent_TbS.astype(jnp.float32)])
+    if code is None:
+        zu = (sae.decode(stacked.reshape(2 * T * b, S)) - sae.b_dec).reshape(2, T, b, -1)
+    else:  # f and 1[sent] are zero outside the code's slots: products of k rows, not d_sae
+        zu = code.products(rows_b, stacked, sae.W_dec).reshape(2, T, b, -1)
     z_TbD, u_TbD = zu[0], zu[1]  # 0 on padding rows: f is.
     e_TbD = jnp.where(sampled_b1, x_bD - sae.b_dec, 0.0) - z_TbD
     dot = lambda a, c: jnp.sum(a * c, axis=(1, 2))  # noqa: E731

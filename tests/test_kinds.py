@@ -387,3 +387,211 @@ def test_schedules_traced_per_sae():
         expected = [reference_lr(int(t), *setting) for t in steps]
         # float32: absolute rounding of about 1e-7 of the peak where cos nears -1.
         np.testing.assert_allclose(np.asarray(lrs[m]), expected, rtol=1e-5, atol=1e-6 * setting[0])
+
+
+# --- the sparse step (kinds/sparse.py) against the dense form of the same kind -------------------
+
+
+def _value_grads(sae, state, x, hp, method):
+    fn = lambda s: getattr(s, method)(state, x, hp, jnp.int32(0))  # noqa: E731
+    (total, (metrics, new_state)), grads = eqx.filter_value_and_grad(fn, has_aux=True)(sae)
+    return total, metrics, new_state, grads
+
+
+def _adam_step(sae, grads):
+    opt = optim.make_optimizer(lambda _: 1e-2, jnp.bool_(True))
+    updates, _ = opt.update(grads, opt.init(sae), sae)
+    return eqx.apply_updates(sae, updates)
+
+
+def _assert_trees_close(a, b, **tol):
+    for u, v in zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array)), strict=True):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), **tol)
+
+
+def _tied_params(seed: int, group: int) -> dict[str, np.ndarray]:
+    """Parameters whose latents come in identical groups of `group`: every pre-activation has ties."""
+    p = random_params(seed)
+    first = np.arange(S) - np.arange(S) % group
+    p["W_enc"], p["b_enc"] = p["W_enc"][:, first], p["b_enc"][first]
+    return p
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("case", ["plain", "dead", "ties"])
+def test_sparse_step_equals_dense(kind, case):
+    extra = {"matryoshka_widths": (4, 8, 16, 32)} if kind == "matryoshka" else {}
+    # Ties straddle the k-th value: pairs against TopK's k = 3; triples against BatchTopK's k * B = 32.
+    k = 2 if case == "ties" and kind != "topk" else 3
+    cfg = make_cfg(kind, k=k, k_aux=4, auxk_alpha=0.25, dead_threshold_tokens=100, **extra)
+    p = _tied_params(11, 2 if kind == "topk" else 3) if case == "ties" else random_params(11)
+    sae, hp, _ = one(cfg, p)
+    if case == "ties":  # slots for the ties: as in a stack whose k_max exceeds this SAE's k
+        hp = dataclasses.replace(hp, k_max=6)
+    dead = np.zeros(S, bool)
+    if case == "dead":
+        dead[[0, 3, 8, 17, 30]] = True
+    state = dead_state(sae, dead, cfg)
+    x = jnp.asarray(batch(11))
+    step = eqx.filter_jit(_value_grads)
+    sp, de = step(sae, state, x, hp, "sparse_loss"), step(sae, state, x, hp, "dense_loss")
+    if case == "ties":  # the k-th value (per row, or over the batch) is tied: both keep the tie
+        f = np.asarray(sae.encode_train(state, x, hp))
+        assert (np.sum(f > 0) > k * B) if kind != "topk" else np.any(np.sum(f > 0, axis=1) > k)
+    np.testing.assert_allclose(float(sp[0]), float(de[0]), rtol=RTOL)
+    assert sp[1].keys() == de[1].keys()
+    for key in de[1]:
+        np.testing.assert_allclose(float(sp[1][key]), float(de[1][key]), rtol=RTOL, atol=1e-7, err_msg=key)
+    _assert_trees_close(sp[2], de[2], rtol=0, atol=0)  # counters and threshold exactly
+    _assert_trees_close(sp[3], de[3], rtol=RTOL, atol=ATOL)
+    _assert_trees_close(_adam_step(sae, sp[3]), _adam_step(sae, de[3]), rtol=RTOL, atol=ATOL)
+    # And against the torch reference (no ties there: torch.topk breaks them).
+    if case != "ties":
+        _, _, _, ref_grads = ref.loss_and_grads(kind, p, np.asarray(x), k=3, k_aux=4, alpha=0.25, dead=dead, widths=(4, 8, 16, 32))
+        assert_grads_close(sp[3], ref_grads)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("chunked", [False, True])
+def test_sparse_stack_per_sae_k_equals_dense_alone(kind, chunked):
+    """Per-SAE k (one static k_max) under vmap, or under lax.map chunks of 2, equals each SAE's dense step alone."""
+    ks = (1, 3, 2)
+    cfgs = [make_cfg(kind, seed=m, k=k, k_aux=3 + m, dead_threshold_tokens=B) for m, k in enumerate(ks)]
+    stack, hp = kinds.make_stack(cfgs), kinds.make_hparams(cfgs)
+    assert hp.k_max == 3
+    dead = np.zeros((3, S), bool)
+    dead[0, [2, 9]] = dead[2, [1, 4, 5, 6, 7, 30]] = True
+    counts = jnp.where(jnp.asarray(dead), B, 0).astype(jnp.int32)
+    state = kinds.init_state(stack)
+    state = eqx.tree_at(lambda s: s.tokens_since_fired if kind == "topk" else s.dead_counts.tokens_since_fired, state, counts)
+    x = jnp.asarray(batch(12))
+    one_sae = lambda args: _value_grads(*args[:2], x, args[2], "sparse_loss")  # noqa: E731
+    if chunked:
+        together = eqx.filter_jit(lambda a: jax.lax.map(one_sae, a, batch_size=2))((stack, state, hp))
+    else:
+        together = eqx.filter_jit(jax.vmap(one_sae))((stack, state, hp))
+    for m in range(3):
+        pick = lambda tree: jax.tree.map(lambda leaf: leaf[m], tree)  # noqa: E731
+        sae_m, state_m = pick(stack), pick(state)
+        hp_m = jax.tree.map(lambda leaf: leaf[0], kinds.make_hparams([cfgs[m]]))
+        alone = eqx.filter_jit(_value_grads)(sae_m, state_m, x, hp_m, "dense_loss")
+        got = pick(together)
+        np.testing.assert_allclose(float(got[0]), float(alone[0]), rtol=RTOL)
+        _assert_trees_close(got[2], alone[2], rtol=0, atol=0)
+        _assert_trees_close(got[3], alone[3], rtol=RTOL, atol=ATOL)
+
+
+def test_pick_rows_keeps_ties_like_the_dense_form():
+    a = np.array([[5.0, 3.0, 3.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 1.0]], np.float32)
+    picked = select.pick_rows(jnp.asarray(a), jnp.int32(2), 5)
+    kept = np.zeros_like(a, bool)
+    for r in range(2):
+        kept[r, np.asarray(picked.cols_BK[r])[np.asarray(picked.keep_BK[r])]] = True
+    dense = np.asarray(select.topk_rows(jnp.asarray(a), jnp.int32(2))) > 0
+    np.testing.assert_array_equal(kept, dense)  # row 0: 5 and the three tied 3s; row 1: the two positives
+    assert kept[0].sum() == 4
+
+
+def test_pick_batch_overflow_is_reported():
+    # 8 examples, k = k_max = 2: the batch keeps 16, each example offers 4 * 2 = 8 candidates.
+    h = np.full((8, S), -1.0, np.float32)
+    h[0] = np.linspace(10, 20, S)  # the batch's 16 largest are all in example 0
+    h[1:, :2] = 0.5
+    picked, thr, overflow = select.pick_batch(jnp.asarray(h), jnp.int32(2), 2)
+    assert select.batch_candidates(S, 2) == 8 and bool(overflow)
+    h[0, 6:] = -1.0  # example 0 keeps 6; then 10 of the 14 tied 0.5s, so all 14 (as the dense form)
+    picked, thr, overflow = select.pick_batch(jnp.asarray(h), jnp.int32(2), 2)
+    assert not bool(overflow) and float(thr) == 0.5
+    f = np.asarray(select.topk_batch(jax.nn.relu(jnp.asarray(h)), jnp.int32(2))[0])
+    kept = np.zeros_like(h, bool)
+    for r in range(8):
+        kept[r, np.asarray(picked.cols_BK[r])[np.asarray(picked.keep_BK[r])]] = True
+    np.testing.assert_array_equal(kept, f > 0)
+    assert kept.sum() == 20
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("trained", [False, True])
+def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
+    """evaluate._one_sae on the sparse code gives the dense path's sums (BatchTopK before training: all overflow)."""
+    from saev_jax import evaluate
+
+    cfgs = [make_cfg(kind, seed=m, k=2 + m) for m in range(2)]
+    stack, hp = kinds.make_stack(cfgs), kinds.make_hparams(cfgs)
+    state = kinds.init_state(stack)
+    x = jnp.asarray(batch(13))
+    if trained and kind != "topk":
+        state = eqx.tree_at(lambda s: s.threshold, state, jnp.array([0.4, 0.7], jnp.float32))
+    inf = kinds.Inference(stack, state, hp)
+    valid = (jnp.arange(B) < B - 3)[:, None]
+    xv = jnp.where(valid, x, 0.0)
+    rms = jnp.sqrt(jnp.mean(xv**2, axis=1, keepdims=True))
+    rows = 1 + 2 * jnp.arange(B // 2)
+    sampled = (rows < B - 3)[:, None]
+
+    def sums():
+        one = lambda s: evaluate._one_sae(s, xv, valid, rms, rows, sampled, jnp.int32(B - 3))  # noqa: E731
+        return eqx.filter_jit(jax.vmap(one))(inf)
+
+    got = sums()
+    monkeypatch.setattr(kinds.Inference, "encode_sparse", lambda self, x_BD: None)
+    want = sums()
+    _assert_trees_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_dense_where_is_the_dense_loss_where_flagged():
+    """sparse.dense_where (the exact overflow fallback, not yet used by the kinds): value and gradient of the dense loss."""
+    cfg = make_cfg("batchtopk", k=1, k_aux=4, auxk_alpha=0.25, dead_threshold_tokens=100)
+    sae, hp, _ = one(cfg, random_params(14))
+    state = dead_state(sae, np.isin(np.arange(S), [2, 7]), cfg)
+    x = batch(14)
+    x[0] *= 30  # example 0 takes most of the batch's 16: more than its 4 candidates
+    x = jnp.asarray(x)
+    assert bool(select.pick_batch(sae.pre_acts(x), hp.k, 1)[2])
+    de = eqx.filter_jit(_value_grads)(sae, state, x, hp, "dense_loss")
+    for flag in (True, False):
+        def fn(s):
+            out = s.sparse_loss(state, x, hp, jnp.int32(0))
+            return kinds.sparse.dense_where(jnp.bool_(flag), s, lambda t: t.dense_loss(state, x, hp, jnp.int32(0)), out)
+        (total, (metrics, new_state)), grads = eqx.filter_jit(eqx.filter_value_and_grad(fn, has_aux=True))(sae)
+        sp = eqx.filter_jit(_value_grads)(sae, state, x, hp, "sparse_loss")
+        want = de if flag else sp
+        np.testing.assert_allclose(float(total), float(want[0]), rtol=RTOL)
+        _assert_trees_close(grads, want[3], rtol=RTOL, atol=ATOL)
+    assert float(sp[1]["select_overflow"]) == 1.0 and abs(float(sp[0]) - float(de[0])) > 1e-4  # reported, and it matters
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
+def test_train_step_sparse_equals_dense(kind):
+    """Two `step.train_step`s (shard_map, then vmap or lax.map chunks) of a stack wide enough to train sparsely
+    (d_sae 1024, k <= 16) equal the same steps forced dense (k_max = d_sae), per-SAE k and k_aux."""
+    from saev_jax import data, plan, step
+
+    d_sae = 1024
+    cfgs = [config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=d_sae // D, kind=kind, seed=m, k=k,
+            k_aux=8 + m, dead_threshold_tokens=B)) for m, k in enumerate((4, 16, 9))]  # fmt: skip
+    hp = step.Hparams.from_cfgs(cfgs)
+    assert kinds.sparse.use_sparse(d_sae, hp.kind.k_max)
+    dense_hp = dataclasses.replace(hp, kind=dataclasses.replace(hp.kind, k_max=d_sae))
+    mesh = plan.make_mesh(jax.devices()[:1])
+    pre = data.Preprocess(clamp=1e5, act_mean=jnp.zeros(D), scalar=jnp.float32(1.0))
+    results = []
+    overflowed = np.zeros(3, bool)
+    for h, chunk in ((hp, 3), (hp, 2), (dense_hp, 3)):
+        state, hps = step.init_single(kinds.make_stack(cfgs), h, mesh)
+        for i in range(2):  # after one batch every latent that did not fire is dead (threshold B): AuxK runs
+            state, metrics = step.train_step(state, hps, pre, jnp.asarray(batch(20 + i)), chunks=(chunk,), mesh=mesh)
+            if h is hp and "select_overflow" in metrics[0]:
+                overflowed |= np.asarray(metrics[0]["select_overflow"]) > 0
+        results.append((state, metrics))
+    assert float(jnp.max(results[0][1][0]["n_dead"])) > 0
+    # BatchTopK on 16 examples: an SAE whose selection overflowed its candidates (reported) differs; compare the rest.
+    same = np.flatnonzero(~overflowed)
+    assert len(same) >= 1
+    pick = lambda tree: jax.tree.map(lambda leaf: np.asarray(leaf)[same], tree)  # noqa: E731
+    for got in results[:2]:
+        _assert_trees_close(pick(got[0].stacks[0].saes), pick(results[2][0].stacks[0].saes), rtol=1e-5, atol=1e-6)
+        _assert_trees_close(pick(got[0].stacks[0].state), pick(results[2][0].stacks[0].state), rtol=0, atol=0)
+        for key in set(results[2][1][0]) - {"select_overflow"}:  # the dense step never overflows
+            np.testing.assert_allclose(got[1][0][key][same], results[2][1][0][key][same], rtol=1e-5, atol=1e-6, err_msg=key)

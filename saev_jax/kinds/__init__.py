@@ -93,6 +93,11 @@ class Inference(eqx.Module):
         """The activations training sees on this batch (BatchTopK: the k * B largest)."""
         return self.sae.encode_train(self.state, x_BD, self.hp)
 
+    def encode_sparse(self, x_BD: Float[Array, "B d_vit"]):
+        """The inference form on a batch as a `sparse.Code` for kinds that have one (the TopK family), else None."""
+        encode = getattr(self.sae, "encode_sparse", None)
+        return None if encode is None else encode(self.state, x_BD, self.hp)
+
 
 def as_inference(saes: "Inference | ReLU") -> Inference:
     """A stack as `Inference`; a ReLU stack (`sae.SAE`) needs no state or settings, so it gets empty ones."""

@@ -9,10 +9,17 @@ import typing
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import config
-from . import base, select, topk
+from . import base, select, sparse, topk
+
+SPARSE_TRAINING = False
+"""Whether BatchTopK and Matryoshka train on the sparse path (`sparse_loss`) where the width allows.
+Off: that path picks from each example's `select.batch_candidates` largest and differs from exact
+BatchTopK when an example holds more of the batch's k * B (reported as `select_overflow`); until
+that case has an exact fallback that costs nothing without it, training stays dense and exact.
+Evaluation's sparse form (`encode_sparse`) is exact either way (a dense remainder on overflow)."""
 
 
 class BatchTopKHparams(eqx.Module):
@@ -21,6 +28,8 @@ class BatchTopKHparams(eqx.Module):
     k: Int[Array, "*M"]
     topk_threshold_lr: Float[Array, "*M"]
     aux: select.AuxKHparams
+    k_max: int = eqx.field(static=True, default=0)
+    """The stack's largest k (0: d_sae); the selection considers `select.batch_candidates` per example."""
 
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "BatchTopKHparams":
@@ -28,6 +37,7 @@ class BatchTopKHparams(eqx.Module):
             k=jnp.array([c.sae.k for c in cfgs], jnp.int32),
             topk_threshold_lr=jnp.array([c.sae.topk_threshold_lr for c in cfgs], jnp.float32),
             aux=select.AuxKHparams.from_cfgs(cfgs),
+            k_max=max(c.sae.k for c in cfgs),
         )
 
 
@@ -51,6 +61,11 @@ class ThresholdState(eqx.Module):
         if not jnp.all(threshold == threshold[0]):
             raise ValueError("threshold must be one value repeated for every latent")
         return cls(dead_counts=select.DeadCounts.zeros(threshold.shape[0]), threshold=threshold[0])
+
+    def update_sparse(self, v_N: Float[Array, " N"], col_N, n: int, rate: Float[Array, ""]) -> "ThresholdState":
+        """`update` from the kept entries (values `v_N` of latents `col_N`) of a batch of n examples."""
+        fired_S = sparse.fired(v_N, col_N, self.dead_counts.tokens_since_fired.shape[-1])
+        return ThresholdState(self.dead_counts.update_fired(fired_S, n), select.ema_threshold(self.threshold, v_N, rate))
 
 
 def encode_with_threshold(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""]) -> Float[Array, "B d_sae"]:
@@ -101,11 +116,69 @@ class BatchTopK(base.Kind):
     def encode(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> Float[Array, "B d_sae"]:
         return encode_with_threshold(self.pre_acts(x_BD), state.threshold)
 
+    def encode_sparse(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> sparse.Code:
+        """`encode` as each example's `select.batch_candidates` largest, plus a dense remainder on overflow."""
+        return threshold_code(self.pre_acts(x_BD), state.threshold, hp)
+
     def loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+        # Dense, so training is exactly BatchTopK: `sparse_loss` equals it only while no example has more
+        # of the batch's k * B than its candidates (`select_overflow`), and no exact fallback is cheap yet.
+        if SPARSE_TRAINING and sparse.use_sparse(self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])):
+            return self.sparse_loss(state, x_BD, hp, step)
+        return self.dense_loss(state, x_BD, hp, step)
+
+    def sparse_loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+        """`loss` from each example's `select.batch_candidates` largest pre-activations (kinds/sparse.py)."""
+        picked, h_BS, overflow = sparse_batch_pick(self, x_BD, hp)
+        v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
+        x_hat_BD = sparse.decode(v_N, row_N, col_N, self.W_dec, jnp.bool_(True), x_BD.shape[0]) + self.b_dec
+        recon = base.fvu(x_hat_BD, x_BD)
+        total, metrics = topk.with_sparse_auxk(self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux)
+        new_state = state.update_sparse(v_N, col_N, x_BD.shape[0], hp.topk_threshold_lr)
+        # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
+        # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
+        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)}, new_state)
+
+    def dense_loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+        """`loss` computed on dense `[B, d_sae]` activations."""
         h_BS = self.pre_acts(x_BD)
         f_BS, _ = select.topk_batch(jax.nn.relu(h_BS), hp.k)
         x_hat_BD = self.decode(f_BS)
         recon = base.fvu(x_hat_BD, x_BD)
         total, metrics = topk.with_auxk(self, state.dead_counts, x_BD, h_BS, f_BS, x_hat_BD, recon, hp.aux)
         new_state = state.update(f_BS, hp.topk_threshold_lr)
-        return total, (metrics | {"threshold": new_state.threshold}, new_state)
+        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}, new_state)
+
+
+def threshold_code(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""], hp) -> sparse.Code:
+    """`encode_with_threshold(h, threshold)` as a `sparse.Code`, with the training form's count on the batch.
+
+    Slots: each example's `select.batch_candidates` largest pre-activations, kept above the
+    threshold. An example with more above it makes the code overflow, and only then is the
+    dense remainder computed. Likewise the training form's count is exact: when the batch's
+    selection overflows its candidates, it is counted densely.
+    """
+    B, S = h_BS.shape
+    k_max = topk.k_max_of(hp, S)
+    vals_BC, cols_BC = select.top_k(h_BS, select.batch_candidates(S, k_max))
+    a_BC = jax.nn.relu(vals_BC)
+    keep_BC = a_BC > threshold
+    overflow = (vals_BC.shape[1] < S) & jnp.any(keep_BC[:, -1])
+
+    def rest():
+        return encode_with_threshold(h_BS, threshold).at[jnp.arange(B)[:, None], cols_BC].set(0.0)
+
+    rest_BS = sparse.run_if(overflow, rest, jnp.zeros_like(h_BS))
+    picked, _, train_overflow = select.pick_batch_from(vals_BC, cols_BC, hp.k, S)
+    dense_count = lambda: jnp.sum(select.topk_batch(jax.nn.relu(h_BS), hp.k)[0] > 0, dtype=jnp.int32)  # noqa: E731
+    n_train = jnp.where(
+        train_overflow, sparse.run_if(train_overflow, dense_count, jnp.int32(0)), jnp.sum(picked.keep_BK, dtype=jnp.int32)
+    )
+    return sparse.Code(jnp.where(keep_BC, a_BC, 0.0), cols_BC, overflow, rest_BS, n_train, d_sae=S)
+
+
+def sparse_batch_pick(sae: base.Kind, x_BD, hp) -> tuple[select.Picked, Float[Array, "B d_sae"], Bool[Array, ""]]:
+    """BatchTopK's selection for a sparse step: the picked slots, the (gradient-free) pre-activations, overflow."""
+    h_BS = jax.lax.stop_gradient(sae.pre_acts(x_BD))  # its gradient comes sparsely, through sparse.take
+    picked, _, overflow = select.pick_batch(h_BS, hp.k, topk.k_max_of(hp, h_BS.shape[1]))
+    return picked, h_BS, overflow

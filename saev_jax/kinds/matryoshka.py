@@ -17,7 +17,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import config
-from . import base, batchtopk, select, topk
+from . import base, batchtopk, select, sparse, topk
 
 DEFAULT_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
 """Prefix ends, as fractions of d_sae, when `sae.matryoshka_widths` is empty (SPEC 11)."""
@@ -42,6 +42,8 @@ class MatryoshkaHparams(eqx.Module):
     topk_threshold_lr: Float[Array, "*M"]
     prefix_weights: Float[Array, "*M G"]
     aux: select.AuxKHparams
+    k_max: int = eqx.field(static=True, default=0)
+    """The stack's largest k (0: d_sae), as BatchTopK's."""
 
 
 @typing.final
@@ -82,7 +84,7 @@ class Matryoshka(base.Kind):
             # auxk_alpha carry over.
             weights[m, [ends.index(w) for w in mine]] = 1 / len(mine)
         base_hp = batchtopk.BatchTopKHparams.from_cfgs(cfgs)
-        return MatryoshkaHparams(base_hp.k, base_hp.topk_threshold_lr, jnp.asarray(weights), base_hp.aux)
+        return MatryoshkaHparams(base_hp.k, base_hp.topk_threshold_lr, jnp.asarray(weights), base_hp.aux, base_hp.k_max)
 
     def inference_tensors(self, state) -> dict[str, Array]:
         return {"threshold": jnp.full(self.b_enc.shape, state.threshold)}
@@ -99,6 +101,10 @@ class Matryoshka(base.Kind):
     def encode(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp) -> Float[Array, "B d_sae"]:
         return batchtopk.encode_with_threshold(self.pre_acts(x_BD), state.threshold)
 
+    def encode_sparse(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp) -> sparse.Code:
+        """`encode` as a `sparse.Code` (as BatchTopK's)."""
+        return batchtopk.threshold_code(self.pre_acts(x_BD), state.threshold, hp)
+
     def prefix_fvus(self, f_BS: Float[Array, "B d_sae"], x_BD: Float[Array, "B d_vit"]):
         """The FVU of every prefix of the grid, `[G]`, and the full reconstruction."""
         x_hat_BD = jnp.broadcast_to(self.b_dec, x_BD.shape)
@@ -110,10 +116,37 @@ class Matryoshka(base.Kind):
         return jnp.stack(fvus), x_hat_BD
 
     def loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
+        # Dense, so training is exactly BatchTopK: `sparse_loss` equals it only while no example has more
+        # of the batch's k * B than its candidates (`select_overflow`), and no exact fallback is cheap yet.
+        if batchtopk.SPARSE_TRAINING and sparse.use_sparse(self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])):
+            return self.sparse_loss(state, x_BD, hp, step)
+        return self.dense_loss(state, x_BD, hp, step)
+
+    def sparse_loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
+        """`loss` from BatchTopK's sparse selection; each prefix's reconstruction is a partial sum of the kept entries."""
+        B = x_BD.shape[0]
+        picked, h_BS, overflow = batchtopk.sparse_batch_pick(self, x_BD, hp)
+        v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
+        # Decode each block of the grid into its own rows, then add the blocks up: prefix g is blocks 0..g.
+        block_N = jnp.searchsorted(jnp.asarray(self.block_ends), col_N, side="right").astype(jnp.int32)
+        G = len(self.block_ends)
+        blocks_GBD = sparse.decode(v_N, block_N * B + row_N, col_N, self.W_dec, jnp.bool_(True), G * B).reshape(G, B, -1)
+        x_hats_GBD = jnp.cumsum(blocks_GBD, axis=0) + self.b_dec
+        fvus_G = jnp.stack([base.fvu(x_hats_GBD[g], x_BD) for g in range(G)])
+        x_hat_BD = x_hats_GBD[-1]
+        recon = jnp.sum(hp.prefix_weights * fvus_G)
+        total, metrics = topk.with_sparse_auxk(self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux)
+        new_state = state.update_sparse(v_N, col_N, B, hp.topk_threshold_lr)
+        # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
+        # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
+        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)}, new_state)
+
+    def dense_loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
+        """`loss` computed on dense `[B, d_sae]` activations."""
         h_BS = self.pre_acts(x_BD)
         f_BS, _ = select.topk_batch(jax.nn.relu(h_BS), hp.k)
         fvus_G, x_hat_BD = self.prefix_fvus(f_BS, x_BD)
         recon = jnp.sum(hp.prefix_weights * fvus_G)
         total, metrics = topk.with_auxk(self, state.dead_counts, x_BD, h_BS, f_BS, x_hat_BD, recon, hp.aux)
         new_state = state.update(f_BS, hp.topk_threshold_lr)
-        return total, (metrics | {"threshold": new_state.threshold}, new_state)
+        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}, new_state)

@@ -1,4 +1,10 @@
-"""TopK SAE (Gao et al. 2024): each example keeps its k largest pre-activations, plus AuxK."""
+"""TopK SAE (Gao et al. 2024): each example keeps its k largest pre-activations, plus AuxK.
+
+The step is sparse (kinds/sparse.py): one dense encoder product, `lax.top_k` with the stack's
+static k_max, then decoding, AuxK and every gradient from the k selected latents per example.
+`dense_loss` is the same loss written densely (the reference, and the faster form when k is
+close to d_sae: see `sparse.use_sparse`).
+"""
 
 import typing
 
@@ -8,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import config
-from . import base, select
+from . import base, select, sparse
 
 
 class TopKHparams(eqx.Module):
@@ -16,6 +22,8 @@ class TopKHparams(eqx.Module):
 
     k: Int[Array, "*M"]
     aux: select.AuxKHparams
+    k_max: int = eqx.field(static=True, default=0)
+    """The stack's largest k: the static size of the selection (0: d_sae)."""
 
 
 @typing.final
@@ -42,7 +50,8 @@ class TopK(base.Kind):
 
     @classmethod
     def make_hparams(cls, cfgs: list[config.Train]) -> TopKHparams:
-        return TopKHparams(k=jnp.array([c.sae.k for c in cfgs], jnp.int32), aux=select.AuxKHparams.from_cfgs(cfgs))
+        k = jnp.array([c.sae.k for c in cfgs], jnp.int32)
+        return TopKHparams(k=k, aux=select.AuxKHparams.from_cfgs(cfgs), k_max=max(c.sae.k for c in cfgs))
 
     def inference_tensors(self, state) -> dict[str, Array]:
         return {}
@@ -59,12 +68,76 @@ class TopK(base.Kind):
     def encode(self, state, x_BD: Float[Array, "B d_vit"], hp: TopKHparams) -> Float[Array, "B d_sae"]:
         return self.encode_train(state, x_BD, hp)
 
+    def encode_sparse(self, state, x_BD: Float[Array, "B d_vit"], hp: TopKHparams) -> sparse.Code:
+        """`encode` as k_max slots per example (the form evaluation uses)."""
+        h_BS = self.pre_acts(x_BD)
+        picked = select.pick_rows(h_BS, hp.k, k_max_of(hp, h_BS.shape[1]))
+        values_BK = jnp.where(picked.keep_BK, jnp.take_along_axis(jax.nn.relu(h_BS), picked.cols_BK, axis=1), 0.0)
+        n_fired = jnp.sum(values_BK > 0, dtype=jnp.int32)
+        return sparse.Code(values_BK, picked.cols_BK, jnp.bool_(False), None, n_fired, d_sae=h_BS.shape[1])
+
     def loss(self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]):
+        if sparse.use_sparse(self.b_enc.shape[-1], k_max_of(hp, self.b_enc.shape[-1])):
+            return self.sparse_loss(state, x_BD, hp, step)
+        return self.dense_loss(state, x_BD, hp, step)
+
+    def sparse_loss(self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]):
+        """`loss` from the k_max largest pre-activations per example (kinds/sparse.py)."""
+        k_max = k_max_of(hp, self.b_enc.shape[-1])
+        h_BS = jax.lax.stop_gradient(self.pre_acts(x_BD))  # its gradient comes sparsely, through sparse.take
+        v_N, row_N, col_N = take_picked(self, x_BD, h_BS, select.pick_rows(h_BS, hp.k, k_max))
+        x_hat_BD = sparse.decode(v_N, row_N, col_N, self.W_dec, jnp.bool_(True), x_BD.shape[0]) + self.b_dec
+        total, metrics = with_sparse_auxk(self, state, x_BD, h_BS, v_N, x_hat_BD, base.fvu(x_hat_BD, x_BD), hp.aux)
+        return total, (metrics, state.update_fired(sparse.fired(v_N, col_N, self.b_enc.shape[-1]), x_BD.shape[0]))
+
+    def dense_loss(self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]):
+        """`loss` computed on dense `[B, d_sae]` activations."""
         h_BS = self.pre_acts(x_BD)
         f_BS = select.topk_rows(jax.nn.relu(h_BS), hp.k)
         x_hat_BD = self.decode(f_BS)
         total, metrics = with_auxk(self, state, x_BD, h_BS, f_BS, x_hat_BD, base.fvu(x_hat_BD, x_BD), hp.aux)
         return total, (metrics, state.update(f_BS))
+
+
+def k_max_of(hp, d_sae: int) -> int:
+    """The static selection size of a stack's hparams (at most d_sae)."""
+    return min(hp.k_max or d_sae, d_sae)
+
+
+def take_picked(sae: base.Kind, x_BD, h_BS, picked: select.Picked, active=True):
+    """The kept slots as entries `(v, row, col)`: v = relu(h) differentiably, 0 on slots not kept."""
+    row_N, col_N = sparse.flat(picked.cols_BK)
+    active = jnp.asarray(active)
+    v_N = sparse.take(h_BS, x_BD, sae.b_dec, sae.W_enc, sae.b_enc, row_N, col_N, active)
+    return jnp.where(picked.keep_BK.reshape(-1), jax.nn.relu(v_N), 0.0), row_N, col_N
+
+
+def sparse_auxk_loss(sae: base.Kind, dead_S, x_BD, h_BS, x_hat_BD, aux_hp: select.AuxKHparams) -> Float[Array, ""]:
+    """`select.auxk_loss` from the dead latents' k_aux largest per example; nothing runs without dead latents."""
+    B, S = h_BS.shape
+    k_aux_max = min(aux_hp.k_aux_max, S)
+    active = jnp.any(dead_S)
+    none = select.Picked(jnp.zeros((B, k_aux_max), bool), jnp.zeros((B, k_aux_max), jnp.int32))
+    picked = sparse.run_if(active, lambda: select.pick_auxk(h_BS, dead_S, aux_hp.k_aux, k_aux_max), none)
+    a_N, row_N, col_N = take_picked(sae, x_BD, h_BS, picked, active)
+    e_hat_BD = sparse.decode(a_N, row_N, col_N, sae.W_dec, active, B)
+    e_BD = jax.lax.stop_gradient(x_BD - x_hat_BD)
+    var = jnp.maximum(jnp.sum((e_BD - jnp.mean(e_BD, axis=0)) ** 2), jnp.finfo(jnp.float32).tiny)
+    return active * jnp.sum((e_hat_BD - e_BD) ** 2) / var
+
+
+def with_sparse_auxk(sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, v_N, x_hat_BD, recon, aux_hp: select.AuxKHparams):
+    """`with_auxk` from the kept entries' values `v_N` instead of dense activations."""
+    dead_S = counts.dead(aux_hp.dead_threshold_tokens)
+    aux = sparse_auxk_loss(sae, dead_S, x_BD, h_BS, x_hat_BD, aux_hp)
+    total = recon + aux_hp.auxk_alpha * aux
+    B = x_BD.shape[0]
+    metrics = {
+        "mse": base.safe_mse(x_hat_BD, x_BD), "fvu": base.fvu(x_hat_BD, x_BD), "recon": recon, "aux_loss": aux,
+        "l0": jnp.sum(v_N > 0, dtype=jnp.float32) / B, "l1": jnp.sum(v_N) / B,
+        "n_dead": jnp.sum(dead_S, dtype=jnp.float32), "loss": total,
+    }  # fmt: skip
+    return total, metrics
 
 
 def with_auxk(sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, f_BS, x_hat_BD, recon, aux_hp: select.AuxKHparams):
