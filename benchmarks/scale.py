@@ -41,10 +41,9 @@ def run_case(d_vit: int, exp: int, m: int, batch: int, n_devices: int, chunk: in
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from saev_jax import config, data, plan, step, train
+    from saev_jax import config, data, train
 
     base = config.Train(
         sae_batch_size=batch, n_devices=n_devices, sae_chunk=chunk, precision=precision, track=False,

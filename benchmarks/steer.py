@@ -12,7 +12,6 @@ whole set) against each target, and the raw curves as JSON.
 """
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, evaluate, plan, step, steer, synthetic, train
+from saev_jax import config, data, evaluate, plan, steer, step, synthetic, train
 
 SYNTH = synthetic.Synthetic(d_vit=64, n_features=512, k=8, noise=0.05, seed=3, n_imgs=2048, n_patches_per_img=64, layers=(-2,))
 TARGETS = (8, 32, 128, 512)

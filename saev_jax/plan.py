@@ -15,7 +15,6 @@ checked, and the chunks shrunk if needed, with XLA's own memory analysis of the 
 
 import dataclasses
 import logging
-import math
 
 import jax
 import numpy as np

@@ -270,7 +270,7 @@ def lock_ckpt_dir(dpath: str | os.PathLike) -> Iterator[pathlib.Path]:
             raise config.InputError(
                 f"ckpt_path {dpath} is in use by {holder}; wait for it to end or choose another ckpt_path"
             ) from None
-        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"saev_jax pid {os.getpid()} on {socket.gethostname()} since {now}\n".encode(), 0)
@@ -314,7 +314,7 @@ def _write_tensors(fpath: pathlib.Path, state) -> dict[str, object]:
             fd.write(chunk)
             digest.update(chunk)
             n_bytes += len(chunk)
-        for key, leaf in leaves:
+        for _key, leaf in leaves:
             arr = np.ascontiguousarray(jax.device_get(leaf))
             buf = memoryview(arr.reshape(-1).view(np.uint8))
             fd.write(buf)

@@ -14,11 +14,9 @@ import json
 import math
 import pathlib
 import sys
-from collections.abc import Mapping
 
 from . import config
 from . import sae as sae_lib
-from .metrics import EvalMetrics
 from .rows import COLUMNS, MSE_LIMIT, Entry, best, health, make_row  # noqa: F401 (summary's names)
 
 CSV_FNAME = "summary.csv"

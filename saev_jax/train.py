@@ -32,7 +32,21 @@ import tqdm
 import tyro
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import checkpoint, config, data, evaluate, kinds, launch, plan, plots, snapshot, step, steer, summary, wandb_queue
+from . import (
+    checkpoint,
+    config,
+    data,
+    evaluate,
+    kinds,
+    launch,
+    plan,
+    plots,
+    snapshot,
+    steer,
+    step,
+    summary,
+    wandb_queue,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -522,9 +536,9 @@ def train_round(
 
     # Compile (seconds, in XLA, mostly without the GIL) while the statistics are read.
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saev-compile") as pool:
-        compiling = pool.submit(lambda: compiled or layout.compile_within_limit())
+        compiling = pool.submit(layout.compile_within_limit) if compiled is None else None
         preprocess = get_preprocess()
-        compiled = compiling.result()
+        compiled = compiled if compiling is None else compiling.result()
     layout = compiled.layout  # The chunks that fit: training and evaluation both use these.
 
     # Resume: configs compared before any tensor is read.

@@ -4,7 +4,6 @@ Everything here needs only our own dependencies (torch included); the peers' own
 exercised in tests/test_interop.py.
 """
 
-import io
 import json
 import pathlib
 import pickle

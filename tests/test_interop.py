@@ -16,7 +16,7 @@ import pytest
 from saev_jax import checkpoint, export
 from saev_jax import sae as sae_lib
 
-from .test_checkpoint import D, FULL_HEADER, S, make_kind_run, make_run, raw_batch
+from .test_checkpoint import FULL_HEADER, D, S, make_kind_run, make_run, raw_batch
 
 INSTALL = "not installed: pip install -e '.[interop]'"
 SAEV = "saev 0.1.0 not installed: pip install saev==0.1.0 --no-deps (and the interop extra for beartype, einops)"

@@ -14,7 +14,7 @@ import pytest
 
 from saev_jax import config, kinds, optim
 from saev_jax import sae as sae_lib
-from saev_jax.kinds import batchtopk, select
+from saev_jax.kinds import select
 
 torch = pytest.importorskip("torch", reason="the references are written in torch")
 from . import reference_kinds as ref  # noqa: E402

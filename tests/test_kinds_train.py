@@ -3,7 +3,6 @@ evaluation in each kind's inference form; a mixed sweep end to end from two swee
 
 import dataclasses
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -140,7 +140,7 @@ def test_a_diverging_sae_is_marked_and_the_others_are_unchanged(tmp_path, shard_
     for key in ((1e30, 2), (1e30, 4)):
         metrics = got.pop(key)[1]
         assert metrics["diverged"] is True and metrics["diverged_step"] >= 0
-    for key, (params, metrics) in got.items():
+    for key, (_params, metrics) in got.items():
         assert metrics["diverged"] is False and metrics["diverged_step"] is None
         # The same SAE as without the diverging config, to float32 rounding (its stack is wider).
         ref_params, ref_metrics = uninterrupted[key]
@@ -167,7 +167,7 @@ def test_killed_under_one_budget_resumes_under_another_with_the_stored_plan(tmp_
     assert "group-1-round" not in err and "round 1/" not in err
     got = checkpoints(tmp_path / "ckpt")
     assert got.keys() == uninterrupted.keys()
-    for key, (params, metrics) in got.items():
+    for key, (_params, metrics) in got.items():
         for name in ("mse", "l0", "l1"):
             np.testing.assert_allclose(metrics[name], uninterrupted[key][1][name], rtol=1e-4, err_msg=f"{key} {name}")
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, kinds, plan, step, steer, train
+from saev_jax import config, kinds, plan, steer, step, train
 
 D = 8
 
