@@ -31,7 +31,9 @@ import numpy as np
 from saev_jax import config, data, evaluate, plan, step
 from saev_jax import sae as sae_lib
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # `python benchmarks/blocks_quality.py` as well as -m
+sys.path.insert(
+    0, str(pathlib.Path(__file__).resolve().parents[1])
+)  # `python benchmarks/blocks_quality.py` as well as -m
 from benchmarks import harness  # noqa: E402
 
 D_VIT, N_CLASSES, IMGS_PER_CLASS, N_PATCHES, FEATS_PER_CLASS = 64, 32, 256, 64, 8
@@ -61,14 +63,18 @@ def write_class_ordered(dpath: pathlib.Path) -> data.Metadata:
     return md
 
 
-def train_and_eval(mode: str, acts, preprocess, cfgs, n_steps: int, B: int, window_imgs: int = 512, seed: int = 0) -> list[dict]:
+def train_and_eval(
+    mode: str, acts, preprocess, cfgs, n_steps: int, B: int, window_imgs: int = 512, seed: int = 0
+) -> list[dict]:
     mesh = plan.make_mesh(jax.devices()[:1])
     state, hparams = step.init_single(sae_lib.make_saes([c.sae for c in cfgs]), step.Hparams.from_cfgs(cfgs), mesh)
     image_bytes = acts.image_read_nbytes
     if mode == "ordered":
+
         def stream():
             while True:
                 yield from data.Loader(acts, batch_size=B, shuffle=False, read_mode="random")
+
         batches = stream()
     else:
         window_bytes = window_imgs * acts.examples_per_image * acts.d_vit * 4
@@ -117,7 +123,12 @@ def main() -> None:
     parser.add_argument("--n-steps", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--window-imgs", type=int, nargs="+", default=[512, 1024, 2048])
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True, help="also train ordered, and random with another seed")
+    parser.add_argument(
+        "--control",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also train ordered, and random with another seed",
+    )
     args = parser.parse_args()
     dpath = pathlib.Path(tempfile.mkdtemp(prefix="blocks-quality-"))
     write_class_ordered(dpath)
@@ -165,8 +176,12 @@ def markdown(report: dict) -> str:
         rows.append([f"{r['lr']:g}", f"{r['sparsity_coeff']:g}", r["mode"], f"{r['mse']:.5f}", f"{d_mse:+.2%}",
                      f"{r['l0']:.2f}", f"{d_l0:+.2%}", r["n_dead"]])  # fmt: skip
     lines += harness.table(["lr", "sparsity", "mode", "eval MSE", "vs random", "L0", "vs random", "dead"], rows)
-    lines += ["", "Largest |relative difference| from `random, seed 0` over MSE and L0, per mode: "
-              + "; ".join(f"{m}: {v:.2%}" for m, v in worst.items()) + "."]
+    lines += [
+        "",
+        "Largest |relative difference| from `random, seed 0` over MSE and L0, per mode: "
+        + "; ".join(f"{m}: {v:.2%}" for m, v in worst.items())
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,9 @@ from saev_jax import config, data, evaluate, kinds, plan, step
 
 def make_runners(kind: str, args):
     extra = dict(k=args.k) if kind in ("topk", "batchtopk", "matryoshka") else {}
-    sae = config.SparseAutoencoder(d_vit=args.d_vit, exp_factor=args.d_sae // args.d_vit, kind=kind, n_reinit_samples=0, **extra)
+    sae = config.SparseAutoencoder(
+        d_vit=args.d_vit, exp_factor=args.d_sae // args.d_vit, kind=kind, n_reinit_samples=0, **extra
+    )
     cfgs = [config.Train(sae_batch_size=args.batch, sae=dataclasses.replace(sae, seed=m)) for m in range(args.n_saes)]
     mesh = plan.make_mesh(jax.devices()[:1])
     state, hp = step.init_single(kinds.make_stack(cfgs), step.Hparams.from_cfgs(cfgs), mesh)
@@ -51,7 +53,9 @@ def make_runners(kind: str, args):
 
     def ev() -> float:
         t0 = time.perf_counter()
-        sums[0], code, n = evaluate._accumulate(sums[0], inference, pre, x, n_valid, offset, stride=args.stride, chunk=args.n_saes)
+        sums[0], code, n = evaluate._accumulate(
+            sums[0], inference, pre, x, n_valid, offset, stride=args.stride, chunk=args.n_saes
+        )
         jax.block_until_ready((sums[0], code, n))
         return time.perf_counter() - t0
 
@@ -88,7 +92,9 @@ def main():
         f"d_sae {args.d_sae}, k {args.k} (TopK family), batch {args.batch}, quality sampled 1 in {args.stride}; medians of "
         f"{args.repeats} round-robin repeats.",
         "",
-        "`python -m benchmarks.eval_rate " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out") + "`",
+        "`python -m benchmarks.eval_rate "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+        + "`",
         "",
         "| kind | train step (s) | eval batch (s) | eval rate / train rate |",
         "|---|---|---|---|",
@@ -97,7 +103,9 @@ def main():
     md = "\n".join(lines) + "\n"
     out = pathlib.Path(args.out or f"benchmarks/results/eval-rate-{platform}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), device=device, when=when, rows=rows), indent=1) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(dict(args=vars(args), device=device, when=when, rows=rows), indent=1) + "\n"
+    )
     out.with_suffix(".md").write_text(md)
     print(md)
 

@@ -28,19 +28,25 @@ from benchmarks import harness
 from benchmarks.quality import recovery, spearman
 from saev_jax import config, data, evaluate, plan, step, synthetic, train
 
-SYNTH = synthetic.Synthetic(d_vit=64, n_features=256, k=8, noise=0.05, seed=2, n_imgs=2048, n_patches_per_img=64, layers=(-2,))
+SYNTH = synthetic.Synthetic(
+    d_vit=64, n_features=256, k=8, noise=0.05, seed=2, n_imgs=2048, n_patches_per_img=64, layers=(-2,)
+)
 """quality.py's setting B: about 8 active features per token."""
 
 
 def sweep(base: config.Train, true_k: int) -> list[config.Train]:
     relu = config.grid(base, {"sae": {"sparsity_coeff": [0.008, 0.016, 0.032, 0.064, 0.128]}})
     topk_base = dataclasses.replace(base, sae=dataclasses.replace(base.sae, kind="topk"))
-    topk = config.grid(dataclasses.replace(topk_base, seed=base.seed + 10), {"sae": {"k": [true_k // 2, true_k, 2 * true_k]}})
+    topk = config.grid(
+        dataclasses.replace(topk_base, seed=base.seed + 10), {"sae": {"k": [true_k // 2, true_k, 2 * true_k]}}
+    )
     others = config.grid(
         dataclasses.replace(base, seed=base.seed + 20),
         {"sae": {"kind": ["batchtopk", "matryoshka"], "k": true_k}},
     )
-    jump = config.grid(dataclasses.replace(base, seed=base.seed + 30), {"sae": {"kind": "jumprelu", "l0_coefficient": [1e-3, 4e-3]}})
+    jump = config.grid(
+        dataclasses.replace(base, seed=base.seed + 30), {"sae": {"kind": "jumprelu", "l0_coefficient": [1e-3, 4e-3]}}
+    )
     return relu + topk + others + jump
 
 
@@ -72,7 +78,9 @@ def main():
         config.validate(c)
     assert len(config.split_cfgs(cfgs)) == 1, "one group: one pass over the data"
 
-    stacks = tuple(plan.StackPlan(idx, SYNTH.d_vit, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs))
+    stacks = tuple(
+        plan.StackPlan(idx, SYNTH.d_vit, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)
+    )
     layout = train.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
     state = layout.init_state(acts, preprocess)  # b_dec = the mean of the whole set
     B, n_steps = args.batch, train.n_train_steps(base)
@@ -84,7 +92,9 @@ def main():
         state, _ = step.train_step(state, layout.hparams, preprocess, x_BD, chunks=layout.chunks, mesh=layout.mesh)
     jax.block_until_ready(state)
     t_train = time.perf_counter() - t0
-    print(f"trained {len(cfgs)} SAEs in {len(stacks)} stacks, {n_steps} steps, one pass: {t_train:.0f} s", file=sys.stderr)
+    print(
+        f"trained {len(cfgs)} SAEs in {len(stacks)} stacks, {n_steps} steps, one pass: {t_train:.0f} s", file=sys.stderr
+    )
 
     def batches():
         for start in range(0, n, B):
@@ -134,7 +144,10 @@ def main():
           "" if r["l0_batch"] is None else f"{r['l0_batch']:.2f}", f"{r['mse']:.4f}", r["n_dead"]] for r in rows],
     )  # fmt: skip
     lines += ["", "Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks]
-    md = "\n".join(lines) + f"\n\nTotal wall time {time.perf_counter() - t_start:.0f} s. Command: `python -m benchmarks.kinds_recovery {' '.join(sys.argv[1:])}`\n"
+    md = (
+        "\n".join(lines)
+        + f"\n\nTotal wall time {time.perf_counter() - t_start:.0f} s. Command: `python -m benchmarks.kinds_recovery {' '.join(sys.argv[1:])}`\n"
+    )
     harness.write(args.out, dict(args=vars(args), rows=rows, checks=[dict(text=t, ok=ok) for t, ok in checks]), md)
 
 

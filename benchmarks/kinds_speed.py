@@ -44,14 +44,21 @@ def make_runner(kind: str, d_vit: int, d_sae: int, k: int, args):
     hparams = layout.hparams
     if dense:  # k_max = d_sae: `kinds.sparse.use_sparse` sends the stack to its dense reference step.
         hparams = tuple(dataclasses.replace(hp, kind=dataclasses.replace(hp.kind, k_max=d_sae)) for hp in hparams)
-    pre = jax.device_put(data.Preprocess(clamp=1e5, act_mean=jnp.zeros(d_vit), scalar=jnp.float32(1.0)), layout.replicated)
+    pre = jax.device_put(
+        data.Preprocess(clamp=1e5, act_mean=jnp.zeros(d_vit), scalar=jnp.float32(1.0)), layout.replicated
+    )
     rng = np.random.default_rng(0)
-    xs = [jax.device_put(jnp.asarray(rng.normal(size=(args.batch, d_vit)), jnp.float32), layout.replicated) for _ in range(2)]
+    xs = [
+        jax.device_put(jnp.asarray(rng.normal(size=(args.batch, d_vit)), jnp.float32), layout.replicated)
+        for _ in range(2)
+    ]
     box = {"state": state, "i": 0}
 
     def run() -> float:
         t0 = time.perf_counter()
-        box["state"], metrics = step.train_step(box["state"], hparams, pre, xs[box["i"] % 2], chunks=layout.chunks, mesh=layout.mesh)
+        box["state"], metrics = step.train_step(
+            box["state"], hparams, pre, xs[box["i"] % 2], chunks=layout.chunks, mesh=layout.mesh
+        )
         jax.block_until_ready((box["state"], metrics))
         box["i"] += 1
         return time.perf_counter() - t0
@@ -96,7 +103,10 @@ def main():
             del runners
             med = {kind: statistics.median(t) for kind, t in times.items()}
             base = med.get("relu")
-            rows = [dict(kind=kind, median_s=med[kind], vs_relu=med[kind] / base if base else None, times_s=times[kind]) for kind in kinds]
+            rows = [
+                dict(kind=kind, median_s=med[kind], vs_relu=med[kind] / base if base else None, times_s=times[kind])
+                for kind in kinds
+            ]
             run = dict(d_vit=args.d_vit, d_sae=d_sae, k=k, batch=args.batch, n_saes=args.n_saes, repeats=args.repeats,
                        device=device, platform=platform, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows)  # fmt: skip
             runs.append(run)
@@ -113,7 +123,9 @@ def main():
     for run in runs:
         for r in run["rows"]:
             ratio = f"{r['vs_relu']:.2f}x" if r["vs_relu"] else "-"
-            lines.append(f"| {run['d_vit']} | {run['d_sae']} | {run['k']} | {run['batch']} | {run['n_saes']} | {r['kind']} | {r['median_s']:.3f} | {ratio} |")
+            lines.append(
+                f"| {run['d_vit']} | {run['d_sae']} | {run['k']} | {run['batch']} | {run['n_saes']} | {r['kind']} | {r['median_s']:.3f} | {ratio} |"
+            )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -256,7 +256,9 @@ def cold_main(args: Args) -> None:
     report["load_avg_end"] = os.getloadavg()
     if args.cold_delete:
         shutil.rmtree(dpath)
-    harness.write(pathlib.Path(args.out_dpath) / f"loader-cold-{jax.default_backend()}", report, cold_markdown(report), indent=2)
+    harness.write(
+        pathlib.Path(args.out_dpath) / f"loader-cold-{jax.default_backend()}", report, cold_markdown(report), indent=2
+    )
 
 
 def cold_markdown(report: dict) -> str:
@@ -411,7 +413,9 @@ def markdown(report: dict) -> str:
         entries = [("fast Loader, shuffled", "warm", r["fast_shuffled"]), ("fast Loader, ordered", "warm", r["fast_ordered"]),
                    ("torch DataLoader (saev's way)", "warm", r["torch_dataloader"])]  # fmt: skip
         if "window_alternative" in r:
-            entries.append(("alternative not taken: 1 GiB image window (host reads only)", "warm", r["window_alternative"]))
+            entries.append(
+                ("alternative not taken: 1 GiB image window (host reads only)", "warm", r["window_alternative"])
+            )
         if "cold_fast_shuffled" in r:
             entries += [("fast Loader, shuffled", "cold", r["cold_fast_shuffled"]),
                         ("fast Loader, shuffled, 8 threads", "cold", r["cold_fast_shuffled_8_threads"]),
@@ -421,7 +425,9 @@ def markdown(report: dict) -> str:
                             r["cold_window_alternative"]))  # fmt: skip
         rows += [[r["d_vit"], f"{r['n_examples']:,}", f"{r['gb_on_disk']:.2f}", name, cache, f"{fig['examples_per_s']:,.0f}",
                   f"{fig['gb_per_s']:.2f}", f"{fig['examples_per_s'] / base:.1f}x"] for name, cache, fig in entries]  # fmt: skip
-    lines += harness.table(["d_vit", "examples", "GB", "loader", "page cache", "examples/s", "GB/s", "vs torch DataLoader"], rows)
+    lines += harness.table(
+        ["d_vit", "examples", "GB", "loader", "page cache", "examples/s", "GB/s", "vs torch DataLoader"], rows
+    )
     lines += ["", "Shuffle quality (mean over 20 shuffled batches; ideal = uniform sampling without replacement):", ""]
     rows = []
     for r in report["results"]:

@@ -71,8 +71,12 @@ def recovery(w_dec_SD: np.ndarray, truth_FD: np.ndarray) -> float:
 
 
 def run_setting(
-    setting: Setting, root: pathlib.Path, fig_dpath: pathlib.Path | None, save_dpath: pathlib.Path | None = None,
-    load_dpath: pathlib.Path | None = None, quality_stride: int | None = None,
+    setting: Setting,
+    root: pathlib.Path,
+    fig_dpath: pathlib.Path | None,
+    save_dpath: pathlib.Path | None = None,
+    load_dpath: pathlib.Path | None = None,
+    quality_stride: int | None = None,
 ) -> tuple[list[dict], dict]:
     """Trains (or loads) and evaluates the sweep of one setting; one row of scores per SAE, and timings."""
     shard_dpath = root / setting.name
@@ -86,13 +90,22 @@ def run_setting(
     t_data = time.perf_counter() - t0
 
     sae_cfg = config.SparseAutoencoder(d_vit=setting.synth.d_vit, exp_factor=setting.exp_factor, n_reinit_samples=0)
-    base = config.Train(data=data_cfg, sae=sae_cfg, n_patches=setting.n_patches, sae_batch_size=setting.batch_size, n_lr_warmup=100, track=False)
+    base = config.Train(
+        data=data_cfg,
+        sae=sae_cfg,
+        n_patches=setting.n_patches,
+        sae_batch_size=setting.batch_size,
+        n_lr_warmup=100,
+        track=False,
+    )
     cfgs = config.grid(base, {"lr": list(setting.lrs), "sae": {"sparsity_coeff": list(setting.sparsity_coeffs)}})
     mesh = plan.make_mesh(jax.devices()[:1])
     state, hparams = step.init_single(sae_lib.make_saes([c.sae for c in cfgs]), step.Hparams.from_cfgs(cfgs), mesh)
     # b_dec starts at the data mean (SPEC 3), here of the whole set.
     whole = [dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=len(acts))) for c in cfgs]
-    state = eqx.tree_at(lambda s: s.stacks, state, tuple(train.init_b_dec(list(state.stacks), [whole], acts, preprocess)))
+    state = eqx.tree_at(
+        lambda s: s.stacks, state, tuple(train.init_b_dec(list(state.stacks), [whole], acts, preprocess))
+    )
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
@@ -100,10 +113,16 @@ def run_setting(
     loaded = load_dpath / f"saes_{setting.name}.npz" if load_dpath is not None else None
     if loaded is not None and loaded.exists():  # The SAEs of an earlier run (--save-saes): evaluation only.
         tensors = np.load(loaded)
-        saes = eqx.tree_at(lambda s: tuple(getattr(s, k) for k in sae_lib.TENSOR_NAMES), state.stacks[0].saes, tuple(jnp.asarray(tensors[k]) for k in sae_lib.TENSOR_NAMES))
+        saes = eqx.tree_at(
+            lambda s: tuple(getattr(s, k) for k in sae_lib.TENSOR_NAMES),
+            state.stacks[0].saes,
+            tuple(jnp.asarray(tensors[k]) for k in sae_lib.TENSOR_NAMES),
+        )
         state = eqx.tree_at(lambda s: s.stacks[0].saes, state, saes)
         n_steps = 0
-    order = np.concatenate([rng.permutation(len(acts)) for _ in range(-(-n_steps * B // len(acts)))] or [np.zeros(0, int)])
+    order = np.concatenate(
+        [rng.permutation(len(acts)) for _ in range(-(-n_steps * B // len(acts)))] or [np.zeros(0, int)]
+    )
     for i in range(n_steps):
         x_BD = jnp.asarray(x_ND[order[i * B : (i + 1) * B]])
         state, _ = step.train_step(state, hparams, preprocess, x_BD, chunks=(len(cfgs),), mesh=mesh)
@@ -111,7 +130,10 @@ def run_setting(
     t_train = time.perf_counter() - t0
     if save_dpath is not None and n_steps:
         save_dpath.mkdir(parents=True, exist_ok=True)
-        np.savez(save_dpath / f"saes_{setting.name}.npz", **{k: np.asarray(getattr(state.stacks[0].saes, k)) for k in sae_lib.TENSOR_NAMES})
+        np.savez(
+            save_dpath / f"saes_{setting.name}.npz",
+            **{k: np.asarray(getattr(state.stacks[0].saes, k)) for k in sae_lib.TENSOR_NAMES},
+        )
 
     t0 = time.perf_counter()
     n = len(acts)
@@ -125,7 +147,10 @@ def run_setting(
     stats = evaluate.accumulate(state.stacks[0].saes, batches(), preprocess, quality_stride=stride)
     results = evaluate.metrics_from_stats(stats)
     t_eval = time.perf_counter() - t0
-    print(f"{setting.name}: data {t_data:.0f}s, train {len(cfgs)} SAEs x {n_steps} steps {t_train:.0f}s, eval {t_eval:.0f}s", file=sys.stderr)
+    print(
+        f"{setting.name}: data {t_data:.0f}s, train {len(cfgs)} SAEs x {n_steps} steps {t_train:.0f}s, eval {t_eval:.0f}s",
+        file=sys.stderr,
+    )
 
     if fig_dpath is not None:
         labels = [plots.label(c) for c in cfgs]
@@ -133,7 +158,12 @@ def run_setting(
         plots.save_figure(plots.plot_group(results, labels, title), fig_dpath / f"sweep_{setting.name}.png")
         recs = [recovery(np.asarray(state.stacks[0].saes.W_dec[m]), truth) for m in range(len(cfgs))]
         for tag, m in (("best", int(np.argmax(recs))), ("worst", int(np.argmin(recs)))):
-            plots.save_figure(plots.plot_sae(results[m], f"setting {setting.name}, {labels[m]}, recovery {recs[m]:.2f} ({tag} of the sweep)"), fig_dpath / f"sae_{setting.name}_{tag}.png")
+            plots.save_figure(
+                plots.plot_sae(
+                    results[m], f"setting {setting.name}, {labels[m]}, recovery {recs[m]:.2f} ({tag} of the sweep)"
+                ),
+                fig_dpath / f"sae_{setting.name}_{tag}.png",
+            )
 
     rows = []
     for m, (cfg, r) in enumerate(zip(cfgs, results)):
@@ -142,7 +172,16 @@ def run_setting(
             recovery=recovery(np.asarray(state.stacks[0].saes.W_dec[m]), truth),
             mse=r.mse, l0=r.l0, l1=r.l1, n_dead=r.n_dead, n_dense=r.n_dense, d_sae=cfg.sae.d_sae,
         ) | scores(stats, m, r))  # fmt: skip
-    return rows, dict(data_s=t_data, train_s=t_train, eval_s=t_eval, n_examples=n, n_steps=n_steps, n_saes=len(cfgs), quality_stride=stride, quality_examples=stats.code_n)
+    return rows, dict(
+        data_s=t_data,
+        train_s=t_train,
+        eval_s=t_eval,
+        n_examples=n,
+        n_steps=n_steps,
+        n_saes=len(cfgs),
+        quality_stride=stride,
+        quality_examples=stats.code_n,
+    )
 
 
 def scores(stats: evaluate.PassStats, m: int, r: evaluate.EvalMetrics) -> dict[str, float]:
@@ -200,7 +239,13 @@ def report(rows: list[dict], timings: dict[str, dict], settings: list[Setting]) 
     lines += ["", "Spearman correlation with recovery (higher is better):", ""]
     spearman_rows = []
     for score in SCORES:
-        rhos = [spearman([r["recovery"] for r in rows if r["setting"] == st.name], [r[score] for r in rows if r["setting"] == st.name]) for st in settings]
+        rhos = [
+            spearman(
+                [r["recovery"] for r in rows if r["setting"] == st.name],
+                [r[score] for r in rows if r["setting"] == st.name],
+            )
+            for st in settings
+        ]
         spearman_rows.append([score, *(f"{x:+.2f}" for x in rhos), f"{np.nanmean(rhos):+.2f}"])
     lines += harness.table(["score", *names, "mean"], spearman_rows)
     lines += ["", "Recovery of the SAE each score picks (best possible in brackets):", ""]
@@ -228,24 +273,42 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", default="benchmarks/results/quality", help="writes OUT.json and OUT.md")
-    parser.add_argument("--save-saes", default="", help="directory to save each sweep's trained SAEs in (saes_<setting>.npz)")
-    parser.add_argument("--load-saes", default="", help="evaluate the SAEs saved there by --save-saes instead of training (where present)")
-    parser.add_argument("--quality-stride", type=int, default=None, help="sample every this many examples for quality (default: evaluate.quality_stride)")
-    parser.add_argument("--figs", default="docs", help="where sweep_<setting>.png and sae_<setting>_{best,worst}.png go ('' for none)")
+    parser.add_argument(
+        "--save-saes", default="", help="directory to save each sweep's trained SAEs in (saes_<setting>.npz)"
+    )
+    parser.add_argument(
+        "--load-saes",
+        default="",
+        help="evaluate the SAEs saved there by --save-saes instead of training (where present)",
+    )
+    parser.add_argument(
+        "--quality-stride",
+        type=int,
+        default=None,
+        help="sample every this many examples for quality (default: evaluate.quality_stride)",
+    )
+    parser.add_argument(
+        "--figs", default="docs", help="where sweep_<setting>.png and sae_<setting>_{best,worst}.png go ('' for none)"
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
     rows, timings = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings:
             setting_rows, timings[name] = run_setting(
-                SETTINGS[name], pathlib.Path(tmp), pathlib.Path(args.figs) if args.figs else None,
+                SETTINGS[name],
+                pathlib.Path(tmp),
+                pathlib.Path(args.figs) if args.figs else None,
                 pathlib.Path(args.save_saes) if args.save_saes else None,
-                pathlib.Path(args.load_saes) if args.load_saes else None, args.quality_stride,
+                pathlib.Path(args.load_saes) if args.load_saes else None,
+                args.quality_stride,
             )
             rows += setting_rows
     settings = [SETTINGS[name] for name in args.settings]
     md = report(rows, timings, settings) + f"\nTotal wall time: {time.perf_counter() - t0:.0f} s.\n"
-    harness.write(args.out, dict(settings={st.name: dataclasses.asdict(st) for st in settings}, timings=timings, rows=rows), md)
+    harness.write(
+        args.out, dict(settings={st.name: dataclasses.asdict(st) for st in settings}, timings=timings, rows=rows), md
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ import time
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def run_case(d_vit: int, exp: int, m: int, batch: int, n_devices: int, chunk: int, steps: int, precision: str, kind: str = "relu") -> dict:
+def run_case(
+    d_vit: int, exp: int, m: int, batch: int, n_devices: int, chunk: int, steps: int, precision: str, kind: str = "relu"
+) -> dict:
     """One case, in this process: returns its row."""
     import dataclasses
 
@@ -104,12 +106,19 @@ def calibrate(real: bool = False) -> None:
     shapes = ((256, 32, 16384, 16),) if real else ((64, 16, 512, 8), (64, 32, 4096, 4))
     for d_vit, exp, batch, m in shapes:
         for kind in KINDS:
-            base = config.Train(sae_batch_size=batch, sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=exp, kind=kind, n_reinit_samples=0, k=8, k_aux=32))
+            base = config.Train(
+                sae_batch_size=batch,
+                sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=exp, kind=kind, n_reinit_samples=0, k=8, k_aux=32),
+            )
             cfgs = [dataclasses.replace(base, sae=dataclasses.replace(base.sae, seed=i)) for i in range(m)]
             for n_dev in (1,) if real else (1, 4):
                 for chunk in (1, 4) if real else sorted({1, 2, m // n_dev}):
                     s = plan.StackPlan(tuple(range(m)), d_vit, d_vit * exp, m, chunk, kind)
-                    xla = train.Layout(cfgs, plan.Round((s,), 0), plan.make_mesh(jax.devices()[:n_dev])).compile().peak_bytes
+                    xla = (
+                        train.Layout(cfgs, plan.Round((s,), 0), plan.make_mesh(jax.devices()[:n_dev]))
+                        .compile()
+                        .peak_bytes
+                    )
                     est = plan.estimate([s], n_dev, batch)
                     print(f"{d_vit}x{d_vit * exp} batch {batch} M {m} {kind:10s} devices {n_dev} chunk {chunk}: "
                           f"XLA {xla / 2**20:8.2f} MiB, estimate {est / 2**20:8.2f} MiB, estimate/XLA {est / xla:.3f}", flush=True)  # fmt: skip
@@ -152,7 +161,9 @@ def whole(shards: str, cases: list[dict]) -> list[dict]:
             env = dict(os.environ, JAX_PLATFORMS="cpu", TQDM_DISABLE="1")
             t0 = time.perf_counter()
             with open(pathlib.Path(tmp) / "log.txt", "w+") as log:
-                proc = subprocess.Popen([sys.executable, "-m", "saev_jax.train", str(sweep)], env=env, stdout=log, stderr=log)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "saev_jax.train", str(sweep)], env=env, stdout=log, stderr=log
+                )
                 _, status, usage = os.wait4(proc.pid, 0)
                 log.seek(0)
                 text = log.read()
@@ -170,8 +181,10 @@ def whole(shards: str, cases: list[dict]) -> list[dict]:
 
 
 def whole_markdown(rows: list[dict], title: str) -> str:
-    head = ("| kind | M | d_vit x d_sae | sae_chunk flag | chunk used | train step GiB (planned, XLA-checked) | "
-            "largest XLA GiB (train or evaluation step) | peak RSS GiB (whole run) | RAM GiB | metrics.json | exit | s |")
+    head = (
+        "| kind | M | d_vit x d_sae | sae_chunk flag | chunk used | train step GiB (planned, XLA-checked) | "
+        "largest XLA GiB (train or evaluation step) | peak RSS GiB (whole run) | RAM GiB | metrics.json | exit | s |"
+    )
     lines = [f"# {title}", "", head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
@@ -207,7 +220,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, smaller CPU cases")
     parser.add_argument("--calibrate", action="store_true", help="estimate / XLA per kind, chunk and device count")
     parser.add_argument("--real", action="store_true", help="--calibrate at d_vit 256, exp 32, batch 16384, 16 SAEs")
-    parser.add_argument("--whole", metavar="SHARDS", help="whole CLI runs at d_vit 256 on these shards: peak RSS per kind")
+    parser.add_argument(
+        "--whole", metavar="SHARDS", help="whole CLI runs at d_vit 256 on these shards: peak RSS per kind"
+    )
     parser.add_argument("--kinds", default=",".join(KINDS), help="--whole: comma-separated kinds")
     parser.add_argument("--m", type=int, default=4, help="--whole: SAEs per run")
     parser.add_argument("--chunks", default="0", help="--whole: comma-separated sae_chunk values (0: the planner's)")
@@ -223,7 +238,11 @@ def main() -> None:
         calibrate(args.real)
         return
     if args.whole:
-        cases = [dict(kind=k, m=args.m, d_vit=256, chunk=int(c)) for k in args.kinds.split(",") for c in args.chunks.split(",")]
+        cases = [
+            dict(kind=k, m=args.m, d_vit=256, chunk=int(c))
+            for k in args.kinds.split(",")
+            for c in args.chunks.split(",")
+        ]
         rows = whole(args.whole, cases)
         RESULTS.mkdir(exist_ok=True)
         out = RESULTS / "scale-whole-cpu.json"
@@ -234,7 +253,10 @@ def main() -> None:
         print(whole_markdown(rows, title))
         return
     if args.gpu:
-        cases = [dict(d_vit=1024, exp=32, m=12, batch=16384, n_devices=1, chunk=c, steps=5, precision="float32") for c in (1, 2, 4, 12)]
+        cases = [
+            dict(d_vit=1024, exp=32, m=12, batch=16384, n_devices=1, chunk=c, steps=5, precision="float32")
+            for c in (1, 2, 4, 12)
+        ]
         env, name = dict(os.environ), "gpu"
     else:
         d, b, steps = (128, 1024, 3) if args.quick else (256, 4096, 3)
@@ -243,7 +265,9 @@ def main() -> None:
         env, name = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4"), "cpu"
     rows = []
     for case in cases:
-        proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], env=env, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--case", json.dumps(case)], env=env, capture_output=True, text=True
+        )
         row = next((json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")), None)
         if row is None:
             row = {"skipped": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}

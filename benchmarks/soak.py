@@ -50,7 +50,9 @@ def write_inputs(workdir: pathlib.Path, save_every: int) -> pathlib.Path:
     if not (shard_root / "metadata.json").exists():
         synthetic.write_shards(
             shard_root,
-            synthetic.Synthetic(d_vit=32, n_features=128, k=4, n_imgs=512, n_patches_per_img=16, n_patches_per_shard=4096),
+            synthetic.Synthetic(
+                d_vit=32, n_features=128, k=4, n_imgs=512, n_patches_per_img=16, n_patches_per_shard=4096
+            ),
         )
     has_save_every = "save_every" in {f.name for f in dataclasses.fields(config.Train)}
     sweep = workdir / "sweep.toml"
@@ -237,9 +239,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kills", type=int, default=20, help="SIGKILLs before the run is let finish")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
-    parser.add_argument("--save-every", type=int, default=5, help="steps between snapshots (if this saev_jax has save_every)")
+    parser.add_argument(
+        "--save-every", type=int, default=5, help="steps between snapshots (if this saev_jax has save_every)"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results")
-    parser.add_argument("--workdir", type=pathlib.Path, default=None, help="kept afterwards (default: a temporary directory)")
+    parser.add_argument(
+        "--workdir", type=pathlib.Path, default=None, help="kept afterwards (default: a temporary directory)"
+    )
     parser.add_argument("--skip-overhead", action="store_true", help="skip the real-size snapshot timings")
     parser.add_argument("--overhead-saes", type=int, default=2, help="SAEs in the real-size snapshot")
     args = parser.parse_args()

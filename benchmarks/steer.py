@@ -24,7 +24,9 @@ import numpy as np
 
 from saev_jax import config, data, evaluate, plan, steer, step, synthetic, train
 
-SYNTH = synthetic.Synthetic(d_vit=64, n_features=512, k=8, noise=0.05, seed=3, n_imgs=2048, n_patches_per_img=64, layers=(-2,))
+SYNTH = synthetic.Synthetic(
+    d_vit=64, n_features=512, k=8, noise=0.05, seed=3, n_imgs=2048, n_patches_per_img=64, layers=(-2,)
+)
 TARGETS = (8, 32, 128, 512)
 
 
@@ -62,7 +64,11 @@ def main():
     n_steps = train.n_train_steps(base)
     assert n_steps == args.steps
 
-    layout = train.Layout(cfgs, plan.Round((plan.StackPlan(tuple(range(len(cfgs))), SYNTH.d_vit, sae_cfg.d_sae, len(cfgs), len(cfgs)),), 0), plan.make_mesh(jax.devices()[:1]))
+    layout = train.Layout(
+        cfgs,
+        plan.Round((plan.StackPlan(tuple(range(len(cfgs))), SYNTH.d_vit, sae_cfg.d_sae, len(cfgs), len(cfgs)),), 0),
+        plan.make_mesh(jax.devices()[:1]),
+    )
     state = layout.init_state(acts, preprocess)
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-n_steps * B // n))])
@@ -70,7 +76,9 @@ def main():
     t0 = time.perf_counter()
     for i in range(n_steps):
         x_BD = jnp.asarray(x_ND[order[i * B : (i + 1) * B]])
-        state, (metrics,) = step.train_step(state, layout.hparams, preprocess, x_BD, chunks=layout.chunks, mesh=layout.mesh)
+        state, (metrics,) = step.train_step(
+            state, layout.hparams, preprocess, x_BD, chunks=layout.chunks, mesh=layout.mesh
+        )
         pending.append((i, {k: metrics[k] for k in ("l0", "sparsity_coeff", "diverged")}))
         if len(pending) == args.every or i == n_steps - 1:
             got = jax.device_get(pending)  # one transfer per `every` steps
@@ -122,7 +130,9 @@ def main():
     for r in rows:
         t = "none" if r["target_l0"] is None else f"{r['target_l0']:g}"
         e = "" if r["rel_err_eval"] is None else f"{r['rel_err_eval']:+.1%}"
-        lines.append(f"| {t} | {r['final_coeff']:.4g} | {r['l0_last10pct']:.1f} | {r['l0_eval']:.1f} | {e} | {r['mse_eval']:.4f} | {r['n_dead']} |")
+        lines.append(
+            f"| {t} | {r['final_coeff']:.4g} | {r['l0_last10pct']:.1f} | {r['l0_eval']:.1f} | {e} | {r['mse_eval']:.4f} | {r['n_dead']} |"
+        )
     ok = all(abs(r["rel_err_eval"]) <= 0.1 for r in rows if r["target_l0"] is not None)
     control = rows[-1]
     lines += [

@@ -231,7 +231,12 @@ def main() -> None:
     parser.add_argument("--n-workers", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False, help="TF32 matmuls, as saev runs on a GPU (default: full float32)")
+    parser.add_argument(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="TF32 matmuls, as saev runs on a GPU (default: full float32)",
+    )
     args = parser.parse_args()
     set_tf32(args.tf32)
 

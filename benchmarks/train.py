@@ -107,7 +107,11 @@ def describe_devices() -> dict[str, object]:
     backend = jax.default_backend()
     jax_device = jax.devices()[0]
     torch_device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    name = "cpu" if backend == "cpu" else f"{backend}-{re.sub(r'[^a-z0-9]+', '-', jax_device.device_kind.lower()).strip('-')}"
+    name = (
+        "cpu"
+        if backend == "cpu"
+        else f"{backend}-{re.sub(r'[^a-z0-9]+', '-', jax_device.device_kind.lower()).strip('-')}"
+    )
     return {
         "name": name,
         "jax_backend": backend,
@@ -156,7 +160,9 @@ class MatmulRunner:
 def matmul_peak(dtype, n: int, args) -> dict[str, object]:
     """FLOP/s of MatmulRunner(dtype, n): the median of 7 timed repeats after a warm-up."""
     runner = MatmulRunner(dtype, n)
-    t = harness.time_interleaved({"peak": runner}, n_warmup=2, n_repeats=7, min_repeat_s=args.min_repeat_s, max_s=args.max_measure_s)["peak"]
+    t = harness.time_interleaved(
+        {"peak": runner}, n_warmup=2, n_repeats=7, min_repeat_s=args.min_repeat_s, max_s=args.max_measure_s
+    )["peak"]
     return {"dtype": jnp.dtype(dtype).name, "n": n, "flops_per_s": runner.flops / t["seconds"]} | t
 
 
@@ -171,8 +177,9 @@ def make_cfgs(d_vit: int, d_sae: int, n_saes: int, batch_size: int, precision: s
             sae_batch_size=batch_size,
             precision=precision,
             lr=lrs[m % len(lrs)],
-            sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=d_sae // d_vit, seed=m,
-                                         sparsity_coeff=coeffs[m % len(coeffs)]),
+            sae=config.SparseAutoencoder(
+                d_vit=d_vit, exp_factor=d_sae // d_vit, seed=m, sparsity_coeff=coeffs[m % len(coeffs)]
+            ),
             **kwargs,
         )
         for m in range(n_saes)
@@ -192,7 +199,9 @@ class VmappedGroup:
         self.x_BD, self.log_every, self.n_steps = x_BD, log_every, 0
 
     def __call__(self) -> None:
-        self.state, metrics = step.train_step(self.state, self.hparams, self.preprocess, self.x_BD, chunks=self.chunks, mesh=self.mesh)
+        self.state, metrics = step.train_step(
+            self.state, self.hparams, self.preprocess, self.x_BD, chunks=self.chunks, mesh=self.mesh
+        )
         if self.n_steps % self.log_every == 0:
             jax.device_get(metrics)
         self.n_steps += 1
@@ -224,8 +233,14 @@ class TorchLoop:
 
     DEFAULT_THREADS = torch.get_num_threads()
 
-    def __init__(self, cfgs: list[config.Train], x_BD: np.ndarray, device: torch.device, log_every: int,
-                 n_threads: int | None = None):
+    def __init__(
+        self,
+        cfgs: list[config.Train],
+        x_BD: np.ndarray,
+        device: torch.device,
+        log_every: int,
+        n_threads: int | None = None,
+    ):
         self.device, self.n_threads = device, n_threads or self.DEFAULT_THREADS
         saes = torch_baseline.make_saes(cfgs, device)
         self.trainer = torch_baseline.Trainer(saes, [torch_baseline.Hparams.from_cfg(c) for c in cfgs])
@@ -260,8 +275,15 @@ class Benchmark:
         self.device = describe_devices()
         self.torch_device = torch.device(self.device["torch_device"])
         self.accelerator = self.device["jax_backend"] != "cpu"
-        self.results = {"device": self.device, "args": vars(args) | {"out": str(args.out)}, "peak": [],
-                        "in_memory": [], "end_to_end": [], "accuracy": [], "notes": []}
+        self.results = {
+            "device": self.device,
+            "args": vars(args) | {"out": str(args.out)},
+            "peak": [],
+            "in_memory": [],
+            "end_to_end": [],
+            "accuracy": [],
+            "notes": [],
+        }
         args.out.mkdir(parents=True, exist_ok=True)
         self.stem = args.out / self.device["name"]
         # On a small shared CPU torch's default threads can collide with other load: time 1 thread too.
@@ -321,14 +343,25 @@ class Benchmark:
         flops = flops_per_example(d_vit, d_sae) * B * n_saes
         todo = []
         for variant, precision in variants:
-            row = {"size": size, "d_vit": d_vit, "d_sae": d_sae, "M": n_saes, "batch_size": B,
-                   "variant": variant, "precision": precision}
+            row = {
+                "size": size,
+                "d_vit": d_vit,
+                "d_sae": d_sae,
+                "M": n_saes,
+                "batch_size": B,
+                "variant": variant,
+                "precision": precision,
+            }
             # At least three steps run (warm-up, calibration, one repeat); at half the peak measured so far:
             predicted = flops / (0.5 * self.peak(precision))
             if self.over_budget():
                 self.skip(row, "in_memory", f"time budget of {args.time_budget_s:.0f}s spent")
             elif 3 * predicted > args.max_measure_s:
-                self.skip(row, "in_memory", f"predicted {predicted:.1f}s per step is too slow for a {args.max_measure_s:.0f}s time box")
+                self.skip(
+                    row,
+                    "in_memory",
+                    f"predicted {predicted:.1f}s per step is too slow for a {args.max_measure_s:.0f}s time box",
+                )
             else:
                 todo.append(row)
         blocks = [todo] if not self.accelerator else [[row] for row in todo]
@@ -348,8 +381,13 @@ class Benchmark:
                         runners[id(row)] = VmappedGroup(cfgs, x_jax, args.log_every)
                     else:
                         runners[id(row)] = OneByOne(cfgs, x_jax, args.log_every)
-                timings = harness.time_interleaved(runners, n_warmup=args.n_warmup, n_repeats=args.n_repeats,
-                                           min_repeat_s=args.min_repeat_s, max_s=args.max_measure_s * len(block))
+                timings = harness.time_interleaved(
+                    runners,
+                    n_warmup=args.n_warmup,
+                    n_repeats=args.n_repeats,
+                    min_repeat_s=args.min_repeat_s,
+                    max_s=args.max_measure_s * len(block),
+                )
             except Exception as err:  # e.g. out of memory: record it and go on
                 for row in block:
                     self.skip(row, "in_memory", f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
@@ -360,16 +398,28 @@ class Benchmark:
             nearby = 2 * args.peak_n**3 / timings["peak"]["seconds"] if "peak" in timings else None
             for row in block:
                 t = timings[id(row)]
-                row |= rates(t["seconds"], B, n_saes, d_vit, d_sae) | {"seconds_per_step": t["seconds"], "repeats": t["repeats"],
-                                                                      "steps_per_repeat": t["calls_per_repeat"]}
+                row |= rates(t["seconds"], B, n_saes, d_vit, d_sae) | {
+                    "seconds_per_step": t["seconds"],
+                    "repeats": t["repeats"],
+                    "steps_per_repeat": t["calls_per_repeat"],
+                }
                 row["frac_peak"] = row["flops_per_s"] / self.peak(row["precision"])
                 if nearby:
                     row["peak_nearby"] = nearby
                     row["frac_peak_nearby"] = row["flops_per_s"] / nearby
                 self.results["in_memory"].append(row)
-                logger.info("%-6s M=%-2d B=%-5d %-10s %-8s %12.0f SAE-ex/s %7.1f GFLOP/s (%.0f%% of best peak, %s of peak in turns)",
-                            size, n_saes, B, row["variant"], row["precision"], row["sae_examples_per_s"], row["flops_per_s"] / 1e9,
-                            100 * row["frac_peak"], f"{100 * row['frac_peak_nearby']:.0f}%" if nearby else "-")
+                logger.info(
+                    "%-6s M=%-2d B=%-5d %-10s %-8s %12.0f SAE-ex/s %7.1f GFLOP/s (%.0f%% of best peak, %s of peak in turns)",
+                    size,
+                    n_saes,
+                    B,
+                    row["variant"],
+                    row["precision"],
+                    row["sae_examples_per_s"],
+                    row["flops_per_s"] / 1e9,
+                    100 * row["frac_peak"],
+                    f"{100 * row['frac_peak_nearby']:.0f}%" if nearby else "-",
+                )
             self.save()
 
     def skip(self, row: dict, table: str, why: str) -> None:
@@ -383,8 +433,14 @@ class Benchmark:
         d_vit, d_sae = SIZES[args.e2e_size]
         M, B = args.e2e_m, args.e2e_batch_size
         data_cfg = config.DataLoad(shard_root=shard_root, n_random_samples=args.n_random_samples)
-        common = dict(data=data_cfg, n_workers=args.n_workers, log_every=max(1, args.e2e_steps // 5),
-                      n_patches=args.e2e_steps * B - 1, n_lr_warmup=max(1, args.e2e_steps // 10), track=False)
+        common = dict(
+            data=data_cfg,
+            n_workers=args.n_workers,
+            log_every=max(1, args.e2e_steps // 5),
+            n_patches=args.e2e_steps * B - 1,
+            n_lr_warmup=max(1, args.e2e_steps // 10),
+            track=False,
+        )
         acts = data.Activations(data_cfg)
         preprocess = jax.device_put(data.make_preprocess(acts, data_cfg))
         base = {"size": args.e2e_size, "d_vit": d_vit, "d_sae": d_sae, "M": M, "batch_size": B, "n_examples": len(acts)}
@@ -399,15 +455,22 @@ class Benchmark:
             cfgs = make_cfgs(d_vit, d_sae, M, B, precision, **common)
             for c in cfgs:
                 config.validate(c)
-            cfgs = [dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=args.n_random_samples)) for c in cfgs]
+            cfgs = [
+                dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=args.n_random_samples))
+                for c in cfgs
+            ]
             clock = LogClock()
             t0 = time.perf_counter()
             state = train.train(train.make_layout(cfgs), acts, preprocess, clock)
             jax.block_until_ready(state)
             wall = time.perf_counter() - t0
             seconds = clock.seconds_per_step()
-            row |= rates(seconds, B, M, d_vit, d_sae) | {"seconds_per_step": seconds, "n_steps": int(state.step),
-                                                         "wall_s_with_startup": wall, "intervals": clock.intervals()}
+            row |= rates(seconds, B, M, d_vit, d_sae) | {
+                "seconds_per_step": seconds,
+                "n_steps": int(state.step),
+                "wall_s_with_startup": wall,
+                "intervals": clock.intervals(),
+            }
             self.results["end_to_end"].append(row)
             logger.info("end to end vmap %s: %.0f SAE-ex/s", precision, row["sae_examples_per_s"])
             state = None
@@ -424,8 +487,11 @@ class Benchmark:
             torch.set_num_threads(1 if variant == "torch-1t" else TorchLoop.DEFAULT_THREADS)
             seconds, n_batches = torch_end_to_end(cfgs, self.torch_device, args.torch_e2e_batches, args.n_workers)
             torch.set_num_threads(TorchLoop.DEFAULT_THREADS)
-            row |= rates(seconds, B, M, d_vit, d_sae) | {"seconds_per_step": seconds, "n_steps": n_batches,
-                                                         "n_workers": args.n_workers}
+            row |= rates(seconds, B, M, d_vit, d_sae) | {
+                "seconds_per_step": seconds,
+                "n_steps": n_batches,
+                "n_workers": args.n_workers,
+            }
             self.results["end_to_end"].append(row)
             logger.info("end to end %s: %.0f SAE-ex/s", variant, row["sae_examples_per_s"])
             free_memory()
@@ -442,21 +508,36 @@ class Benchmark:
         finals = {}
         for precision in args.precisions:
             cfgs = make_cfgs(d_vit, d_sae, args.e2e_m, B, precision, **common)
-            cfgs = [dataclasses.replace(c, lr=1e-3, sae=dataclasses.replace(c.sae, sparsity_coeff=coeffs[m % len(coeffs)]))
-                    for m, c in enumerate(cfgs)]
+            cfgs = [
+                dataclasses.replace(c, lr=1e-3, sae=dataclasses.replace(c.sae, sparsity_coeff=coeffs[m % len(coeffs)]))
+                for m, c in enumerate(cfgs)
+            ]
             state = train.train(train.make_layout(cfgs), acts, preprocess, LogClock())
             finals[precision] = evaluate.evaluate(cfgs, state.stacks[0].saes, acts, preprocess, jax.devices()[0])
             state = None
             free_memory()
-        self.results["accuracy_setup"] = {"size": args.e2e_size, "M": args.e2e_m, "batch_size": B, "n_steps": n_steps,
-                                          "lr": 1e-3, "sparsity_coeffs": [c.sae.sparsity_coeff for c in cfgs],
-                                          "n_examples": len(acts)}
+        self.results["accuracy_setup"] = {
+            "size": args.e2e_size,
+            "M": args.e2e_m,
+            "batch_size": B,
+            "n_steps": n_steps,
+            "lr": 1e-3,
+            "sparsity_coeffs": [c.sae.sparsity_coeff for c in cfgs],
+            "n_examples": len(acts),
+        }
         for precision, metrics in finals.items():
             for m, (mine, ref) in enumerate(zip(metrics, finals["float32"])):
-                self.results["accuracy"].append({
-                    "precision": precision, "sae": m, "mse": mine.mse, "l0": mine.l0, "n_dead": mine.n_dead,
-                    "mse_vs_float32": mine.mse / ref.mse - 1, "l0_vs_float32": mine.l0 / ref.l0 - 1 if ref.l0 else float("nan"),
-                })
+                self.results["accuracy"].append(
+                    {
+                        "precision": precision,
+                        "sae": m,
+                        "mse": mine.mse,
+                        "l0": mine.l0,
+                        "n_dead": mine.n_dead,
+                        "mse_vs_float32": mine.mse / ref.mse - 1,
+                        "l0_vs_float32": mine.l0 / ref.l0 - 1 if ref.l0 else float("nan"),
+                    }
+                )
         self.save()
 
 
@@ -499,7 +580,9 @@ class LogClock:
         return statistics.median(self.intervals())
 
 
-def torch_end_to_end(cfgs: list[config.Train], device: torch.device, n_batches: int, n_workers: int) -> tuple[float, int]:
+def torch_end_to_end(
+    cfgs: list[config.Train], device: torch.device, n_batches: int, n_workers: int
+) -> tuple[float, int]:
     """Seconds per step of the torch baseline reading through saev's per-example Dataset, and the steps taken.
 
     The DataLoader's workers each build whole batches, start together and read two batches
@@ -533,8 +616,15 @@ def torch_end_to_end(cfgs: list[config.Train], device: torch.device, n_batches: 
 
 def write_shards(dpath: str, args) -> None:
     d_vit, _ = SIZES[args.e2e_size]
-    cfg = synthetic.Synthetic(d_vit=d_vit, n_features=4 * d_vit, n_imgs=args.e2e_imgs, n_patches_per_img=256,
-                              layers=(-2, -1), n_patches_per_shard=2**18, seed=0)
+    cfg = synthetic.Synthetic(
+        d_vit=d_vit,
+        n_features=4 * d_vit,
+        n_imgs=args.e2e_imgs,
+        n_patches_per_img=256,
+        layers=(-2, -1),
+        n_patches_per_shard=2**18,
+        seed=0,
+    )
     synthetic.write_shards(dpath, cfg)
 
 
@@ -586,10 +676,19 @@ def to_markdown(results: dict) -> str:
         return f"{a / b:.2f}x" if a and b else "-"
 
     main_batch = results["args"]["batch_size"]
-    for (size, M, B), cell in sorted(cells.items(), key=lambda kv: (list(SIZES).index(kv[0][0]), kv[0][2] != main_batch, kv[0][1])):
+    for (size, M, B), cell in sorted(
+        cells.items(), key=lambda kv: (list(SIZES).index(kv[0][0]), kv[0][2] != main_batch, kv[0][1])
+    ):
         d_vit, d_sae = SIZES[size]
-        a32, a16 = get(cell, ("vmap", "float32"), "sae_examples_per_s"), get(cell, ("vmap", "bfloat16"), "sae_examples_per_s")
-        b, c = get(cell, ("one-by-one", "float32"), "sae_examples_per_s"), get(cell, ("torch", "float32"), "sae_examples_per_s")
+        a32, a16 = (
+            get(cell, ("vmap", "float32"), "sae_examples_per_s"),
+            get(cell, ("vmap", "bfloat16"), "sae_examples_per_s"),
+        )
+        b, c = (
+            get(cell, ("one-by-one", "float32"), "sae_examples_per_s"),
+            get(cell, ("torch", "float32"), "sae_examples_per_s"),
+        )
+
         def pct(key, cell=cell):
             flops = get(cell, key, "flops_per_s")
             frac = None if flops is None else flops / peaks.get(key[1], peaks["float32"])
@@ -605,11 +704,20 @@ def to_markdown(results: dict) -> str:
         ]))  # fmt: skip
     skipped = [r for r in results["in_memory"] if "skipped" in r]
     if skipped:
-        lines += ["", "Skipped: " + "; ".join(f"{r['size']} M={r['M']} {r['variant']} {r['precision']} ({r['skipped']})" for r in skipped) + "."]
+        lines += [
+            "",
+            "Skipped: "
+            + "; ".join(f"{r['size']} M={r['M']} {r['variant']} {r['precision']} ({r['skipped']})" for r in skipped)
+            + ".",
+        ]
 
     e2e = [r for r in results["end_to_end"] if "skipped" not in r]
     if e2e:
-        in_mem = {(r["size"], r["M"], r["batch_size"], r["variant"], r["precision"]): r for r in results["in_memory"] if "skipped" not in r}
+        in_mem = {
+            (r["size"], r["M"], r["batch_size"], r["variant"], r["precision"]): r
+            for r in results["in_memory"]
+            if "skipped" not in r
+        }
         torch_rates = {r["variant"]: r["sae_examples_per_s"] for r in e2e if r["variant"].startswith("torch")}
         lines += [
             "",
@@ -633,10 +741,15 @@ def to_markdown(results: dict) -> str:
                                 "vs (c') torch 1 thread e2e", "vs same step, data in memory (measured just before)"], rows)  # fmt: skip
     if results["accuracy"]:
         setup = results.get("accuracy_setup", {})
-        lines += ["", "## Accuracy of bfloat16", "",
-                  f"The same group ({setup.get('size')} SAEs, M = {setup.get('M')}, sparsity coefficients {setup.get('sparsity_coeffs')}, "
-                  f"lr {setup.get('lr')}) trained {setup.get('n_steps')} steps of batch {setup.get('batch_size')} through `train.train` in "
-                  f"each precision (same data order and seeds), then evaluated on all {setup.get('n_examples', 0):,} examples.", ""]
+        lines += [
+            "",
+            "## Accuracy of bfloat16",
+            "",
+            f"The same group ({setup.get('size')} SAEs, M = {setup.get('M')}, sparsity coefficients {setup.get('sparsity_coeffs')}, "
+            f"lr {setup.get('lr')}) trained {setup.get('n_steps')} steps of batch {setup.get('batch_size')} through `train.train` in "
+            f"each precision (same data order and seeds), then evaluated on all {setup.get('n_examples', 0):,} examples.",
+            "",
+        ]
         lines += harness.table(
             ["SAE", "precision", "eval MSE", "eval L0", "dead", "MSE vs float32", "L0 vs float32"],
             [[r["sae"], r["precision"], f"{r['mse']:.5g}", f"{r['l0']:.4g}", r["n_dead"], f"{100 * r['mse_vs_float32']:+.2f}%",
@@ -662,19 +775,38 @@ def plot_scaling(results: dict, fpath: pathlib.Path) -> None:
         return
     peaks = best_peaks(results)
     fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 4), squeeze=False)
-    styles = {("vmap", "float32"): "o-", ("vmap", "bfloat16"): "s-", ("one-by-one", "float32"): "^--", ("torch", "float32"): "x:",
-              ("torch-1t", "float32"): "+:"}
+    styles = {
+        ("vmap", "float32"): "o-",
+        ("vmap", "bfloat16"): "s-",
+        ("one-by-one", "float32"): "^--",
+        ("torch", "float32"): "x:",
+        ("torch-1t", "float32"): "+:",
+    }
     for ax, size in zip(axes[0], sizes):
         d_vit, d_sae = SIZES[size]
         for (variant, precision), style in styles.items():
-            pts = sorted((r["M"], r["sae_examples_per_s"]) for r in rows if (r["size"], r["variant"], r["precision"]) == (size, variant, precision))
+            pts = sorted(
+                (r["M"], r["sae_examples_per_s"])
+                for r in rows
+                if (r["size"], r["variant"], r["precision"]) == (size, variant, precision)
+            )
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{VARIANTS[variant]} {precision}")
         for dtype, flops in peaks.items():
-            ax.axhline(flops / flops_per_example(d_vit, d_sae), color="gray", ls="--" if dtype == "float32" else "-.", lw=1,
-                       label=f"matmul peak {dtype}")
-        ax.set(xscale="log", yscale="log", xlabel="M (SAEs trained together)", ylabel="SAE-examples / s",
-               title=f"{size}: d_vit {d_vit}, d_sae {d_sae}, batch {batch}")
+            ax.axhline(
+                flops / flops_per_example(d_vit, d_sae),
+                color="gray",
+                ls="--" if dtype == "float32" else "-.",
+                lw=1,
+                label=f"matmul peak {dtype}",
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="M (SAEs trained together)",
+            ylabel="SAE-examples / s",
+            title=f"{size}: d_vit {d_vit}, d_sae {d_sae}, batch {batch}",
+        )
         ax.set_xticks(sorted({r["M"] for r in rows}), labels=[str(m) for m in sorted({r["M"] for r in rows})])
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
@@ -690,30 +822,63 @@ def plot_scaling(results: dict, fpath: pathlib.Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     accelerator = jax.default_backend() != "cpu"
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
-                        help="default: all four on accelerators, small and medium on CPU")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=list(SIZES),
+        default=None,
+        help="default: all four on accelerators, small and medium on CPU",
+    )
     parser.add_argument("--ms", nargs="+", type=int, default=[1, 4, 8, 16], help="group sizes M")
     parser.add_argument("--precisions", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
-    parser.add_argument("--batch-size", type=int, default=None, help="in-memory batch (default 4096 on accelerators, 512 on CPU)")
-    parser.add_argument("--n-warmup", type=int, default=None, help="untimed steps, the first compiles (default 2 accelerators, 1 CPU)")
-    parser.add_argument("--n-repeats", type=int, default=None, help="timed repeats; the median is reported (default 3 accelerators, 5 CPU)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="in-memory batch (default 4096 on accelerators, 512 on CPU)"
+    )
+    parser.add_argument(
+        "--n-warmup", type=int, default=None, help="untimed steps, the first compiles (default 2 accelerators, 1 CPU)"
+    )
+    parser.add_argument(
+        "--n-repeats",
+        type=int,
+        default=None,
+        help="timed repeats; the median is reported (default 3 accelerators, 5 CPU)",
+    )
     parser.add_argument("--min-repeat-s", type=float, default=None, help="calls per repeat so a repeat lasts this long")
     parser.add_argument("--max-measure-s", type=float, default=None, help="time box of one measurement")
     parser.add_argument("--time-budget-s", type=float, default=float("inf"), help="start no new measurement after this")
-    parser.add_argument("--log-every", type=int, default=25, help="metrics leave the device every this many steps (saev: 25)")
-    parser.add_argument("--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 accelerators, 2048 CPU)")
+    parser.add_argument(
+        "--log-every", type=int, default=25, help="metrics leave the device every this many steps (saev: 25)"
+    )
+    parser.add_argument(
+        "--peak-n", type=int, default=None, help="matmul size for the peak (default 8192 accelerators, 2048 CPU)"
+    )
     parser.add_argument("--e2e-size", choices=list(SIZES), default="small")
     parser.add_argument("--e2e-m", type=int, default=4)
-    parser.add_argument("--e2e-batch-size", type=int, default=None, help="default 16384 (saev's) on accelerators, 4096 on CPU")
+    parser.add_argument(
+        "--e2e-batch-size", type=int, default=None, help="default 16384 (saev's) on accelerators, 4096 on CPU"
+    )
     parser.add_argument("--e2e-steps", type=int, default=None, help="steps of each saev_jax end-to-end run")
     parser.add_argument("--e2e-imgs", type=int, default=None, help="images in the synthetic shards (256 patches each)")
-    parser.add_argument("--torch-e2e-batches", type=int, default=None, help="batches of the torch end-to-end run (timed after the first 2 x n_workers)")
+    parser.add_argument(
+        "--torch-e2e-batches",
+        type=int,
+        default=None,
+        help="batches of the torch end-to-end run (timed after the first 2 x n_workers)",
+    )
     parser.add_argument("--acc-batch-size", type=int, default=None, help="batch of the bf16-vs-float32 accuracy runs")
     parser.add_argument("--acc-steps", type=int, default=None, help="steps of each accuracy run")
-    parser.add_argument("--n-workers", type=int, default=os.cpu_count(), help="loader threads (saev_jax) / worker processes (torch)")
-    parser.add_argument("--n-random-samples", type=int, default=2**16, help="examples for the preprocessing statistics and b_dec")
-    parser.add_argument("--torch-one-thread", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time the torch baseline with 1 intra-op thread (default: on CPU)")
+    parser.add_argument(
+        "--n-workers", type=int, default=os.cpu_count(), help="loader threads (saev_jax) / worker processes (torch)"
+    )
+    parser.add_argument(
+        "--n-random-samples", type=int, default=2**16, help="examples for the preprocessing statistics and b_dec"
+    )
+    parser.add_argument(
+        "--torch-one-thread",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the torch baseline with 1 intra-op thread (default: on CPU)",
+    )
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--no-table", action="store_true", help="do not print the markdown table at the end")
     parser.add_argument("--quick", action="store_true", help="tiny everything: checks that the script runs")
@@ -758,7 +923,11 @@ def main(argv: list[str] | None = None) -> dict:
     # The figures the targets name first, in case the time budget runs out.
     order = [("vitl", 8), ("small", 16)] + [(s, m) for s in SIZES for m in sorted(args.ms)]
     accel_ok = bench.accelerator
-    variants = [(v, "float32") for v in bench.torch_variants] + [("vmap", p) for p in args.precisions] + [("one-by-one", "float32")]
+    variants = (
+        [(v, "float32") for v in bench.torch_variants]
+        + [("vmap", p) for p in args.precisions]
+        + [("one-by-one", "float32")]
+    )
     done = set()
     for size, n_saes in order:
         if size not in args.sizes or n_saes not in args.ms or (size, n_saes) in done:

@@ -30,10 +30,39 @@ CASES = {
     # Heavy-tailed (log-normal magnitudes), anisotropic (Zipf feature frequencies: a few directions
     # carry most of the variance), non-zero mean (a per-layer offset), noisy: what a ViT layer's
     # patch activations look like to an SAE, at DINOv2-S width.
-    "real": dict(synth=dict(d_vit=384, n_features=3072, k=24, noise=0.1, zipf_exponent=1.0, n_imgs=500, n_patches_per_img=256, layers=(-2,), seed=11), n_patches=150_000),
-    "small": dict(synth=dict(d_vit=128, n_features=1024, k=8, noise=0.05, zipf_exponent=1.0, n_imgs=500, n_patches_per_img=256, layers=(-2,), seed=12), n_patches=200_000),
+    "real": dict(
+        synth=dict(
+            d_vit=384,
+            n_features=3072,
+            k=24,
+            noise=0.1,
+            zipf_exponent=1.0,
+            n_imgs=500,
+            n_patches_per_img=256,
+            layers=(-2,),
+            seed=11,
+        ),
+        n_patches=150_000,
+    ),
+    "small": dict(
+        synth=dict(
+            d_vit=128,
+            n_features=1024,
+            k=8,
+            noise=0.05,
+            zipf_exponent=1.0,
+            n_imgs=500,
+            n_patches_per_img=256,
+            layers=(-2,),
+            seed=12,
+        ),
+        n_patches=200_000,
+    ),
     # A smoke test of this script, not a measurement.
-    "tiny": dict(synth=dict(d_vit=32, n_features=64, k=4, n_imgs=64, n_patches_per_img=64, layers=(-2,), seed=13), n_patches=5_000),
+    "tiny": dict(
+        synth=dict(d_vit=32, n_features=64, k=4, n_imgs=64, n_patches_per_img=64, layers=(-2,), seed=13),
+        n_patches=5_000,
+    ),
 }
 N_SAES, EXP, BATCH, LRS = 4, 8, 1024, (1e-3, 2e-3, 4e-3, 8e-3)
 PHASES = ("imports", "statistics", "b_dec init", "compile", "train", "eval", "quality", "plots", "writing", "summary")
@@ -50,6 +79,7 @@ def _timed(times: dict, key: str, fn):
             return fn(*args, **kw)
         finally:
             times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+
     return wrapper
 
 
@@ -58,6 +88,7 @@ def child_jax(args, launched: float) -> dict:
     t0 = time.perf_counter()
     from saev_jax import data, evaluate, plots, summary, train
     from saev_jax import sae as sae_lib
+
     times["imports"] += time.perf_counter() - t0
 
     times_inner = {}
@@ -133,7 +164,13 @@ def child_torch(args, launched: float) -> dict:
 
     t0 = time.perf_counter()
     trainer = tb.Trainer(saes, [tb.Hparams.from_cfg(c) for c in cfgs])
-    tb.train(trainer, tb.batches(tb.make_dataloader(cfgs[0], dataset), cfgs[0].n_patches), device, log_every=25, on_log=lambda *_: None)
+    tb.train(
+        trainer,
+        tb.batches(tb.make_dataloader(cfgs[0], dataset), cfgs[0].n_patches),
+        device,
+        log_every=25,
+        on_log=lambda *_: None,
+    )
     times["train"] = time.perf_counter() - t0
 
     # saev's evaluate: one ordered pass, every SAE on every batch, counts and sums in float.
@@ -152,7 +189,10 @@ def child_torch(args, launched: float) -> dict:
                 fired[m] += (f > 0).sum(0)
                 values[m] += f.sum(0)
                 sq_err[m] += ((x_hat - x) ** 2).sum()
-    metrics = [dict(l0=float(fired[m].sum() / len(dataset)), mse=float(sq_err[m] / len(dataset) / d_vit)) for m in range(len(saes))]
+    metrics = [
+        dict(l0=float(fired[m].sum() / len(dataset)), mse=float(sq_err[m] / len(dataset) / d_vit))
+        for m in range(len(saes))
+    ]
     times["eval"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -196,7 +236,11 @@ def report(results: dict) -> str:
         fmt = lambda v: "—" if v is None else f"{v:.1f}"  # noqa: E731
         lines += harness.table(["phase", "original (torch loop) s", "saev_jax s"],
                                [[p, fmt(r["torch"].get(p)), fmt(r["jax"].get(p))] for p in (*PHASES, "other", "end to end")])  # fmt: skip
-        lines += ["", f"End to end: saev_jax is **{r['torch']['end to end'] / r['jax']['end to end']:.2f}x** the original's speed.", ""]
+        lines += [
+            "",
+            f"End to end: saev_jax is **{r['torch']['end to end'] / r['jax']['end to end']:.2f}x** the original's speed.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -227,8 +271,16 @@ def main():
             for program in ("torch", "jax"):
                 work = root / program
                 work.mkdir()
-                results[case][program] = run_child(program, root / "shards", CASES[case]["n_patches"], CASES[case]["synth"]["d_vit"], work)
-                print(case, program, json.dumps({k: round(v, 1) for k, v in results[case][program].items()}), file=sys.stderr, flush=True)
+                results[case][program] = run_child(
+                    program, root / "shards", CASES[case]["n_patches"], CASES[case]["synth"]["d_vit"], work
+                )
+                print(
+                    case,
+                    program,
+                    json.dumps({k: round(v, 1) for k, v in results[case][program].items()}),
+                    file=sys.stderr,
+                    flush=True,
+                )
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     md = f"{harness.machine_line(harness.machine())} Shared with other jobs; {when}.\n\n" + report(results)
     harness.write(args.out, {"cases": {k: CASES[k] for k in results}, "results": results}, md)

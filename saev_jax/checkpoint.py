@@ -51,7 +51,16 @@ SAEV_FNAME = "sae.pt"
 SAEV_RENAMED = {"l1_coeff": "sparsity_coeff", "use_ghost_grads": "ghost_grads"}
 """Header keys of saev's first `sae.pt` version (Oct-Nov 2024) and their later names."""
 _HEADER_LIMIT = 1 << 16
-SAEV_FIELDS = ("d_vit", "exp_factor", "sparsity_coeff", "n_reinit_samples", "ghost_grads", "remove_parallel_grads", "normalize_w_dec", "seed")
+SAEV_FIELDS = (
+    "d_vit",
+    "exp_factor",
+    "sparsity_coeff",
+    "n_reinit_samples",
+    "ghost_grads",
+    "remove_parallel_grads",
+    "normalize_w_dec",
+    "seed",
+)
 """The `SparseAutoencoder` fields saev's own config has, in its order: what a `sae.pt` header holds."""
 
 
@@ -114,7 +123,9 @@ class Checkpoint(eqx.Module):
         """The same checkpoint with these statistics (for one that has none, or to override them)."""
         if preprocess.act_mean.shape != self.sae.b_dec.shape:
             raise ValueError(f"with_preprocess: act_mean {preprocess.act_mean.shape}, SAE d_vit {self.sae.b_dec.shape}")
-        return dataclasses.replace(self, preprocess=preprocess, missing=tuple(m for m in self.missing if m != "preprocess"))
+        return dataclasses.replace(
+            self, preprocess=preprocess, missing=tuple(m for m in self.missing if m != "preprocess")
+        )
 
 
 # --------------------------------------------------------------------------- saev_jax's own directory
@@ -158,7 +169,9 @@ def save(
     tensors = {name: np.asarray(getattr(sae, name), dtype=np.float32) for name in TENSOR_NAMES}
     safetensors.numpy.save_file(tensors, tmp / SAE_FNAME)
     if preprocess is not None:
-        stats = {name: np.asarray(getattr(preprocess, name), dtype=np.float32) for name in ("clamp", "act_mean", "scalar")}
+        stats = {
+            name: np.asarray(getattr(preprocess, name), dtype=np.float32) for name in ("clamp", "act_mean", "scalar")
+        }
         safetensors.numpy.save_file(stats, tmp / PREPROCESS_FNAME)
     if freqs is not None:
         safetensors.numpy.save_file({"freqs": np.asarray(freqs, dtype=np.float32)}, tmp / FREQS_FNAME)
@@ -245,7 +258,9 @@ def _read_cfg(fpath: pathlib.Path) -> config.Train:
         raise config.InputError(f"{fpath}: not a JSON config (top level is not an object)")
     cfg = config.from_dict(config.Train, dct, where=str(fpath))
     if cfg.sae.kind not in kinds.KINDS:
-        raise config.InputError(f"{fpath}: sae.kind = {cfg.sae.kind!r}: not a kind this version knows ({', '.join(kinds.KINDS)})")
+        raise config.InputError(
+            f"{fpath}: sae.kind = {cfg.sae.kind!r}: not a kind this version knows ({', '.join(kinds.KINDS)})"
+        )
     return cfg
 
 
@@ -265,7 +280,9 @@ def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:
         try:
             kind_tensors = safetensors.numpy.load_file(dpath / KIND_FNAME)
         except Exception as err:  # safetensors raises its own error types, and OSError, for bad files
-            raise config.InputError(f"{dpath / KIND_FNAME}: not a valid safetensors file ({_first_line(err)})") from None
+            raise config.InputError(
+                f"{dpath / KIND_FNAME}: not a valid safetensors file ({_first_line(err)})"
+            ) from None
     kind_cfg = cfg or config.Train(sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=max(1, d_sae // d_vit)))
     if cfg is None and kind_tensors:
         raise config.InputError(f"{dpath / KIND_FNAME}: no {CFG_FNAME} beside it to say the SAE's kind")
@@ -283,7 +300,9 @@ def _load_dir(fpath: pathlib.Path, precision: str) -> Checkpoint:
         if freqs.shape != (d_sae,):
             raise config.InputError(f"{dpath / FREQS_FNAME}: freqs has shape {list(freqs.shape)}, expected [{d_sae}]")
         freqs = jnp.asarray(freqs)
-    missing = tuple(name for name, value in (("preprocess", preprocess), ("freqs", freqs), ("cfg", cfg)) if value is None)
+    missing = tuple(
+        name for name, value in (("preprocess", preprocess), ("freqs", freqs), ("cfg", cfg)) if value is None
+    )
     return Checkpoint(sae, preprocess, freqs, cfg, f"{dpath or fpath} (saev_jax)", missing)
 
 
@@ -297,7 +316,9 @@ def _read_safetensors(fpath: pathlib.Path, ndims: dict[str, int]) -> dict[str, n
     if missing or extra:
         raise config.InputError(
             f"{fpath}: expected tensors {', '.join(ndims)}; "
-            + "; ".join(f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", extra)) if names)
+            + "; ".join(
+                f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", extra)) if names
+            )
         )
     for name, ndim in ndims.items():
         t = tensors[name]
@@ -365,20 +386,31 @@ def read_saev(fpath: str | os.PathLike) -> tuple[config.SparseAutoencoder, dict[
     try:
         state = torch.load(io.BytesIO(rest), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise config.InputError(f"{fpath}: refused to unpickle anything but tensors: {_first_line(err)[:300]}") from None
+        raise config.InputError(
+            f"{fpath}: refused to unpickle anything but tensors: {_first_line(err)[:300]}"
+        ) from None
     except Exception as err:  # torch raises RuntimeError, EOFError, zipfile errors, ... for bad bytes
-        raise config.InputError(f"{fpath}: cannot read the tensors after the header, truncated or not a sae.pt ({_first_line(err)})") from None
+        raise config.InputError(
+            f"{fpath}: cannot read the tensors after the header, truncated or not a sae.pt ({_first_line(err)})"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise config.InputError(f"{fpath}: the data after the header is not a state dict of tensors")
     names = set(TENSOR_NAMES)
     if set(state) != names:
         missing, extra = sorted(names - set(state)), sorted(set(state) - names)
-        raise config.InputError(f"{fpath}: state dict must hold exactly {', '.join(TENSOR_NAMES)}; missing {missing}, unknown {extra}")
+        raise config.InputError(
+            f"{fpath}: state dict must hold exactly {', '.join(TENSOR_NAMES)}; missing {missing}, unknown {extra}"
+        )
     for name, t in state.items():
         if not t.is_floating_point():
             raise config.InputError(f"{fpath}: {name} must be a float tensor, got {t.dtype}")
     tensors = {name: state[name].detach().to(torch.float32).numpy().copy() for name in TENSOR_NAMES}
-    _check_sae_shapes(tensors, sae_cfg.d_vit, sae_cfg.d_sae, f"{fpath} (header: d_vit = {sae_cfg.d_vit}, exp_factor = {sae_cfg.exp_factor})")
+    _check_sae_shapes(
+        tensors,
+        sae_cfg.d_vit,
+        sae_cfg.d_sae,
+        f"{fpath} (header: d_vit = {sae_cfg.d_vit}, exp_factor = {sae_cfg.exp_factor})",
+    )
     return sae_cfg, tensors
 
 
@@ -426,14 +458,21 @@ def load_saev(fpath: str | os.PathLike, precision: str = "float32") -> Checkpoin
         missing = ("freqs",) if preprocess is not None else ("preprocess", "freqs")
     if cfg.sae.kind != "relu":  # saev's SparseAutoencoder has no kind: a header naming one is not saev's.
         raise config.InputError(f"{fpath}: sae.kind = {cfg.sae.kind}, but a saev sae.pt holds a ReLU SAE")
-    return Checkpoint(kinds.make_inference(cfg, tensors, {}, precision), preprocess, None, cfg, f"{fpath} (saev sae.pt)", missing)
+    return Checkpoint(
+        kinds.make_inference(cfg, tensors, {}, precision), preprocess, None, cfg, f"{fpath} (saev sae.pt)", missing
+    )
 
 
 def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndarray]) -> None:
     """Writes a `sae.pt` exactly as saev's `nn.dump`: `json.dumps(vars(cfg))`, a newline, `torch.save(state_dict)`."""
     import torch  # Only here: writing sae.pt files.
 
-    expected = {"W_enc": (sae_cfg.d_vit, sae_cfg.d_sae), "b_enc": (sae_cfg.d_sae,), "W_dec": (sae_cfg.d_sae, sae_cfg.d_vit), "b_dec": (sae_cfg.d_vit,)}
+    expected = {
+        "W_enc": (sae_cfg.d_vit, sae_cfg.d_sae),
+        "b_enc": (sae_cfg.d_sae,),
+        "W_dec": (sae_cfg.d_sae, sae_cfg.d_vit),
+        "b_dec": (sae_cfg.d_vit,),
+    }
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"write_saev: {name} has shape {tensors[name].shape}, header says {shape}")
@@ -443,7 +482,8 @@ def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndar
     fd.write((json.dumps(header) + "\n").encode("utf-8"))
     # The same object torch.nn.Module.state_dict() returns, so the bytes match saev's own dump.
     state = collections.OrderedDict(
-        (name, torch.from_numpy(np.array(tensors[name], dtype=np.float32, order="C", copy=True))) for name in TENSOR_NAMES
+        (name, torch.from_numpy(np.array(tensors[name], dtype=np.float32, order="C", copy=True)))
+        for name in TENSOR_NAMES
     )
     state._metadata = collections.OrderedDict([("", {"version": 1})])
     torch.save(state, fd)
@@ -452,7 +492,9 @@ def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndar
 # --------------------------------------------------------------------------- folding
 
 
-def fold(sae: "kinds.Kind | kinds.Inference", preprocess: data.Preprocess | None) -> dict[str, Float[np.ndarray, "..."]]:
+def fold(
+    sae: "kinds.Kind | kinds.Inference", preprocess: data.Preprocess | None
+) -> dict[str, Float[np.ndarray, "..."]]:
     """Raw-space weights (SPEC 10): the SAE and its mean and scalar as one SAE on raw activations.
 
     With m = act_mean, s = scalar: `W_enc / s`, `b_enc`, `s * W_dec`, `s * b_dec + m`, computed in

@@ -210,7 +210,11 @@ def default_lr(sae: SparseAutoencoder) -> float:
 def kind_defaults(sae: SparseAutoencoder) -> dict[str, object]:
     """The values `Train`'s unset optimiser fields take for this SAE's kind: saev's for relu, SPEC 11's for the others."""
     relu = sae.kind == "relu"
-    return {"lr": default_lr(sae), "lr_schedule": "constant" if relu else "linear", "max_grad_norm": 0.0 if relu else 1.0}
+    return {
+        "lr": default_lr(sae),
+        "lr_schedule": "constant" if relu else "linear",
+        "max_grad_norm": 0.0 if relu else 1.0,
+    }
 
 
 CANNOT_PARALLELIZE = frozenset({
@@ -227,7 +231,9 @@ LAYOUT_KEYS = frozenset({"memory_budget_gib", "sae_chunk", "fresh", "n_workers",
 
 def to_dict(cfg) -> dict[str, object]:
     """A config as plain JSON-ready data (tuples as lists, as JSON and wandb give them back)."""
-    return dataclasses.asdict(cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
+    return dataclasses.asdict(
+        cfg, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items}
+    )
 
 
 def from_dict(cls, dct: dict[str, object], *, where: str = "config"):
@@ -542,7 +548,9 @@ def flag_keys(args: list[str]) -> dict[str, str]:
     return out
 
 
-def overridden_flags(sweep: dict[str, object], flags: dict[str, str], base: Train) -> list[tuple[str, str, object, object]]:
+def overridden_flags(
+    sweep: dict[str, object], flags: dict[str, str], base: Train
+) -> list[tuple[str, str, object, object]]:
     """(key, flag, flag's value, file's value) of every flag in `flags` that the sweep file sets to something else."""
     out = []
     for key, value in sweep_items(sweep):

@@ -195,7 +195,17 @@ def _one_sae(sae: kinds.Inference, x_BD, valid_B1, rms_B1, rows_b, sampled_b1, n
     z_TbD, u_TbD = zu[0], zu[1]  # 0 on padding rows: f is.
     e_TbD = jnp.where(sampled_b1, x_bD - sae.b_dec, 0.0) - z_TbD
     dot = lambda a, c: jnp.sum(a * c, axis=(1, 2))  # noqa: E731
-    code = jnp.stack([dot(e_TbD, e_TbD), dot(z_TbD, z_TbD), dot(z_TbD, u_TbD), dot(u_TbD, u_TbD), dot(e_TbD, z_TbD), dot(e_TbD, u_TbD)], axis=1)
+    code = jnp.stack(
+        [
+            dot(e_TbD, e_TbD),
+            dot(z_TbD, z_TbD),
+            dot(z_TbD, u_TbD),
+            dot(u_TbD, u_TbD),
+            dot(e_TbD, z_TbD),
+            dot(e_TbD, u_TbD),
+        ],
+        axis=1,
+    )
     return basic, levels, code
 
 
@@ -223,7 +233,9 @@ def _accumulate(
     rows_b = offset + stride * jnp.arange(-(-x_BD.shape[0] // stride))
     sampled_b1 = ((rows_b < n_valid) & (rows_b < x_BD.shape[0]))[:, None]
     rows_b = jnp.minimum(rows_b, x_BD.shape[0] - 1)
-    one = functools.partial(_one_sae, x_BD=x_BD, valid_B1=valid_B1, rms_B1=rms_B1, rows_b=rows_b, sampled_b1=sampled_b1, n_valid=n_valid)
+    one = functools.partial(
+        _one_sae, x_BD=x_BD, valid_B1=valid_B1, rms_B1=rms_B1, rows_b=rows_b, sampled_b1=sampled_b1, n_valid=n_valid
+    )
     if chunk >= saes.b_dec.shape[0]:
         out = jax.vmap(one)(saes)
     else:  # Only `chunk` SAEs' [B, d_sae] activations alive at once.
@@ -270,7 +282,9 @@ def evaluate(
     matters). `chunk` SAEs run at once (default: the whole stack); results do not depend on it.
     """
     cfg = cfgs[0]
-    loader = data.Loader(acts, batch_size=cfg.sae_batch_size, shuffle=False, seed=cfg.seed, n_threads=cfg.n_workers, device=device)
+    loader = data.Loader(
+        acts, batch_size=cfg.sae_batch_size, shuffle=False, seed=cfg.seed, n_threads=cfg.n_workers, device=device
+    )
     n_batches = -(-len(acts) // cfg.sae_batch_size)
     batches = tqdm.tqdm(loader, total=n_batches, desc="eval", unit="batch", dynamic_ncols=True)
     return evaluate_batches(
@@ -334,7 +348,10 @@ def accumulate(
     zero = lambda: jax.device_put(_zero_sums(n_saes, d_sae, d_vit), device)  # noqa: E731
     sums = zero()
     counts = ("n_fired", "code_n_fired", "batch_n", "batch_fired")
-    host = {f.name: np.zeros(getattr(sums, f.name).shape, np.int64 if f.name in counts else np.float64) for f in dataclasses.fields(sums)}
+    host = {
+        f.name: np.zeros(getattr(sums, f.name).shape, np.int64 if f.name in counts else np.float64)
+        for f in dataclasses.fields(sums)
+    }
     blocks, pending = _Blocks(), []
     # A fresh offset into every batch: a fixed one would sample the same patch positions of every image.
     offsets = np.random.default_rng(0)
@@ -353,7 +370,9 @@ def accumulate(
         if x_BD.shape[0] >= 2**31 // FLUSH_BATCHES:
             raise ValueError(f"evaluate: batches of {x_BD.shape[0]} rows could overflow the int32 counts")
         offset = jnp.asarray(offsets.integers(quality_stride), jnp.int32)
-        sums, code, n_code = _accumulate(sums, saes, preprocess, x_BD, jnp.asarray(n_valid, jnp.int32), offset, stride=quality_stride, chunk=chunk)
+        sums, code, n_code = _accumulate(
+            sums, saes, preprocess, x_BD, jnp.asarray(n_valid, jnp.int32), offset, stride=quality_stride, chunk=chunk
+        )
         pending.append((code, n_code))
         n += int(n_valid)
         if len(pending) == FLUSH_BATCHES:
@@ -579,14 +598,20 @@ class EvalArgs:
 
 
 def _eval_data(base: config.DataLoad, given: EvalData) -> config.DataLoad:
-    overrides = {f.name: getattr(given, f.name) for f in dataclasses.fields(given) if getattr(given, f.name) is not None}
+    overrides = {
+        f.name: getattr(given, f.name) for f in dataclasses.fields(given) if getattr(given, f.name) is not None
+    }
     return dataclasses.replace(base, **overrides)
 
 
 def _unique_names(paths: list[pathlib.Path]) -> list[str]:
     names, seen = [], collections.Counter()
     for path in paths:
-        name = path.parent.name if path.name == "sae.pt" or path.suffix == ".safetensors" else (path.name if path.is_dir() else path.stem)
+        name = (
+            path.parent.name
+            if path.name == "sae.pt" or path.suffix == ".safetensors"
+            else (path.name if path.is_dir() else path.stem)
+        )
         seen[name] += 1
         names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
     return names
@@ -623,7 +648,9 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
             opened[acts_key] = data.Activations(cfg.data)
         acts = opened[acts_key]
         if acts.d_vit != ckpt.sae.W_enc.shape[0]:
-            raise config.InputError(f"{ckpt.source}: d_vit = {ckpt.sae.W_enc.shape[0]} but the shards in {cfg.data.shard_root} have d_vit = {acts.d_vit}")
+            raise config.InputError(
+                f"{ckpt.source}: d_vit = {ckpt.sae.W_enc.shape[0]} but the shards in {cfg.data.shard_root} have d_vit = {acts.d_vit}"
+            )
         if ckpt.preprocess is not None and not args.recompute_stats:
             preprocess, stats_key = ckpt.preprocess, ("saved", i)
         else:
@@ -654,7 +681,9 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
             (dpath / "metrics.json").write_text(json.dumps(results[i].to_json() | note, indent=2) + "\n")
             (dpath / "cfg.json").write_text(json.dumps(config.to_dict(cfgs[i]), indent=2) + "\n")
             arrays = {"freqs": results[i].freqs, "mean_values": results[i].mean_values}
-            safetensors.numpy.save_file({k: np.asarray(v, np.float32) for k, v in arrays.items()}, dpath / "freqs.safetensors")
+            safetensors.numpy.save_file(
+                {k: np.asarray(v, np.float32) for k, v in arrays.items()}, dpath / "freqs.safetensors"
+            )
         plots.save_plots(out, [names[i] for i in indices], group_cfgs, [results[i] for i in indices])
     entries = [(name, cfg, r) for name, cfg, r in zip(names, cfgs, results)]
     summary.write_summary(out, entries)

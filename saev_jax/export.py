@@ -48,7 +48,13 @@ KINDS_BY_FORMAT = {
     "sparsify": ("relu", "topk"),
 }
 """The SAE kinds each format can hold."""
-SAELENS_ARCHITECTURES = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "matryoshka": "jumprelu", "jumprelu": "jumprelu"}
+SAELENS_ARCHITECTURES = {
+    "relu": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+    "jumprelu": "jumprelu",
+}
 """The SAELens v6 architecture each kind is exported as."""
 SAELENS_VERSION = "6.0.0"
 """Written as `metadata.sae_lens_version`: SAELens reads the config as v6 only from 6.0.0 on."""
@@ -65,7 +71,9 @@ def find_checkpoints(path: str | os.PathLike) -> tuple[list[pathlib.Path], bool]
         return [path], False
     if not path.is_dir():
         raise config.InputError(f"{path}: no such checkpoint file or directory")
-    runs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and checkpoint.is_checkpoint(p))
+    runs = sorted(
+        p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and checkpoint.is_checkpoint(p)
+    )
     if not runs:
         raise config.InputError(
             f"{path}: not a checkpoint, and no subdirectory is one (no {checkpoint.SAE_FNAME} or {checkpoint.SAEV_FNAME})"
@@ -86,13 +94,25 @@ def write_saev(ckpt: checkpoint.Checkpoint, out: pathlib.Path) -> None:
     """
     _check_kind(ckpt, "saev")
     weights = checkpoint.fold(ckpt.sae, ckpt.preprocess)
-    cfg = ckpt.cfg or config.Train(sae=config.SparseAutoencoder(d_vit=ckpt.sae.W_enc.shape[0], exp_factor=ckpt.sae.W_enc.shape[1] // ckpt.sae.W_enc.shape[0]))
+    cfg = ckpt.cfg or config.Train(
+        sae=config.SparseAutoencoder(
+            d_vit=ckpt.sae.W_enc.shape[0], exp_factor=ckpt.sae.W_enc.shape[1] // ckpt.sae.W_enc.shape[0]
+        )
+    )
     if ckpt.preprocess is None:
-        logger.warning("%s: no statistics to fold; sae.pt holds the normalised-space weights (pass saev the data flags it trained with)", ckpt.source)
+        logger.warning(
+            "%s: no statistics to fold; sae.pt holds the normalised-space weights (pass saev the data flags it trained with)",
+            ckpt.source,
+        )
     else:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scale_mean=False, scale_norm=False, clamp=float(ckpt.preprocess.clamp)))
+        cfg = dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(cfg.data, scale_mean=False, scale_norm=False, clamp=float(ckpt.preprocess.clamp)),
+        )
     if cfg.sae.d_sae != weights["W_enc"].shape[1]:
-        raise config.InputError(f"{ckpt.source}: d_sae = {weights['W_enc'].shape[1]} is not d_vit * exp_factor, saev's header cannot say it")
+        raise config.InputError(
+            f"{ckpt.source}: d_sae = {weights['W_enc'].shape[1]} is not d_vit * exp_factor, saev's header cannot say it"
+        )
     fpath = out if out.suffix == ".pt" else out / checkpoint.SAEV_FNAME
     fpath.parent.mkdir(parents=True, exist_ok=True)
     with open(fpath, "wb") as fd:
@@ -264,10 +284,14 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m saev_jax.export RUN_DIR --format FMT --out PATH`; returns the exit status."""
-    parser = _Parser(prog="python -m saev_jax.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="python -m saev_jax.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", help="a checkpoint (directory or sae.pt) or a sweep directory of them")
     parser.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
-    parser.add_argument("--out", required=True, help="where to write (must not exist); a directory, or x.pt for one saev file")
+    parser.add_argument(
+        "--out", required=True, help="where to write (must not exist); a directory, or x.pt for one saev file"
+    )
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         written = export(args.run_dir, args.format, args.out)

@@ -87,7 +87,9 @@ def init_distributed(flags: dict[str, str]) -> None:
         raise config.InputError(
             f"could not join the multi-process job at {where} within {timeout} s: {type(err).__name__}: {first}"
         ) from None
-    logger.info("Process %d of %d (%d local devices).", jax.process_index(), jax.process_count(), jax.local_device_count())
+    logger.info(
+        "Process %d of %d (%d local devices).", jax.process_index(), jax.process_count(), jax.local_device_count()
+    )
 
 
 def wait_for_coordinator(address: str, timeout: float) -> None:

@@ -68,8 +68,12 @@ class EvalMetrics:
         if sae_cfg is not None:
             name, value = sae_cfg.setting
             named = {"kind": sae_cfg.kind, "d_sae": sae_cfg.d_sae, name: value}
-        dct = self.to_json() | named | {
-            "freqs": wandb.Table(columns=["freq"], data=self.freqs[:, None].tolist()),
-            "mean_values": wandb.Table(columns=["mean_value"], data=self.mean_values[:, None].tolist()),
-        }
+        dct = (
+            self.to_json()
+            | named
+            | {
+                "freqs": wandb.Table(columns=["freq"], data=self.freqs[:, None].tolist()),
+                "mean_values": wandb.Table(columns=["mean_value"], data=self.mean_values[:, None].tolist()),
+            }
+        )
         return {f"eval/{key}": value for key, value in dct.items()}

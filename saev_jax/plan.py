@@ -34,6 +34,8 @@ and input buffers: benchmarks/results/scale-cpu.md), so the CPU plan leaves half
 def headroom(platform: str) -> float:
     """The fraction of a `platform` device's memory a plan may use."""
     return HEADROOM.get(platform, 0.9)
+
+
 ACTIVATION_COPIES = {
     "relu": (2.7, 1.25),
     "topk": (4.45, 0.1),
@@ -188,9 +190,13 @@ def get_devices(cfg: config.Train) -> list[jax.Device]:
     try:
         devices = jax.devices(platform)
     except RuntimeError:
-        raise config.InputError(f"device = {cfg.device!r}: JAX has no {platform} backend here (see README: installing for GPU/TPU)") from None
+        raise config.InputError(
+            f"device = {cfg.device!r}: JAX has no {platform} backend here (see README: installing for GPU/TPU)"
+        ) from None
     if cfg.n_devices > len(devices):
-        raise config.InputError(f"n_devices = {cfg.n_devices}: only {len(devices)} {devices[0].platform} devices exist here")
+        raise config.InputError(
+            f"n_devices = {cfg.n_devices}: only {len(devices)} {devices[0].platform} devices exist here"
+        )
     return devices[: cfg.n_devices or len(devices)]
 
 
@@ -271,7 +277,11 @@ def make_plan(
             placed = False
             if rounds:
                 trial = [list(s) for s in rounds[-1]]
-                same = [s for s in trial if (cfgs[s[0]].sae.kind, cfgs[s[0]].sae.d_sae) == (cfgs[i].sae.kind, cfgs[i].sae.d_sae)]
+                same = [
+                    s
+                    for s in trial
+                    if (cfgs[s[0]].sae.kind, cfgs[s[0]].sae.d_sae) == (cfgs[i].sae.kind, cfgs[i].sae.d_sae)
+                ]
                 if same:
                     same[0].append(i)
                 else:

@@ -98,7 +98,9 @@ def plot_sae(metrics: EvalMetrics, title: str = "") -> "Figure":
     fig = _figure((10, 3.6))
     ax_f, ax_v = fig.subplots(1, 2)
     bins_f = np.linspace(*FREQ_RANGE, 65)
-    _hist(ax_f, _log10_positive(metrics.freqs), bins_f, fill=True, color="C0", label=f"{metrics.n_dead} dead (not shown)")
+    _hist(
+        ax_f, _log10_positive(metrics.freqs), bins_f, fill=True, color="C0", label=f"{metrics.n_dead} dead (not shown)"
+    )
     _freq_axis(ax_f, metrics)
     ax_f.legend(loc="upper left", fontsize=8)
     _hist(ax_v, _log10_positive(metrics.mean_values), np.linspace(*_value_range([metrics]), 49), fill=True, color="C1")
@@ -108,7 +110,9 @@ def plot_sae(metrics: EvalMetrics, title: str = "") -> "Figure":
     return fig
 
 
-def plot_group(metrics: list[EvalMetrics], labels: list[str], title: str = "", starred: list[int] | None = None) -> "Figure":
+def plot_group(
+    metrics: list[EvalMetrics], labels: list[str], title: str = "", starred: list[int] | None = None
+) -> "Figure":
     """Every SAE of a group overlaid: step histograms of log10 frequency and log10 mean value, and quality.
 
     Colours follow the input order (viridis), the same in the three panels. The quality labels of
@@ -222,14 +226,24 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
     use_fvu = all(math.isfinite(r["fvu"]) for r in rows if r["note"] == "")
     key = "fvu" if use_fvu else "mse"
     err = np.array([float(r[key]) for r in rows], np.float64)
-    healthy = [i for i, r in enumerate(rows) if r["note"] == "" and np.isfinite(l0[i]) and l0[i] > 0 and np.isfinite(err[i])]
+    healthy = [
+        i for i, r in enumerate(rows) if r["note"] == "" and np.isfinite(l0[i]) and l0[i] > 0 and np.isfinite(err[i])
+    ]
     widths = sorted({int(r["d_sae"]) for r in rows})
     marker = {w: WIDTH_MARKERS[j % len(WIDTH_MARKERS)] for j, w in enumerate(widths)}
     groups: dict[tuple[str, int], list[int]] = {}
     for i in healthy:
         groups.setdefault((str(rows[i]["kind"]), int(rows[i]["d_sae"])), []).append(i)
     for (kind, width), idx in sorted(groups.items()):
-        ax.scatter(l0[idx], err[idx], c=KIND_COLORS.get(kind, "C7"), marker=marker[width], s=36, label=f"{kind} d_sae={width}", zorder=3)
+        ax.scatter(
+            l0[idx],
+            err[idx],
+            c=KIND_COLORS.get(kind, "C7"),
+            marker=marker[width],
+            s=36,
+            label=f"{kind} d_sae={width}",
+            zorder=3,
+        )
     top = max([err[i] for i in healthy], default=1.0)
     ymax = 1.1 * top if top > 0 else 1.0
     if healthy:
@@ -239,7 +253,9 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
     if sick:
         y = np.where(np.isfinite(err[sick]), np.minimum(err[sick], ymax), ymax)
         colors = [KIND_COLORS.get(str(rows[i]["kind"]), "C7") for i in sick]
-        ax.scatter(l0[sick], y, c=colors, marker="x", s=40, zorder=3, gid="unhealthy", label="diverged / broken (never best)")
+        ax.scatter(
+            l0[sick], y, c=colors, marker="x", s=40, zorder=3, gid="unhealthy", label="diverged / broken (never best)"
+        )
     stars = [i for i in starred if i in healthy]
     if stars:
         ax.scatter(l0[stars], err[stars], marker="*", s=260, facecolors="none", edgecolors="k", lw=1.2, zorder=4, gid="best",

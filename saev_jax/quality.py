@@ -96,7 +96,9 @@ def description_bits(
     if w_dec_norms is not None:
         values = values * np.asarray(w_dec_norms, np.float64)
     mse, data_var = float(mse), float(data_var)
-    if not (data_var > 0):  # Constant data: nothing to code, no meaningful number (but no crash at the end of training).
+    if not (
+        data_var > 0
+    ):  # Constant data: nothing to code, no meaningful number (but no crash at the end of training).
         return Bits(residual_saved=math.nan, support=math.nan, values=math.nan)
     mse = max(mse, data_var * 1e-12)  # A perfect reconstruction of finite-precision data.
     residual_saved = 0.5 * d_vit * math.log2(data_var / mse)
@@ -107,9 +109,7 @@ def description_bits(
     return Bits(residual_saved=residual_saved, support=support, values=value_bits)
 
 
-def debias(
-    sq_err: float, gram: Float[np.ndarray, " 3"], cross: Float[np.ndarray, " 2"]
-) -> tuple[float, float, float]:
+def debias(sq_err: float, gram: Float[np.ndarray, " 3"], cross: Float[np.ndarray, " 2"]) -> tuple[float, float, float]:
     """The least-squares correction of the active values, shared by all features of one SAE.
 
     With z = f @ W_dec, u = 1[f > 0] @ W_dec and e = x - x_hat summed over a pass as

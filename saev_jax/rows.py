@@ -67,7 +67,18 @@ def make_row(run_id: str, cfg: config.Train, metrics: EvalMetrics | Mapping[str,
     row: dict[str, object] = {"run_id": run_id, "kind": cfg.sae.kind, "d_sae": cfg.sae.d_sae, "lr": cfg.lr}
     for key in ("sparsity_coeff", "k", "l0_coefficient"):
         row[key] = getattr(cfg.sae, key) if key == own else ""
-    for key in ("mse", "fvu", "explained_variance", "l0", "l1", "quality", "quality_stderr", "rel_bias", "cos_sim", "dec_redundancy"):
+    for key in (
+        "mse",
+        "fvu",
+        "explained_variance",
+        "l0",
+        "l1",
+        "quality",
+        "quality_stderr",
+        "rel_bias",
+        "cos_sim",
+        "dec_redundancy",
+    ):
         row[key] = _float(scalars, key)
     for key in ("n_dead", "n_almost_dead", "n_dense"):
         row[key] = int(scalars[key]) if key in scalars else -1

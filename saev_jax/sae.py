@@ -5,7 +5,6 @@ or loaded from a checkpoint. Every kind (ReLU, TopK, BatchTopK, Matryoshka, Jump
 `kinds/`; `load` gives any of them in its inference form.
 """
 
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp

@@ -150,7 +150,9 @@ def update(state: State, hp: Hparams, l0: Float[ArrayLike, ""], step: Int[ArrayL
     lr = hp.learning_rate(step)
     change = jnp.clip(hp.gain * lr * error, -hp.max_change * lr, hp.max_change * lr)
     moves = hp.on & (step >= hp.start)
-    return State(log_scale=jnp.where(moves, state.log_scale + change, state.log_scale), log_l0_ema=ema, ema_weight=weight)
+    return State(
+        log_scale=jnp.where(moves, state.log_scale + change, state.log_scale), log_l0_ema=ema, ema_weight=weight
+    )
 
 
 def report(hp: eqx.Module, state: eqx.Module) -> dict[str, float | None]:
@@ -244,7 +246,9 @@ def halving_stops(
         for i in order[n_go_on:]:
             stop[i] = True
             j = min(dominators[i], key=lambda j: (mse[j], j))
-            why[i] = f"dominated on (MSE, L0) = ({mse[i]:.4g}, {l0[i]:.4g}) by #{j} ({mse[j]:.4g}, {l0[j]:.4g}) in tier {_label(t)}"
+            why[i] = (
+                f"dominated on (MSE, L0) = ({mse[i]:.4g}, {l0[i]:.4g}) by #{j} ({mse[j]:.4g}, {l0[j]:.4g}) in tier {_label(t)}"
+            )
     return Rung(stop=stop, why=tuple(why))
 
 

@@ -124,9 +124,7 @@ def make_state(stacks: tuple[Stack, ...]) -> TrainState:
 def state_sharding(state: TrainState, mesh: Mesh) -> TrainState:
     """Where each leaf of a TrainState lives: every stack split over `'sae'`, the step count everywhere."""
     stacked = NamedSharding(mesh, PartitionSpec(SAE_AXIS))
-    return TrainState(
-        stacks=jax.tree.map(lambda _: stacked, state.stacks), step=NamedSharding(mesh, PartitionSpec())
-    )
+    return TrainState(stacks=jax.tree.map(lambda _: stacked, state.stacks), step=NamedSharding(mesh, PartitionSpec()))
 
 
 def init_single(saes: kinds.Kind, hparams: Hparams, mesh: Mesh) -> tuple[TrainState, tuple[Hparams]]:
@@ -164,7 +162,9 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     ok = jnp.isfinite(loss) & ~blown & _all_finite(updated) & _all_finite(opt_state) & _all_finite(kind_state)
     alive = stack.diverged_at < 0
     keep = ok & alive
-    new = Stack(saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at, state=kind_state, first_loss=first_loss)
+    new = Stack(
+        saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at, state=kind_state, first_loss=first_loss
+    )
     new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, stack)
     new = eqx.tree_at(lambda s: s.diverged_at, new, jnp.where(alive & ~ok, step, stack.diverged_at))
     metrics |= {"learning_rate": hp.learning_rate()(step), "diverged": ~(ok & alive)}

@@ -20,7 +20,22 @@ from . import sae as sae_lib
 from .rows import COLUMNS, MSE_LIMIT, Entry, best, health, make_row  # noqa: F401 (summary's names)
 
 CSV_FNAME = "summary.csv"
-TABLE_COLUMNS = ("run_id", "sparsity", "kind", "d_sae", "lr", "mse", "fvu", "expl_var", "l0", "n_dead", "n_dense", "quality", "quality_stderr", "note")
+TABLE_COLUMNS = (
+    "run_id",
+    "sparsity",
+    "kind",
+    "d_sae",
+    "lr",
+    "mse",
+    "fvu",
+    "expl_var",
+    "l0",
+    "n_dead",
+    "n_dense",
+    "quality",
+    "quality_stderr",
+    "note",
+)
 """Columns of the terminal table, in order; `sparsity` is the kind's own setting (`config.SETTINGS`)."""
 
 
@@ -121,7 +136,9 @@ def summarize(ckpt_dpath: str | pathlib.Path, run_ids: list[str], *, file=None) 
     returns the CSV's path, or None when none of them is there.
     """
     ckpt_dpath = pathlib.Path(ckpt_dpath)
-    present = [r for r in run_ids if (ckpt_dpath / r / "cfg.json").is_file() and (ckpt_dpath / r / "metrics.json").is_file()]
+    present = [
+        r for r in run_ids if (ckpt_dpath / r / "cfg.json").is_file() and (ckpt_dpath / r / "metrics.json").is_file()
+    ]
     if not present:
         return None
     return write_summary(ckpt_dpath, read_entries(ckpt_dpath, present), file=file)

@@ -143,7 +143,9 @@ class DoesNotFit(Exception):
     """XLA's peak for a layout's step, even with chunk 1, is over the usable memory."""
 
     def __init__(self, layout: "Layout", peak_bytes: int, usable: int):
-        super().__init__(f"XLA's peak {plan.format_bytes(peak_bytes)} per device is over the {plan.format_bytes(usable)} usable")
+        super().__init__(
+            f"XLA's peak {plan.format_bytes(peak_bytes)} per device is over the {plan.format_bytes(usable)} usable"
+        )
         self.layout, self.peak_bytes, self.usable = layout, peak_bytes, usable
 
 
@@ -176,9 +178,7 @@ class Layout:
         self.chunks = tuple(s.chunk for s in rnd.stacks)
         self.stacked = NamedSharding(mesh, PartitionSpec(step.SAE_AXIS))
         self.replicated = NamedSharding(mesh, PartitionSpec())
-        self.hparams = tuple(
-            jax.device_put(step.Hparams.from_cfgs(c), self.stacked) for c in self.padded_cfgs
-        )
+        self.hparams = tuple(jax.device_put(step.Hparams.from_cfgs(c), self.stacked) for c in self.padded_cfgs)
 
     def init_state(self, acts: data.Activations, preprocess: data.Preprocess) -> step.TrainState:
         """Fresh stacks, built on the devices that hold them, with b_dec from the data."""
@@ -198,8 +198,7 @@ class Layout:
         """Shapes, dtypes and shardings of `init_state`'s result, without allocating it."""
         precision = self.cfgs[0].precision
         stacks = tuple(
-            step.make_stack(kinds.make_stack(cfgs, precision), hp)
-            for cfgs, hp in zip(self.padded_cfgs, self.hparams)
+            step.make_stack(kinds.make_stack(cfgs, precision), hp) for cfgs, hp in zip(self.padded_cfgs, self.hparams)
         )
         shapes = jax.eval_shape(lambda: step.make_state(stacks))
         return jax.tree.map(
@@ -227,7 +226,9 @@ class Layout:
         x = jax.ShapeDtypeStruct((cfg.sae_batch_size, cfg.sae.d_vit), jnp.float32, sharding=self.replicated)
         if preprocess is None:
             shapes = data.Preprocess(1e5, np.zeros(cfg.sae.d_vit, np.float32), 1.0)
-            preprocess = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), shapes)
+            preprocess = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), shapes
+            )
         lowered = step.train_step.lower(
             self.abstract_state(), self.hparams, preprocess, x, chunks=self.chunks, mesh=self.mesh
         )
@@ -409,7 +410,15 @@ def train(
         start_batch=start, read_mode=layout.read_mode,
     )  # fmt: skip
     batches = iter(loader)
-    bar = tqdm.trange(start, n_steps, initial=start, total=n_steps, desc=f"train {len(layout.cfgs)} SAEs", unit="step", dynamic_ncols=True)
+    bar = tqdm.trange(
+        start,
+        n_steps,
+        initial=start,
+        total=n_steps,
+        desc=f"train {len(layout.cfgs)} SAEs",
+        unit="step",
+        dynamic_ncols=True,
+    )
     last_t, last_step = time.perf_counter(), start
     try:
         with StopSignals() as stop:
@@ -430,7 +439,9 @@ def train(
                 if stop.signum is not None:
                     run.suspend()  # Journals kept, not replayed: the resume continues them.
                     name = signal.Signals(stop.signum).name
-                    logger.warning("%s at step %d: snapshot written; run the same command again to resume.", name, i + 1)
+                    logger.warning(
+                        "%s at step %d: snapshot written; run the same command again to resume.", name, i + 1
+                    )
                     raise SystemExit(128 + stop.signum)
     finally:
         batches.close()
@@ -471,7 +482,7 @@ def open_group(cfgs: list[config.Train]) -> data.Activations:
     if cfg.prune != "none":  # Refused rather than ignored: every SAE would silently train to the end.
         raise config.InputError(
             f"prune = {cfg.prune!r}: stopping SAEs early is not part of training in this version "
-            "(steer.halving_stops chooses, the loop does not act on it yet); set prune = \"none\""
+            '(steer.halving_stops chooses, the loop does not act on it yet); set prune = "none"'
         )
     acts = data.Activations(cfg.data)
     if acts.d_vit != cfg.sae.d_vit:
@@ -582,7 +593,10 @@ def train_round(
                 save_checkpoint(sae, ckpt_dpath / run.ids[i], cfgs[i], preprocess, kind_tensors)
 
         # Evaluate, one stack at a time, each in chunks that fit the round's limit.
-        chunks = [eval_chunk(saes, cfg, acts, preprocess, s.chunk, layout.usable()) for (_, saes, _), s in zip(stacks, layout.round.stacks)]
+        chunks = [
+            eval_chunk(saes, cfg, acts, preprocess, s.chunk, layout.usable())
+            for (_, saes, _), s in zip(stacks, layout.round.stacks)
+        ]
         results = evaluate_round(cfgs, stacks, acts, preprocess, chunks)
         del stacks
 
@@ -600,7 +614,9 @@ def train_round(
         ], step=final)  # fmt: skip
         ok = [i for i, r in enumerate(results) if isinstance(r, evaluate.EvalMetrics)]
         if ok:
-            paths = plots.save_plots(ckpt_dpath, [run.ids[i] for i in ok], [cfgs[i] for i in ok], [results[i] for i in ok])
+            paths = plots.save_plots(
+                ckpt_dpath, [run.ids[i] for i in ok], [cfgs[i] for i in ok], [results[i] for i in ok]
+            )
             images = plots.wandb_images(paths)
             run.log([images[ok.index(i)] if i in ok else {} for i in range(len(cfgs))], step=final)
     ids = run.finish()
@@ -616,7 +632,9 @@ def save_checkpoint(sae, dpath: pathlib.Path, cfg: config.Train, preprocess, kin
     except Exception as err:  # OSError, or safetensors' own error for the same causes.
         if not isinstance(err, OSError) and "No space" not in str(err) and "os error" not in str(err):
             raise
-        shutil.rmtree(dpath.with_name(f".{dpath.name}.tmp"), ignore_errors=True)  # checkpoint.save's temporary directory.
+        shutil.rmtree(
+            dpath.with_name(f".{dpath.name}.tmp"), ignore_errors=True
+        )  # checkpoint.save's temporary directory.
         reason = getattr(err, "strerror", None) or (str(err).strip().splitlines() or [""])[0]
         raise config.InputError(
             f"{dpath}: could not write the checkpoint: {reason}; the trained state is in its snapshot: "
@@ -634,7 +652,11 @@ def eval_chunk(saes: kinds.Inference, cfg: config.Train, acts, preprocess, start
     while True:
         peak = eval_peak(saes, cfg, acts, preprocess, chunk)
         if peak is None or peak <= usable or chunk == 1:
-            logger.info("Evaluation: %d SAEs at a time; XLA: %s per device.", chunk, "?" if peak is None else plan.format_bytes(peak))
+            logger.info(
+                "Evaluation: %d SAEs at a time; XLA: %s per device.",
+                chunk,
+                "?" if peak is None else plan.format_bytes(peak),
+            )
             return chunk
         chunk = max(c for c in plan.divisors(n) if c <= chunk // 2)
 
@@ -680,7 +702,9 @@ def evaluate_round(
                 results[i] = r
             continue
         except Exception as err:  # Anything: the fallback below says which SAE it was.
-            logger.warning("Evaluating a stack failed (%s: %s); evaluating its SAEs one by one.", type(err).__name__, err)
+            logger.warning(
+                "Evaluating a stack failed (%s: %s); evaluating its SAEs one by one.", type(err).__name__, err
+            )
         for j, i in enumerate(indices):
             one = jax.tree.map(lambda leaf: leaf[j : j + 1], saes)
             try:
@@ -768,7 +792,11 @@ def round_layouts(group: list[config.Train], gp: GroupPlan, mesh) -> list[Layout
         rnd = dataclasses.replace(rnd, stacks=tuple(
             dataclasses.replace(s, cfg_indices=tuple(position[j] for j in s.cfg_indices)) for s in rnd.stacks
         ))  # fmt: skip
-        out.append(Layout([group[j] for j in indices], rnd, mesh, gp.plan.limit, read_mode=gp.read_mode, b_dec_seed=gp.b_dec_seed))
+        out.append(
+            Layout(
+                [group[j] for j in indices], rnd, mesh, gp.plan.limit, read_mode=gp.read_mode, b_dec_seed=gp.b_dec_seed
+            )
+        )
     return out
 
 
@@ -789,16 +817,22 @@ def checked_plan(group: list[config.Train], group_plan: plan.Plan, mesh) -> tupl
             correction *= max(1.1, err.peak_bytes / max(planned, 1) * 1.05)
             logger.info("XLA's peak of a round (%s) is over the limit at chunk 1: re-planning with estimates x%.2f.",
                         plan.format_bytes(err.peak_bytes), correction)  # fmt: skip
-            group_plan = plan.make_plan(group, devices, group_plan.limit, group_plan.limit_source, correction=correction)
+            group_plan = plan.make_plan(
+                group, devices, group_plan.limit, group_plan.limit_source, correction=correction
+            )
             continue
         rounds = [dataclasses.replace(rnd, stacks=tuple(
             dataclasses.replace(s, chunk=c) for s, c in zip(rnd.stacks, comp.layout.chunks)
         ), planned_bytes=comp.peak_bytes or rnd.planned_bytes) for rnd, comp in zip(group_plan.rounds, compiled)]  # fmt: skip
         return dataclasses.replace(group_plan, rounds=tuple(rounds)), compiled
-    raise config.InputError(f"{group[0].ckpt_path}: no plan of this group fits {plan.format_bytes(group_plan.limit)} per device; raise memory_budget_gib")
+    raise config.InputError(
+        f"{group[0].ckpt_path}: no plan of this group fits {plan.format_bytes(group_plan.limit)} per device; raise memory_budget_gib"
+    )
 
 
-def group_plan_for(name: str, group: list[config.Train], acts, group_plan: plan.Plan, mesh) -> tuple[GroupPlan, list[Compiled | None]]:
+def group_plan_for(
+    name: str, group: list[config.Train], acts, group_plan: plan.Plan, mesh
+) -> tuple[GroupPlan, list[Compiled | None]]:
     """The plan a group trains by: the stored one if an earlier run of it left one, else `group_plan` checked and stored.
 
     A stored plan made for other configs is refused (naming the key and `--fresh`), and one
@@ -848,13 +882,27 @@ def train_groups(groups, opened, plans) -> list[str]:
         # whatever other sweep files are on the command line; logs call it by its place in this run.
         name, label = config.group_name(group), f"group-{i + 1}"
         gp, compiled = group_plan_for(name, group, acts, group_plan, mesh)
-        logger.info("Group %d/%d (%s, snapshots/%s): %d SAEs in %d round(s).", i + 1, len(groups), label, name, len(group), len(gp.plan.rounds))
+        logger.info(
+            "Group %d/%d (%s, snapshots/%s): %d SAEs in %d round(s).",
+            i + 1,
+            len(groups),
+            label,
+            name,
+            len(group),
+            len(gp.plan.rounds),
+        )
         for line in gp.plan.lines():
             logger.info(line)
         preprocess = functools.cache(lambda acts=acts, cfg=group[0]: data.make_preprocess(acts, cfg.data))
-        for layout, round_name, round_label, comp in zip(round_layouts(group, gp, mesh), round_names(name, gp.plan), round_names(label, gp.plan), compiled):
+        for layout, round_name, round_label, comp in zip(
+            round_layouts(group, gp, mesh), round_names(name, gp.plan), round_names(label, gp.plan), compiled
+        ):
             try:
-                ids.extend(train_round(layout.cfgs, layout, acts, preprocess, name=round_name, label=round_label, compiled=comp))
+                ids.extend(
+                    train_round(
+                        layout.cfgs, layout, acts, preprocess, name=round_name, label=round_label, compiled=comp
+                    )
+                )
             except DoesNotFit as err:
                 raise config.InputError(
                     f"{GroupPlan.fpath(group[0], name)}: resuming {round_label} needs {plan.format_bytes(err.peak_bytes)} per device "
@@ -916,7 +964,10 @@ def parse_cli(argv: list[str]) -> tuple[list[config.Train], list[str], bool]:
         sweep = config.load_sweep(fpath)
         config.check_sweep_keys(sweep, fpath)
         for key, flag, given, value in config.overridden_flags(sweep, flags, base):
-            print(f"warning: {fpath} sets {key} = {json.dumps(value)}, overriding {flag} {json.dumps(given)}", file=sys.stderr)
+            print(
+                f"warning: {fpath} sets {key} = {json.dumps(value)}, overriding {flag} {json.dumps(given)}",
+                file=sys.stderr,
+            )
         given = set(flags) | {key for key, _ in config.sweep_items(sweep)}
         # Each file's grid as if it were alone on the command line: its seeds are saev's grid() order.
         file_cfgs = _shard_d_vit(config.grid(base, sweep), given)
@@ -967,14 +1018,23 @@ def dry_run(cfgs: list[config.Train], sources: list[str], *, file=None) -> None:
         for r, rnd in enumerate(group_plan.rounds):
             name = config.group_name(group) + (f"-round-{r + 1}" if len(group_plan.rounds) > 1 else "")
             snaps = pathlib.Path(cfg.ckpt_path) / "snapshots" / name
-            state = "finished: skipped" if (snaps / "done.json").is_file() else "resumes" if snapshot.latest(snaps) else "new"
+            state = (
+                "finished: skipped"
+                if (snaps / "done.json").is_file()
+                else "resumes"
+                if snapshot.latest(snaps)
+                else "new"
+            )
             state = "--fresh: trains afresh" if cfg.fresh else state
             label = f"round {r + 1}/{len(group_plan.rounds)} " if len(group_plan.rounds) > 1 else ""
             print(f"  {label}snapshots: {snaps}/ ({state})", file=file)
             for s in rnd.stacks:
                 n += 1
                 stack_of |= {j: n for j in s.cfg_indices}
-        print(f"  checkpoints: {pathlib.Path(cfg.ckpt_path) / '<run id>'}/ (the wandb run id, made when training starts)", file=file)
+        print(
+            f"  checkpoints: {pathlib.Path(cfg.ckpt_path) / '<run id>'}/ (the wandb run id, made when training starts)",
+            file=file,
+        )
         for line in group_plan.lines():
             print(f"  {line}", file=file)
         print("  config  stack  kind        d_sae   sparsity setting       lr        seed  sae.seed  from", file=file)

@@ -83,7 +83,14 @@ def resolve_mode(track: bool) -> str:
     if os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1", "yes"):
         return "disabled"
     env = os.environ.get("WANDB_MODE", "").strip().lower()
-    modes = {"": "online", "online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+    modes = {
+        "": "online",
+        "online": "online",
+        "run": "online",
+        "offline": "offline",
+        "dryrun": "offline",
+        "disabled": "disabled",
+    }
     if env not in modes:
         raise config.InputError(f"WANDB_MODE = {env!r}: must be online, offline or disabled")
     return modes[env]
@@ -103,7 +110,9 @@ def init_run(*, mode: str, **kwargs) -> "wandb.sdk.wandb_run.Run":
         return wandb.init(mode="online", settings=settings, **kwargs)
     except Exception as err:  # UsageError (no login), CommError (no network), and what else init raises.
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        logger.warning("wandb cannot log online (%s); logging to offline files instead (`wandb sync` them later).", first)
+        logger.warning(
+            "wandb cannot log online (%s); logging to offline files instead (`wandb sync` them later).", first
+        )
         wandb.teardown()  # A half-started online service must not serve the offline run.
         return wandb.init(mode="offline", settings=settings, **kwargs)
 

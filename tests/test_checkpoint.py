@@ -28,7 +28,9 @@ def make_run(tmp_path: pathlib.Path, name: str = "run", *, stats: bool = True, s
     rng = np.random.default_rng(seed)
     sae = sae_lib.SAE(D, S, key=jax.random.key(seed))
     sae = jax.tree.map(lambda leaf: leaf + 0.1 * rng.normal(size=leaf.shape).astype(np.float32), sae)  # non-zero biases
-    cfg = config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=S // D, sparsity_coeff=1e-3, seed=seed), lr=1e-3)
+    cfg = config.Train(
+        sae=config.SparseAutoencoder(d_vit=D, exp_factor=S // D, sparsity_coeff=1e-3, seed=seed), lr=1e-3
+    )
     preprocess = data.Preprocess(50.0, rng.normal(3.0, 1.0, size=D).astype(np.float32), 2.5) if stats else None
     freqs = rng.uniform(0, 0.3, size=S).astype(np.float32) if stats else None
     sae_lib.save(sae, tmp_path / name, cfg, {"mse": 0.5}, preprocess, freqs)
@@ -42,7 +44,9 @@ def make_kind_run(tmp_path: pathlib.Path, kind: str, name: str | None = None, se
     """A trained-looking checkpoint of `kind`: random weights and biases, statistics, and its inference
     tensors (BatchTopK/Matryoshka: one threshold; JumpReLU: thresholds that differ per latent)."""
     rng = np.random.default_rng(seed)
-    cfg = config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=S // D, seed=seed, kind=kind, **KIND_SETTINGS[kind]))
+    cfg = config.Train(
+        sae=config.SparseAutoencoder(d_vit=D, exp_factor=S // D, seed=seed, kind=kind, **KIND_SETTINGS[kind])
+    )
     sae = jax.tree.map(lambda a: a[0], kinds.make_stack([cfg]))
     sae = eqx.tree_at(
         lambda s: [s.W_enc, s.b_enc, s.b_dec], sae,
@@ -92,7 +96,13 @@ def reference_encode(W_enc, b_enc, b_dec, x, mean=0.0, scalar=1.0, clamp=np.inf)
 
 def test_checkpoint_carries_its_preprocessing_and_encodes_raw(tmp_path):
     dpath = make_run(tmp_path)
-    assert sorted(p.name for p in dpath.iterdir()) == ["cfg.json", "freqs.safetensors", "metrics.json", "preprocess.safetensors", "sae.safetensors"]
+    assert sorted(p.name for p in dpath.iterdir()) == [
+        "cfg.json",
+        "freqs.safetensors",
+        "metrics.json",
+        "preprocess.safetensors",
+        "sae.safetensors",
+    ]
     ckpt = sae_lib.load(dpath)
     assert isinstance(ckpt, checkpoint.Checkpoint) and ckpt.missing == ()
     p, s = ckpt.preprocess, ckpt.sae
@@ -118,7 +128,9 @@ def test_old_checkpoint_loads_and_says_what_is_missing(tmp_path):
     ckpt = ckpt.with_preprocess(data.Preprocess(1e5, np.zeros(D, np.float32), 1.0))
     assert ckpt.missing == ("freqs",)
     s = ckpt.sae
-    np.testing.assert_allclose(ckpt.encode_raw(raw_batch()), reference_encode(s.W_enc, s.b_enc, s.b_dec, raw_batch()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        ckpt.encode_raw(raw_batch()), reference_encode(s.W_enc, s.b_enc, s.b_dec, raw_batch()), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_fold_gives_our_features_and_raw_reconstructions(tmp_path):
@@ -128,10 +140,14 @@ def test_fold_gives_our_features_and_raw_reconstructions(tmp_path):
     x = raw_batch()
     f = reference_encode(w["W_enc"], w["b_enc"], w["b_dec"], x)  # no preprocessing: raw in
     np.testing.assert_allclose(f, ckpt.encode_raw(x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(f @ np.float64(w["W_dec"]) + w["b_dec"], ckpt.decode_raw(ckpt.encode_raw(x)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        f @ np.float64(w["W_dec"]) + w["b_dec"], ckpt.decode_raw(ckpt.encode_raw(x)), rtol=1e-5, atol=1e-4
+    )
     # Decoder rows scale by s.
     s = float(ckpt.preprocess.scalar)
-    np.testing.assert_allclose(np.linalg.norm(w["W_dec"], axis=1), s * np.linalg.norm(ckpt.sae.W_dec, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.linalg.norm(w["W_dec"], axis=1), s * np.linalg.norm(ckpt.sae.W_dec, axis=1), rtol=1e-6
+    )
 
 
 def write_sae_pt(fpath: pathlib.Path, header: dict, state: object) -> pathlib.Path:
@@ -158,8 +174,14 @@ FULL_HEADER = {"d_vit": D, "exp_factor": S // D, "sparsity_coeff": 0.0004, "n_re
 @pytest.mark.parametrize(
     "header, expected",
     [
-        ({"d_vit": D, "exp_factor": S // D, "l1_coeff": 8e-5, "use_ghost_grads": True}, {"sparsity_coeff": 8e-5, "ghost_grads": True}),
-        ({"d_vit": D, "exp_factor": S // D, "sparsity_coeff": 8e-5, "ghost_grads": False}, {"sparsity_coeff": 8e-5, "ghost_grads": False}),
+        (
+            {"d_vit": D, "exp_factor": S // D, "l1_coeff": 8e-5, "use_ghost_grads": True},
+            {"sparsity_coeff": 8e-5, "ghost_grads": True},
+        ),
+        (
+            {"d_vit": D, "exp_factor": S // D, "sparsity_coeff": 8e-5, "ghost_grads": False},
+            {"sparsity_coeff": 8e-5, "ghost_grads": False},
+        ),
         (FULL_HEADER, {"sparsity_coeff": 0.0004, "seed": 7, "n_reinit_samples": 524288}),
     ],
     ids=["v1-l1_coeff", "v2-sparsity_coeff", "v3-full"],
@@ -182,7 +204,9 @@ def test_sae_pt_round_trip_is_byte_exact(tmp_path):
     """sae.pt -> saev_jax -> sae.pt gives back the same bytes (header and torch archive)."""
     src = tmp_path / "a.pt"
     with open(src, "wb") as fd:
-        checkpoint.write_saev(fd, checkpoint.saev_header_to_cfg(FULL_HEADER, "test"), {k: v.numpy() for k, v in saev_state().items()})
+        checkpoint.write_saev(
+            fd, checkpoint.saev_header_to_cfg(FULL_HEADER, "test"), {k: v.numpy() for k, v in saev_state().items()}
+        )
     assert src.read_bytes().startswith((json.dumps(FULL_HEADER) + "\n").encode())
     export.export(src, "saev", tmp_path / "b.pt")
     assert (tmp_path / "b.pt").read_bytes() == src.read_bytes()
@@ -277,13 +301,29 @@ def bad_inputs(tmp_path: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     cases.append((tmp_path / "text.pt", "first line is not a JSON header"))
     good = tmp_path / "good.pt"
     with open(good, "wb") as fd:  # as saev's nn.dump writes it
-        checkpoint.write_saev(fd, checkpoint.saev_header_to_cfg(FULL_HEADER, "test"), {k: v.numpy() for k, v in saev_state().items()})
+        checkpoint.write_saev(
+            fd, checkpoint.saev_header_to_cfg(FULL_HEADER, "test"), {k: v.numpy() for k, v in saev_state().items()}
+        )
     (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     cases.append((tmp_path / "trunc.pt", "cannot read the tensors after the header"))
-    cases.append((write_sae_pt(tmp_path / "unknown.pt", FULL_HEADER | {"top_k": 3}, saev_state()), "unknown key 'top_k'"))
-    cases.append((write_sae_pt(tmp_path / "shape.pt", FULL_HEADER | {"exp_factor": 4}, saev_state()), r"W_enc has shape \[8, 24\], expected \[8, 32\]"))
-    cases.append((write_sae_pt(tmp_path / "osu.pt", {"schema": 5, "cfg": {}}, saev_state()), "OSU-NLP-Group/saev, schema 5"))
-    cases.append((write_sae_pt(tmp_path / "keys.pt", FULL_HEADER, saev_state() | {"extra": torch.zeros(1)}), "unknown \\['extra'\\]"))
+    cases.append(
+        (write_sae_pt(tmp_path / "unknown.pt", FULL_HEADER | {"top_k": 3}, saev_state()), "unknown key 'top_k'")
+    )
+    cases.append(
+        (
+            write_sae_pt(tmp_path / "shape.pt", FULL_HEADER | {"exp_factor": 4}, saev_state()),
+            r"W_enc has shape \[8, 24\], expected \[8, 32\]",
+        )
+    )
+    cases.append(
+        (write_sae_pt(tmp_path / "osu.pt", {"schema": 5, "cfg": {}}, saev_state()), "OSU-NLP-Group/saev, schema 5")
+    )
+    cases.append(
+        (
+            write_sae_pt(tmp_path / "keys.pt", FULL_HEADER, saev_state() | {"extra": torch.zeros(1)}),
+            "unknown \\['extra'\\]",
+        )
+    )
     run = make_run(tmp_path, "run")
     st = (run / "sae.safetensors").read_bytes()
     (tmp_path / "trunc").mkdir()
@@ -292,7 +332,9 @@ def bad_inputs(tmp_path: pathlib.Path) -> list[tuple[pathlib.Path, str]]:
     (tmp_path / "empty").mkdir()
     cases.append((tmp_path / "empty", "not a checkpoint"))
     bad_cfg = make_run(tmp_path, "badcfg")
-    (bad_cfg / "cfg.json").write_text(json.dumps(config.to_dict(config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=2)))))
+    (bad_cfg / "cfg.json").write_text(
+        json.dumps(config.to_dict(config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=2))))
+    )
     cases.append((bad_cfg, "W_enc is 8 x 24 but cfg.json says d_vit = 8, d_sae = 16"))
     return cases
 
@@ -309,12 +351,18 @@ def test_export_cli_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
     cases = [(str(path), "saev", match) for path, match in bad_inputs(tmp_path / "bad")]
     cases += [(str(run), "onnx", "unknown format"), (str(tmp_path / "missing"), "saev", "no such checkpoint")]
     old = make_run(tmp_path, "old", stats=False)
-    cases += [(str(old), "saelens", "no preprocessing statistics to fold"), (str(run), "saelens", "only --format saev writes a .pt")]
+    cases += [
+        (str(old), "saelens", "no preprocessing statistics to fold"),
+        (str(run), "saelens", "only --format saev writes a .pt"),
+    ]
     for i, (src, fmt, match) in enumerate(cases):
         out = tmp_path / (f"out{i}.pt" if "writes a .pt" in match else f"out{i}")
         assert export.main([src, "--format", fmt, "--out", str(out)]) == 2, src
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and match.replace("\\", "") in lines[0], (match, lines)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and match.replace("\\", "") in lines[0], (
+            match,
+            lines,
+        )
         assert not out.exists() and not any(p.name.startswith(f".out{i}") for p in tmp_path.iterdir())
     assert export.main([str(run), "--format", "saelens", "--out", str(tmp_path / "fine")]) == 0
     assert (tmp_path / "fine" / "cfg.json").is_file()
@@ -328,13 +376,23 @@ def test_python_m_export(tmp_path):
     """The module entry point: status 2 and one line on bad input, 0 and the path on success."""
     good = tmp_path / "good.pt"
     with open(good, "wb") as fd:  # as saev's nn.dump writes it
-        checkpoint.write_saev(fd, checkpoint.saev_header_to_cfg(FULL_HEADER, "test"), {k: v.numpy() for k, v in saev_state().items()})
+        checkpoint.write_saev(
+            fd, checkpoint.saev_header_to_cfg(FULL_HEADER, "test"), {k: v.numpy() for k, v in saev_state().items()}
+        )
     (tmp_path / "trunc.pt").write_bytes(good.read_bytes()[:200])
     cmd = [sys.executable, "-m", "saev_jax.export"]
-    proc = subprocess.run([*cmd, str(tmp_path / "trunc.pt"), "--format", "saev", "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "trunc.pt: cannot read the tensors" in proc.stderr, proc.stderr
+    proc = subprocess.run(
+        [*cmd, str(tmp_path / "trunc.pt"), "--format", "saev", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        proc.returncode == 2 and proc.stderr.count("\n") == 1 and "trunc.pt: cannot read the tensors" in proc.stderr
+    ), proc.stderr
     assert not (tmp_path / "o").exists()
-    proc = subprocess.run([*cmd, str(good), "--format", "saev", "--out", str(tmp_path / "o.pt")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cmd, str(good), "--format", "saev", "--out", str(tmp_path / "o.pt")], capture_output=True, text=True
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "o.pt"), proc.stderr
     assert (tmp_path / "o.pt").read_bytes() == good.read_bytes()
 
@@ -355,7 +413,9 @@ def test_every_kind_loads_as_itself_and_encodes_raw(tmp_path, kind):
     np.testing.assert_array_equal(f2, f)
     w = {k: np.float64(v) for k, v in safetensors.numpy.load_file(dpath / "sae.safetensors").items()}
     p = ckpt.preprocess
-    np.testing.assert_allclose(x_hat, (ref @ w["W_dec"] + w["b_dec"]) * p.scalar + np.float64(p.act_mean), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        x_hat, (ref @ w["W_dec"] + w["b_dec"]) * p.scalar + np.float64(p.act_mean), rtol=1e-5, atol=1e-4
+    )
 
 
 def saelens_reference_encode(out: pathlib.Path, x_raw: np.ndarray) -> np.ndarray:
@@ -402,12 +462,23 @@ def test_sparsify_export_has_the_kinds_k(tmp_path, kind):
     assert cfg["k"] == (3 if kind == "topk" else S) and cfg["num_latents"] == S
 
 
-@pytest.mark.parametrize(("kind", "fmt"), [("batchtopk", "sparsify"), ("matryoshka", "sparsify"), ("jumprelu", "sparsify"), ("topk", "saev"), ("jumprelu", "saev")])
+@pytest.mark.parametrize(
+    ("kind", "fmt"),
+    [
+        ("batchtopk", "sparsify"),
+        ("matryoshka", "sparsify"),
+        ("jumprelu", "sparsify"),
+        ("topk", "saev"),
+        ("jumprelu", "saev"),
+    ],
+)
 def test_a_kind_a_format_cannot_hold_is_refused(tmp_path, capsys, kind, fmt):
     sweep = tmp_path / "sweep"
     make_kind_run(sweep, "relu")
     make_kind_run(sweep, kind)
     assert export.main([str(sweep), "--format", fmt, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"a {kind} SAE cannot be exported as {fmt}" in err and str(sweep / kind) in err
+    assert (
+        len(err.splitlines()) == 1 and f"a {kind} SAE cannot be exported as {fmt}" in err and str(sweep / kind) in err
+    )
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]

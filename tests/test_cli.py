@@ -20,7 +20,9 @@ D = 16
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=96, n_patches_per_img=8, n_patches_per_shard=640))
+    synthetic.write_shards(
+        root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=96, n_patches_per_img=8, n_patches_per_shard=640)
+    )
     return root
 
 
@@ -76,7 +78,13 @@ def test_cli_end_to_end(tmp_path, shard_root):
         assert 0 < metrics["l0"] <= 2 * D and metrics["mse"] > 0
         assert (dpath / "hists.png").stat().st_size > 0
     # The checkpoints, the group's overlay figure and the sweep summary; nothing half-written.
-    assert {p.name for p in ckpt.iterdir()} == set(ids) | {f"group-{ids[0]}.png", "summary.csv", "frontier.png", "snapshots", ".saev_jax.lock"}
+    assert {p.name for p in ckpt.iterdir()} == set(ids) | {
+        f"group-{ids[0]}.png",
+        "summary.csv",
+        "frontier.png",
+        "snapshots",
+        ".saev_jax.lock",
+    }
     # The finished group, named by its configs, left its record and no snapshot.
     cfgs = [sae_lib.load_cfg(ckpt / run_id) for run_id in ids]
     assert [p.name for p in (ckpt / "snapshots" / config.group_name(cfgs)).iterdir()] == ["done.json"]
@@ -91,10 +99,11 @@ def test_cli_end_to_end(tmp_path, shard_root):
 
 
 def test_b_dec_is_the_mean_of_a_seeded_permutation(shard_root):
-    cfg = config.Train(data=config.DataLoad(shard_root=str(shard_root), layer=-1, n_random_samples=256), sae=config.SparseAutoencoder(d_vit=D, exp_factor=2))
-    cfgs = [
-        config.grid(cfg, {"sae": {"n_reinit_samples": n, "seed": 5}})[0] for n in (100, 0, 37)
-    ]
+    cfg = config.Train(
+        data=config.DataLoad(shard_root=str(shard_root), layer=-1, n_random_samples=256),
+        sae=config.SparseAutoencoder(d_vit=D, exp_factor=2),
+    )
+    cfgs = [config.grid(cfg, {"sae": {"n_reinit_samples": n, "seed": 5}})[0] for n in (100, 0, 37)]
     acts = data.Activations(cfg.data)
     pre = data.make_preprocess(acts, cfg.data)
     # Two stacks (one SAE of another width in the second): one permutation serves both.
@@ -117,7 +126,10 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, shard_root):
     sweep = write_sweep(tmp_path, shard_root, extra="learning_rate = 1.0")
     result = run_cli(str(sweep))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == f"error: {sweep}: unknown key 'learning_rate' (no such config field; --help lists them)"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: {sweep}: unknown key 'learning_rate' (no such config field; --help lists them)"
+    )
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -172,8 +184,19 @@ def test_ungroupable_configs_name_the_keys(shard_root):
 def test_cli_help_documents_fields():
     result = run_cli("--help")
     assert result.returncode == 0
-    for text in ("--data.shard-root", "--sae.sparsity-coeff", "Adam learning rate", "--n-patches", "--dry-run", "--sweep FILE",
-                 "--coordinator-address HOST:PORT", "--num-processes", "--dist-timeout", "--data.no-scale-mean", "Submit each group as a Slurm job"):
+    for text in (
+        "--data.shard-root",
+        "--sae.sparsity-coeff",
+        "Adam learning rate",
+        "--n-patches",
+        "--dry-run",
+        "--sweep FILE",
+        "--coordinator-address HOST:PORT",
+        "--num-processes",
+        "--dist-timeout",
+        "--data.no-scale-mean",
+        "Submit each group as a Slurm job",
+    ):
         assert text in " ".join(result.stdout.replace("│", " ").split()), text  # tyro wraps lines in a box.
 
 
@@ -182,7 +205,7 @@ def test_cli_help_documents_fields():
     [
         ("seed = -1", "seed = -1: must not be negative (NumPy's generators take no negative seed)"),
         ("n_workers = -2", "n_workers = -2: must not be negative (0 means one reader thread)"),
-        ('[sae]\nseed = -100', "sae.seed = -58: must not be negative"),
+        ("[sae]\nseed = -100", "sae.seed = -58: must not be negative"),
     ],
 )
 def test_bad_values_are_caught_before_statistics_wandb_and_b_dec(tmp_path, shard_root, monkeypatch, extra, message):
@@ -210,13 +233,18 @@ def test_bad_values_are_caught_before_statistics_wandb_and_b_dec(tmp_path, shard
 def test_cli_negative_seed_is_one_error_line(tmp_path, shard_root):
     result = run_cli(str(write_sweep(tmp_path, shard_root)), "--seed", "-3")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: seed = -3: must not be negative (NumPy's generators take no negative seed)"
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == "error: seed = -3: must not be negative (NumPy's generators take no negative seed)"
+    )
     assert not (tmp_path / "ckpt").exists()
 
 
 def test_n_workers_zero_means_one_reader_thread(shard_root):
     # saev's n_workers = 0 loads in the main process; here it is valid and reads with one thread.
-    cfg = config.Train(n_workers=0, data=config.DataLoad(shard_root=str(shard_root), layer=-1), sae=config.SparseAutoencoder(d_vit=D))
+    cfg = config.Train(
+        n_workers=0, data=config.DataLoad(shard_root=str(shard_root), layer=-1), sae=config.SparseAutoencoder(d_vit=D)
+    )
     config.validate(cfg)
     acts = data.Activations(cfg.data)
     streams = []
@@ -241,11 +269,20 @@ def test_track_true_without_login_or_offline_trains_to_offline_files(tmp_path, s
     (tmp_path / "sweep.toml").write_text(sweep)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     # No API key anywhere wandb looks, its files under tmp_path.
-    env |= {"HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc"), "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    env |= {
+        "HOME": str(tmp_path),
+        "NETRC": str(tmp_path / "no-netrc"),
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_SILENT": "true",
+    }
     if wandb_mode:
         env["WANDB_MODE"] = wandb_mode
     result = subprocess.run(
-        [sys.executable, "-m", "saev_jax.train", str(tmp_path / "sweep.toml")], capture_output=True, text=True, timeout=300, env=env
+        [sys.executable, "-m", "saev_jax.train", str(tmp_path / "sweep.toml")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_id = result.stdout.split()[-1]  # The ids come last, after the summary table.
@@ -258,7 +295,9 @@ def test_track_true_without_login_or_offline_trains_to_offline_files(tmp_path, s
 
 def test_flag_overridden_by_the_sweep_file_warns_once(tmp_path, shard_root, capsys):
     sweep = write_sweep(tmp_path, shard_root)
-    cfgs, sources, dry = train.parse_cli([str(sweep), "--data.layer", "3", "--sae.sparsity-coeff", "0.5", "--lr", "0.01", "--n-patches", "3000"])
+    cfgs, sources, dry = train.parse_cli(
+        [str(sweep), "--data.layer", "3", "--sae.sparsity-coeff", "0.5", "--lr", "0.01", "--n-patches", "3000"]
+    )
     err = capsys.readouterr().err.splitlines()
     assert err == [
         f"warning: {sweep} sets data.layer = -1, overriding --data.layer 3",
@@ -275,7 +314,9 @@ def test_sweep_flag_negations_and_all_unknown_keys_at_once(tmp_path, shard_root,
     assert train.parse_cli([f"--sweep={sweep}"])[0][0].data.scale_mean is True
     # saev's outdated keys: every one in one message.
     old = tmp_path / "dumbest.toml"
-    old.write_text('ckpt_dir = "x"\nlearning_rate = 1.0\nlr = 1e-3\n[sae]\nl1_coeff = 1.0\nd_vit = 16\n[data]\nlayer_idx = 1\n[wandb]\nproject = "p"\n')
+    old.write_text(
+        'ckpt_dir = "x"\nlearning_rate = 1.0\nlr = 1e-3\n[sae]\nl1_coeff = 1.0\nd_vit = 16\n[data]\nlayer_idx = 1\n[wandb]\nproject = "p"\n'
+    )
     with pytest.raises(config.InputError) as info:
         train.parse_cli([str(old)])
     assert str(info.value) == (

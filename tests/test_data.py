@@ -201,7 +201,9 @@ def test_bad_shard_files(tmp_path):
     full = shard.read_bytes()
 
     shard.write_bytes(full[:-4])
-    assert_input_error(f"acts000001.bin: {len(full) - 4} bytes, but metadata.json implies {len(full)}", lambda: load(tmp_path))
+    assert_input_error(
+        f"acts000001.bin: {len(full) - 4} bytes, but metadata.json implies {len(full)}", lambda: load(tmp_path)
+    )
     shard.write_bytes(full + b"\0" * 4)
     assert_input_error("acts000001.bin: .* bytes, but metadata.json implies", lambda: load(tmp_path))
     shard.unlink()
@@ -286,7 +288,9 @@ def test_stats_off_and_from_files(tmp_path):
     torch.save(torch.from_numpy(mean), tmp_path / "mean.pt")
     np.save(tmp_path / "scalar.npy", np.array([4.0]))
     for mean_f, scalar_f, want in [("mean.npy", "scalar.pt", 2.5), ("mean.pt", "scalar.npy", 4.0)]:
-        cfg = config.DataLoad(shard_root=str(tmp_path), scale_mean=str(tmp_path / mean_f), scale_norm=str(tmp_path / scalar_f))
+        cfg = config.DataLoad(
+            shard_root=str(tmp_path), scale_mean=str(tmp_path / mean_f), scale_norm=str(tmp_path / scalar_f)
+        )
         act_mean, scalar = data.get_stats(data.Activations(cfg), cfg)
         np.testing.assert_array_equal(act_mean, mean)
         assert scalar == want
@@ -296,7 +300,9 @@ def test_stats_off_and_from_files(tmp_path):
     _, scalar = data.get_stats(data.Activations(cfg), cfg)
     examples, _, _ = reference(tmp_path, "patches", -2)
     sample = examples[data.sample_indices(len(examples), 50, seed=42)]
-    np.testing.assert_allclose(scalar, np.linalg.norm((sample - mean).astype(np.float64), axis=1).mean() / 2, rtol=1e-12)
+    np.testing.assert_allclose(
+        scalar, np.linalg.norm((sample - mean).astype(np.float64), axis=1).mean() / 2, rtol=1e-12
+    )
 
 
 def test_bad_stat_files(tmp_path):
@@ -308,15 +314,22 @@ def test_bad_stat_files(tmp_path):
 
     assert_input_error("nope.npy: data.scale_mean file not found", stats(scale_mean=str(tmp_path / "nope.npy")))
     np.save(tmp_path / "wrong.npy", np.zeros(5, np.float32))
-    assert_input_error(r"wrong.npy: data.scale_mean must hold 4 numbers, got float32 \[5\]", stats(scale_mean=str(tmp_path / "wrong.npy")))
+    assert_input_error(
+        r"wrong.npy: data.scale_mean must hold 4 numbers, got float32 \[5\]",
+        stats(scale_mean=str(tmp_path / "wrong.npy")),
+    )
     (tmp_path / "mean.txt").write_text("1 2 3 4")
-    assert_input_error("mean.txt: data.scale_mean must be a .npy or torch .pt file", stats(scale_mean=str(tmp_path / "mean.txt")))
+    assert_input_error(
+        "mean.txt: data.scale_mean must be a .npy or torch .pt file", stats(scale_mean=str(tmp_path / "mean.txt"))
+    )
     (tmp_path / "broken.pt").write_bytes(b"garbage")
     assert_input_error("broken.pt: cannot load data.scale_norm", stats(scale_norm=str(tmp_path / "broken.pt")))
     np.save(tmp_path / "neg.npy", np.array(-1.0))
     assert_input_error("neg.npy: data.scale_norm must be positive", stats(scale_norm=str(tmp_path / "neg.npy")))
     np.save(tmp_path / "huge.npy", np.full(4, 2e3, np.float32))
-    assert_input_error("huge.npy: mean activation of size 2000 > 1e3", stats(scale_mean=str(tmp_path / "huge.npy"), scale_norm=False))
+    assert_input_error(
+        "huge.npy: mean activation of size 2000 > 1e3", stats(scale_mean=str(tmp_path / "huge.npy"), scale_norm=False)
+    )
 
 
 def test_absurd_activations(tmp_path):
@@ -328,7 +341,9 @@ def test_absurd_activations(tmp_path):
     acts = load(tmp_path)
     cfg = config.DataLoad(shard_root=str(tmp_path))
     assert_input_error(f"{tmp_path}: activation of size 5000 > 1e3", lambda: data.get_stats(acts, cfg))
-    assert_input_error("activation of size", lambda: data.get_stats(acts, config.DataLoad(shard_root=str(tmp_path), scale_mean=False)))
+    assert_input_error(
+        "activation of size", lambda: data.get_stats(acts, config.DataLoad(shard_root=str(tmp_path), scale_mean=False))
+    )
     # Clamping comes first, so a clamp below 1e3 makes the same shards fine.
     data.get_stats(acts, config.DataLoad(shard_root=str(tmp_path), clamp=100.0))
 
@@ -546,7 +561,9 @@ def blocks_loader(acts, **kwargs):
     """A blocks-mode Loader with tiny blocks (2 images) and windows (3 blocks), so every boundary is crossed."""
     block_bytes = 2 * acts.image_read_nbytes
     window_bytes = 3 * 2 * acts.examples_per_image * acts.d_vit * 4
-    return data.Loader(acts, read_mode="blocks", block_bytes=block_bytes, shuffle_buffer_bytes=2 * window_bytes, **kwargs)
+    return data.Loader(
+        acts, read_mode="blocks", block_bytes=block_bytes, shuffle_buffer_bytes=2 * window_bytes, **kwargs
+    )
 
 
 @pytest.mark.parametrize("cls_token", [True, False])
@@ -694,7 +711,9 @@ def test_shard_shrinks_mid_epoch(tmp_path):
             next(it)
     it.close()
     # The memory-mapped path checks the size before touching the map (a shrunk map is SIGBUS).
-    assert_input_error("acts000003.bin: changed size while reading: now 100 bytes", lambda: mapped.read(np.arange(len(acts))))
+    assert_input_error(
+        "acts000003.bin: changed size while reading: now 100 bytes", lambda: mapped.read(np.arange(len(acts)))
+    )
     out = np.empty((acts.examples_per_image * 4, 2), np.float32)
     assert_input_error(r"acts000003.bin: short read at byte \d+", lambda: acts.read_images(24, 28, out=out))
 
@@ -721,7 +740,9 @@ def test_read_error_names_file_and_offset(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "preadv", failing)
     out = np.empty((acts.examples_per_image * 2, 2), np.float32)
     offset = (6 + 1) * 2 * 4  # image 8 = image 0 of acts000001.bin: layer 1, first patch
-    assert_input_error(f"acts000001.bin: read error at byte {offset}: .*Input/output error", lambda: acts.read_images(8, 10, out=out))
+    assert_input_error(
+        f"acts000001.bin: read error at byte {offset}: .*Input/output error", lambda: acts.read_images(8, 10, out=out)
+    )
     with pytest.raises(config.InputError, match="read error at byte"):
         take(blocks_loader(acts, batch_size=16, shuffle=True), 2)
 

@@ -159,7 +159,13 @@ def reference_code_sums(saes: sae_lib.SAE, pre: data.Preprocess, x_ND: np.ndarra
             sent = f * norms > c * rms
             z, u = np.where(sent, f, 0) @ W_dec, sent @ W_dec
             e = x - b_dec - z
-            per_level.append((sent.sum(0), np.where(sent, f, 0).sum(0), [(e * e).sum(), (z * z).sum(), (z * u).sum(), (u * u).sum(), (e * z).sum(), (e * u).sum()]))
+            per_level.append(
+                (
+                    sent.sum(0),
+                    np.where(sent, f, 0).sum(0),
+                    [(e * e).sum(), (z * z).sum(), (z * u).sum(), (u * u).sum(), (e * z).sum(), (e * u).sum()],
+                )
+            )
         n_fired.append([p[0] for p in per_level])
         values.append([p[1] for p in per_level])
         code.append([p[2] for p in per_level])
@@ -191,9 +197,13 @@ def test_chunks_and_flushes_change_nothing(monkeypatch):
     for chunk in (1, 2):
         other = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2, chunk=chunk)
         for f in dataclasses.fields(whole):
-            np.testing.assert_allclose(getattr(other, f.name), getattr(whole, f.name), rtol=1e-5, atol=1e-5, err_msg=f.name)
+            np.testing.assert_allclose(
+                getattr(other, f.name), getattr(whole, f.name), rtol=1e-5, atol=1e-5, err_msg=f.name
+            )
     results = evaluate.metrics_from_stats(other)
-    assert [r.quality for r in results] == pytest.approx([r.quality for r in evaluate.metrics_from_stats(whole)], rel=1e-4)
+    assert [r.quality for r in results] == pytest.approx(
+        [r.quality for r in evaluate.metrics_from_stats(whole)], rel=1e-4
+    )
 
 
 def test_sampled_quality_reports_its_error():
@@ -218,7 +228,9 @@ def test_tensorfloat32_is_float32_on_a_cpu():
     rng = np.random.default_rng(8)
     x_ND = rng.normal(size=(32, D)).astype(np.float32)
     saes, pre = make_saes(), make_preprocess()
-    fresh = sae_lib.make_saes([config.SparseAutoencoder(d_vit=D, exp_factor=EXP, seed=s) for s in range(M)], "tensorfloat32")
+    fresh = sae_lib.make_saes(
+        [config.SparseAutoencoder(d_vit=D, exp_factor=EXP, seed=s) for s in range(M)], "tensorfloat32"
+    )
     names = sae_lib.TENSOR_NAMES
     tf32 = eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), fresh, tuple(getattr(saes, n) for n in names))
     assert tf32.precision == "tensorfloat32"
@@ -230,11 +242,18 @@ def test_tensorfloat32_is_float32_on_a_cpu():
 
 def test_evaluate_reads_shards_in_one_pass(tmp_path):
     """The public evaluate(): synthetic shards through Activations and the fast loader, last batch padded."""
-    synthetic.write_shards(tmp_path, synthetic.Synthetic(d_vit=D, n_features=16, k=2, n_imgs=5, n_patches_per_img=7, n_patches_per_shard=64))
-    data_cfg = config.DataLoad(shard_root=str(tmp_path), patches="patches", layer=-2, scale_mean=False, scale_norm=False, clamp=3.0)
+    synthetic.write_shards(
+        tmp_path,
+        synthetic.Synthetic(d_vit=D, n_features=16, k=2, n_imgs=5, n_patches_per_img=7, n_patches_per_shard=64),
+    )
+    data_cfg = config.DataLoad(
+        shard_root=str(tmp_path), patches="patches", layer=-2, scale_mean=False, scale_norm=False, clamp=3.0
+    )
     acts = data.Activations(data_cfg)
     assert len(acts) % 16 != 0
-    cfg = config.Train(data=data_cfg, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP), sae_batch_size=16, n_workers=2)
+    cfg = config.Train(
+        data=data_cfg, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP), sae_batch_size=16, n_workers=2
+    )
     saes, pre = make_saes(), make_preprocess()
     results = evaluate.evaluate([cfg] * M, saes, acts, pre, almost_dead_threshold=ALMOST_DEAD, dense_threshold=DENSE)
     check_against_reference(results, reference(saes, pre, acts.read(np.arange(len(acts)))))
@@ -259,7 +278,10 @@ def test_for_wandb_keys_and_tables():
     # With the SAE's config: its kind, width and its kind's own sparsity setting, no other kind's.
     for sae_cfg, setting in (
         (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind="topk", k=7), ("eval/k", 7)),
-        (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind="jumprelu", l0_coefficient=0.3), ("eval/l0_coefficient", 0.3)),
+        (
+            config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind="jumprelu", l0_coefficient=0.3),
+            ("eval/l0_coefficient", 0.3),
+        ),
         (config.SparseAutoencoder(d_vit=D, exp_factor=EXP, sparsity_coeff=1e-3), ("eval/sparsity_coeff", 1e-3)),
     ):
         named = metrics.for_wandb(sae_cfg)
@@ -276,7 +298,9 @@ def test_plots_write_pngs(tmp_path):
     cfgs = [config.Train(lr=lr, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP)) for lr in (1e-3, 1e-2)]
     rng = np.random.default_rng(0)
     metrics = [
-        make_metrics(freqs=rng.uniform(0, 0.1, S).astype(np.float32), mean_values=rng.uniform(0.1, 2, S).astype(np.float32)),
+        make_metrics(
+            freqs=rng.uniform(0, 0.1, S).astype(np.float32), mean_values=rng.uniform(0.1, 2, S).astype(np.float32)
+        ),
         make_metrics(freqs=np.zeros(S, np.float32), mean_values=np.full(S, np.nan, np.float32), n_dead=S),  # all dead
     ]
     paths = plots.save_plots(tmp_path, ["run-a", "run-b"], cfgs, metrics)

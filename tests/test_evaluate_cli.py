@@ -21,7 +21,9 @@ D, S = 16, 32
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("shards")
-    synthetic.write_shards(root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=40, n_patches_per_img=8, n_patches_per_shard=640))
+    synthetic.write_shards(
+        root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=40, n_patches_per_img=8, n_patches_per_shard=640)
+    )
     return root
 
 
@@ -32,14 +34,22 @@ def random_sae(seed: int, b_dec: np.ndarray) -> sae_lib.SAE:
     return eqx.tree_at(lambda s: (s.b_enc, s.b_dec), sae, (jnp.asarray(b_enc), jnp.asarray(b_dec)))
 
 
-def reference(sae_params: dict[str, np.ndarray], x_raw: np.ndarray, mean: np.ndarray, scalar: float, clamp: float) -> dict[str, object]:
+def reference(
+    sae_params: dict[str, np.ndarray], x_raw: np.ndarray, mean: np.ndarray, scalar: float, clamp: float
+) -> dict[str, object]:
     """SPEC 4's metrics in float64 NumPy over every example."""
     x = (np.clip(np.float64(x_raw), -clamp, clamp) - mean) / scalar
     W_enc, b_enc, W_dec, b_dec = (np.float64(sae_params[k]) for k in sae_lib.TENSOR_NAMES)
     f = np.maximum((x - b_dec) @ W_enc + b_enc, 0)
     x_hat = f @ W_dec + b_dec
     freqs = (f > 0).mean(axis=0)
-    return {"l0": (f > 0).sum(1).mean(), "l1": f.sum(1).mean(), "mse": ((x_hat - x) ** 2).mean(), "freqs": freqs, "n_dead": int((freqs == 0).sum())}
+    return {
+        "l0": (f > 0).sum(1).mean(),
+        "l1": f.sum(1).mean(),
+        "mse": ((x_hat - x) ** 2).mean(),
+        "freqs": freqs,
+        "n_dead": int((freqs == 0).sum()),
+    }
 
 
 def test_evaluates_ours_and_saev_sae_pt(tmp_path, shard_root):
@@ -58,10 +68,23 @@ def test_evaluates_ours_and_saev_sae_pt(tmp_path, shard_root):
     # saev's sae.pt, no cfg.json: statistics from the shards with saev's default flags.
     saev_dpath = tmp_path / "saev" / "abc"
     saev_dpath.mkdir(parents=True)
-    header = dict(d_vit=D, exp_factor=S // D, sparsity_coeff=4e-4, n_reinit_samples=0, ghost_grads=False, remove_parallel_grads=True, normalize_w_dec=True, seed=3)
+    header = dict(
+        d_vit=D,
+        exp_factor=S // D,
+        sparsity_coeff=4e-4,
+        n_reinit_samples=0,
+        ghost_grads=False,
+        remove_parallel_grads=True,
+        normalize_w_dec=True,
+        seed=3,
+    )
     saev_sae = random_sae(3, np.full(D, 0.1, np.float32))
     with open(saev_dpath / "sae.pt", "wb") as fd:
-        checkpoint.write_saev(fd, checkpoint.saev_header_to_cfg(header, "t"), {k: np.asarray(getattr(saev_sae, k)) for k in sae_lib.TENSOR_NAMES})
+        checkpoint.write_saev(
+            fd,
+            checkpoint.saev_header_to_cfg(header, "t"),
+            {k: np.asarray(getattr(saev_sae, k)) for k in sae_lib.TENSOR_NAMES},
+        )
     # Our run0 exported to saev, folded: raw in.
     export.export(sweep / "run0", "saev", tmp_path / "exported" / "run0-saev")
 
@@ -110,13 +133,21 @@ def test_bad_input_exits_2_with_one_line(tmp_path, shard_root, capsys):
     wide = tmp_path / "wide"
     cfg = config.Train(sae=config.SparseAutoencoder(d_vit=8, exp_factor=2))
     sae_lib.save(sae_lib.SAE(8, 16, key=jax.random.key(0)), wide, cfg, {})
-    cases = [(bad, "bad.pt: not a saev sae.pt"), (tmp_path / "nope", "no such checkpoint"), (wide, "d_vit = 8 but the shards")]
+    cases = [
+        (bad, "bad.pt: not a saev sae.pt"),
+        (tmp_path / "nope", "no such checkpoint"),
+        (wide, "d_vit = 8 but the shards"),
+    ]
     for path, match in cases:
         assert evaluate.main([str(path), "--data.shard-root", str(shard_root), "--out", str(tmp_path / "o")]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], lines
     assert not (tmp_path / "o").exists()
     proc = subprocess.run(
-        [sys.executable, "-m", "saev_jax.evaluate", str(bad), "--data.shard-root", str(shard_root)], capture_output=True, text=True
+        [sys.executable, "-m", "saev_jax.evaluate", str(bad), "--data.shard-root", str(shard_root)],
+        capture_output=True,
+        text=True,
     )
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [f"error: {bad}: not a saev sae.pt (its first line is not a JSON header)"], proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {bad}: not a saev sae.pt (its first line is not a JSON header)"
+    ], proc.stderr

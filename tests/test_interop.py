@@ -119,7 +119,9 @@ def import_saev_training(monkeypatch):
     pytest.importorskip("saev.nn", reason=SAEV)
     pytest.importorskip("PIL", reason="saev.activations needs Pillow")
     if "saev.activations" not in sys.modules:
-        tv, datasets, folder = (types.ModuleType(n) for n in ("torchvision", "torchvision.datasets", "torchvision.datasets.folder"))
+        tv, datasets, folder = (
+            types.ModuleType(n) for n in ("torchvision", "torchvision.datasets", "torchvision.datasets.folder")
+        )
         datasets.ImageFolder, datasets.folder, tv.datasets = type("ImageFolder", (), {}), folder, datasets
         monkeypatch.setitem(sys.modules, "torchvision", tv)
         monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
@@ -141,7 +143,9 @@ def test_saev_sae_pt_evaluates_here_as_saev_reports(tmp_path, monkeypatch, capsy
     from saev_jax import evaluate, synthetic
 
     root = tmp_path / "shards"
-    synthetic.write_shards(root, synthetic.Synthetic(d_vit=D, n_features=32, k=3, n_imgs=40, n_patches_per_img=8, n_patches_per_shard=640))
+    synthetic.write_shards(
+        root, synthetic.Synthetic(d_vit=D, n_features=32, k=3, n_imgs=40, n_patches_per_img=8, n_patches_per_shard=640)
+    )
     # PyPI saev 0.1.0 names two metadata keys vit_family / vit_ckpt (later saev and saev_jax:
     # model_family / model_ckpt) and rejects unknown keys: its own view of the same shards.
     old_root = tmp_path / "shards-saev-0.1.0"
@@ -159,7 +163,11 @@ def test_saev_sae_pt_evaluates_here_as_saev_reports(tmp_path, monkeypatch, capsy
     saev.nn.dump(str(tmp_path / "run" / "sae.pt"), model)
     # 320 examples in batches of 80: saev's mean of per-batch means is then the mean over examples.
     cfg = saev.config.Train(
-        data=saev.config.DataLoad(shard_root=str(old_root), layer=-1), sae=model.cfg, device="cpu", n_workers=0, sae_batch_size=80
+        data=saev.config.DataLoad(shard_root=str(old_root), layer=-1),
+        sae=model.cfg,
+        device="cpu",
+        n_workers=0,
+        sae_batch_size=80,
     )
     theirs = training.evaluate([cfg], torch.nn.ModuleList([model]))[0]
     status = evaluate.main([str(tmp_path / "run"), "--data.shard-root", str(root), "--data.layer", "-1",
@@ -172,7 +180,9 @@ def test_saev_sae_pt_evaluates_here_as_saev_reports(tmp_path, monkeypatch, capsy
         np.testing.assert_allclose(mine[key], float(getattr(theirs, key)), rtol=1e-5, err_msg=key)
     for key in ("n_dead", "n_almost_dead", "n_dense"):
         assert mine[key] == int(getattr(theirs, key)), key
-    freqs = checkpoint._read_safetensors(tmp_path / "eval" / "run" / "freqs.safetensors", {"freqs": 1, "mean_values": 1})["freqs"]
+    freqs = checkpoint._read_safetensors(
+        tmp_path / "eval" / "run" / "freqs.safetensors", {"freqs": 1, "mean_values": 1}
+    )["freqs"]
     np.testing.assert_allclose(freqs, theirs.freqs.numpy(), rtol=1e-6)
 
 

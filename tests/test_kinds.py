@@ -25,7 +25,9 @@ RTOL, ATOL = 2e-5, 2e-6
 
 
 def make_cfg(kind: str, seed: int = 0, **sae) -> config.Train:
-    return config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind=kind, seed=seed, **sae))
+    return config.Train(
+        sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP, kind=kind, seed=seed, **sae)
+    )
 
 
 def random_params(seed: int, kind: str = "topk") -> dict[str, np.ndarray]:
@@ -160,10 +162,18 @@ def test_auxk_uses_exactly_the_dead_latents():
         # Per example, at most k_aux dead pre-activations are used.
         assert np.max(np.sum(np.asarray(g_h) != 0, axis=1)) <= min(k_aux, dead.sum())
         W = torch.tensor(p["W_dec"].astype(np.float64))
-        expected = ref.auxk(torch.tensor(np.asarray(h, np.float64)), torch.tensor(dead), torch.tensor(np.asarray(residual, np.float64)), W, k_aux)
+        expected = ref.auxk(
+            torch.tensor(np.asarray(h, np.float64)),
+            torch.tensor(dead),
+            torch.tensor(np.asarray(residual, np.float64)),
+            W,
+            k_aux,
+        )
         np.testing.assert_allclose(float(value), float(expected), rtol=RTOL)
     # No dead latent: zero loss and zero gradient.
-    value, g_W = jax.value_and_grad(lambda W: select.auxk_loss(h, jnp.zeros(S, bool), residual, W, jnp.int32(4)))(jnp.asarray(p["W_dec"]))
+    value, g_W = jax.value_and_grad(lambda W: select.auxk_loss(h, jnp.zeros(S, bool), residual, W, jnp.int32(4)))(
+        jnp.asarray(p["W_dec"])
+    )
     assert float(value) == 0.0 and not np.any(np.asarray(g_W))
 
 
@@ -174,7 +184,11 @@ def dead_state(sae, dead_mask, cfg):
     """The kind's initial state with the latents of `dead_mask` past the dead threshold."""
     counts = jnp.where(jnp.asarray(dead_mask), cfg.sae.dead_threshold_tokens, 0).astype(jnp.int32)
     state = sae.init_state()
-    where = (lambda s: s.tokens_since_fired) if isinstance(state, select.DeadCounts) else (lambda s: s.dead_counts.tokens_since_fired)
+    where = (
+        (lambda s: s.tokens_since_fired)
+        if isinstance(state, select.DeadCounts)
+        else (lambda s: s.dead_counts.tokens_since_fired)
+    )
     return eqx.tree_at(where, state, counts)
 
 
@@ -190,7 +204,9 @@ def test_topk_family_matches_reference(kind, n_dead):
     dead[np.random.default_rng(5).choice(S, n_dead, replace=False)] = True
     state = dead_state(sae, dead, cfg)
     total, metrics, new_state, grads = loss_and_grads(sae, state, x, hp)
-    ref_total, ref_aux, ref_f, ref_grads = ref.loss_and_grads(kind, p, x, k=3, k_aux=4, alpha=0.25, dead=dead, widths=widths)
+    ref_total, ref_aux, ref_f, ref_grads = ref.loss_and_grads(
+        kind, p, x, k=3, k_aux=4, alpha=0.25, dead=dead, widths=widths
+    )
     np.testing.assert_allclose(float(total), ref_total, rtol=RTOL)
     np.testing.assert_allclose(float(metrics["aux_loss"]), ref_aux, rtol=RTOL, atol=1e-7)
     assert (ref_aux > 0) == (n_dead > 0)
@@ -307,8 +323,12 @@ def test_stack_equals_each_alone(kind):
 
     def run(sae, state, hp, x):
         # Two steps, so state written by the first (counters, thresholds) feeds the second.
-        (total, (metrics, state)), grads = eqx.filter_value_and_grad(lambda s: s.loss(state, x, hp, jnp.int32(0)), has_aux=True)(sae)
-        (total, (metrics, state)), grads = eqx.filter_value_and_grad(lambda s: s.loss(state, x * 0.5, hp, jnp.int32(1)), has_aux=True)(sae)
+        (total, (metrics, state)), grads = eqx.filter_value_and_grad(
+            lambda s: s.loss(state, x, hp, jnp.int32(0)), has_aux=True
+        )(sae)
+        (total, (metrics, state)), grads = eqx.filter_value_and_grad(
+            lambda s: s.loss(state, x * 0.5, hp, jnp.int32(1)), has_aux=True
+        )(sae)
         return total, state, grads, sae.encode(state, x, hp)
 
     together = eqx.filter_jit(eqx.filter_vmap(run, in_axes=(0, 0, 0, None)))(stack, state, hp, x)
@@ -317,7 +337,9 @@ def test_stack_equals_each_alone(kind):
         alone = eqx.filter_jit(run)(sae, state_m, hp_m, x)
         pick = lambda tree: jax.tree.map(lambda leaf: leaf[m], tree)  # noqa: E731
         # Matryoshka's stack grid has more blocks than one SAE's, so its sums differ in rounding.
-        for a, b in zip(jax.tree.leaves(eqx.filter(pick(together), eqx.is_array)), jax.tree.leaves(eqx.filter(alone, eqx.is_array))):
+        for a, b in zip(
+            jax.tree.leaves(eqx.filter(pick(together), eqx.is_array)), jax.tree.leaves(eqx.filter(alone, eqx.is_array))
+        ):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
@@ -330,7 +352,11 @@ def test_stack_equals_each_alone(kind):
         ("topk", dict(k=0), "sae.k = 0: must be positive"),
         ("topk", dict(k=S + 1), f"sae.k = {S + 1}: must be at most d_sae = {S}"),
         ("batchtopk", dict(k_aux=0), "sae.k_aux = 0"),
-        ("matryoshka", dict(matryoshka_widths=(8, 4, 32)), "sae.matryoshka_widths = [8, 4, 32]: must be strictly increasing"),
+        (
+            "matryoshka",
+            dict(matryoshka_widths=(8, 4, 32)),
+            "sae.matryoshka_widths = [8, 4, 32]: must be strictly increasing",
+        ),
         ("matryoshka", dict(matryoshka_widths=(4, 8)), "sae.matryoshka_widths = [4, 8]: must end at d_sae = 32"),
         ("relu", dict(k=8), "sae.k = 8: only kind topk or batchtopk or matryoshka reads it, but sae.kind = relu"),
         ("topk", dict(sparsity_coeff=0.1), "sae.sparsity_coeff = 0.1: only kind relu reads it"),
@@ -355,10 +381,14 @@ def test_bad_schedule():
 
 
 def test_widths_from_sweep_file_and_json():
-    cfgs = config.grid(config.Train(), {"sae": {"kind": "matryoshka", "d_vit": D, "exp_factor": EXP, "matryoshka_widths": [[8, 32]]}})
+    cfgs = config.grid(
+        config.Train(), {"sae": {"kind": "matryoshka", "d_vit": D, "exp_factor": EXP, "matryoshka_widths": [[8, 32]]}}
+    )
     assert cfgs[0].sae.matryoshka_widths == (8, 32)
     assert config.from_dict(config.Train, config.to_dict(cfgs[0])) == cfgs[0]
-    with pytest.raises(config.InputError, match=r"matryoshka_widths = 8 must be a list of ints \(in a sweep file, \[\[...\]\]\)"):
+    with pytest.raises(
+        config.InputError, match=r"matryoshka_widths = 8 must be a list of ints \(in a sweep file, \[\[...\]\]\)"
+    ):
         config.grid(config.Train(), {"sae": {"matryoshka_widths": [8, 32]}})
 
 
@@ -379,7 +409,12 @@ def reference_lr(t, peak, n_warmup, n_steps, schedule, frac):
 
 
 def test_schedules_traced_per_sae():
-    settings = [(1e-3, 10, 100, "constant", 0.2), (2e-3, 0, 100, "linear", 0.2), (5e-4, 5, 100, "linear", 0.5), (1e-3, 20, 100, "cosine", 0.2)]
+    settings = [
+        (1e-3, 10, 100, "constant", 0.2),
+        (2e-3, 0, 100, "linear", 0.2),
+        (5e-4, 5, 100, "linear", 0.5),
+        (1e-3, 20, 100, "cosine", 0.2),
+    ]
     arrays = [jnp.array(col) for col in zip(*[(p, w, n, optim.SCHEDULES.index(s), f) for p, w, n, s, f in settings])]
     steps = jnp.arange(0, 111, 3)
     lrs = jax.vmap(lambda p, w, n, s, f: jax.vmap(optim.warmup_decay(p, w, n, s, f))(steps))(*arrays)
@@ -405,7 +440,9 @@ def _adam_step(sae, grads):
 
 
 def _assert_trees_close(a, b, **tol):
-    for u, v in zip(jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array)), strict=True):
+    for u, v in zip(
+        jax.tree.leaves(eqx.filter(a, eqx.is_array)), jax.tree.leaves(eqx.filter(b, eqx.is_array)), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(u), np.asarray(v), **tol)
 
 
@@ -447,7 +484,9 @@ def test_sparse_step_equals_dense(kind, case):
     _assert_trees_close(_adam_step(sae, sp[3]), _adam_step(sae, de[3]), rtol=RTOL, atol=ATOL)
     # And against the torch reference (no ties there: torch.topk breaks them).
     if case != "ties":
-        _, _, _, ref_grads = ref.loss_and_grads(kind, p, np.asarray(x), k=3, k_aux=4, alpha=0.25, dead=dead, widths=(4, 8, 16, 32))
+        _, _, _, ref_grads = ref.loss_and_grads(
+            kind, p, np.asarray(x), k=3, k_aux=4, alpha=0.25, dead=dead, widths=(4, 8, 16, 32)
+        )
         assert_grads_close(sp[3], ref_grads)
 
 
@@ -463,7 +502,9 @@ def test_sparse_stack_per_sae_k_equals_dense_alone(kind, chunked):
     dead[0, [2, 9]] = dead[2, [1, 4, 5, 6, 7, 30]] = True
     counts = jnp.where(jnp.asarray(dead), B, 0).astype(jnp.int32)
     state = kinds.init_state(stack)
-    state = eqx.tree_at(lambda s: s.tokens_since_fired if kind == "topk" else s.dead_counts.tokens_since_fired, state, counts)
+    state = eqx.tree_at(
+        lambda s: s.tokens_since_fired if kind == "topk" else s.dead_counts.tokens_since_fired, state, counts
+    )
     x = jnp.asarray(batch(12))
     one_sae = lambda args: _value_grads(*args[:2], x, args[2], "sparse_loss")  # noqa: E731
     if chunked:
@@ -550,15 +591,19 @@ def test_dense_where_is_the_dense_loss_where_flagged():
     assert bool(select.pick_batch(sae.pre_acts(x), hp.k, 1)[2])
     de = eqx.filter_jit(_value_grads)(sae, state, x, hp, "dense_loss")
     for flag in (True, False):
+
         def fn(s):
             out = s.sparse_loss(state, x, hp, jnp.int32(0))
             return kinds.sparse.dense_where(jnp.bool_(flag), s, lambda t: t.dense_loss(state, x, hp, jnp.int32(0)), out)
+
         (total, (metrics, new_state)), grads = eqx.filter_jit(eqx.filter_value_and_grad(fn, has_aux=True))(sae)
         sp = eqx.filter_jit(_value_grads)(sae, state, x, hp, "sparse_loss")
         want = de if flag else sp
         np.testing.assert_allclose(float(total), float(want[0]), rtol=RTOL)
         _assert_trees_close(grads, want[3], rtol=RTOL, atol=ATOL)
-    assert float(sp[1]["select_overflow"]) == 1.0 and abs(float(sp[0]) - float(de[0])) > 1e-4  # reported, and it matters
+    assert (
+        float(sp[1]["select_overflow"]) == 1.0 and abs(float(sp[0]) - float(de[0])) > 1e-4
+    )  # reported, and it matters
 
 
 @pytest.mark.slow
@@ -594,4 +639,6 @@ def test_train_step_sparse_equals_dense(kind):
         _assert_trees_close(pick(got[0].stacks[0].saes), pick(results[2][0].stacks[0].saes), rtol=1e-5, atol=1e-6)
         _assert_trees_close(pick(got[0].stacks[0].state), pick(results[2][0].stacks[0].state), rtol=0, atol=0)
         for key in set(results[2][1][0]) - {"select_overflow"}:  # the dense step never overflows
-            np.testing.assert_allclose(got[1][0][key][same], results[2][1][0][key][same], rtol=1e-5, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(
+                got[1][0][key][same], results[2][1][0][key][same], rtol=1e-5, atol=1e-6, err_msg=key
+            )

@@ -21,7 +21,9 @@ def sweep(tmp_path_factory) -> tuple[pathlib.Path, pathlib.Path, dict[str, str]]
     """(shard root, ckpt_path, kind -> run id) of one trained sweep with one SAE of each kind."""
     tmp = tmp_path_factory.mktemp("kinds_paths")
     root = tmp / "shards"
-    synthetic.write_shards(root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=64, n_patches_per_img=8, n_patches_per_shard=512))
+    synthetic.write_shards(
+        root, synthetic.Synthetic(d_vit=D, n_features=48, k=3, n_imgs=64, n_patches_per_img=8, n_patches_per_shard=512)
+    )
     common = f"""
 n_patches = 1500
 sae_batch_size = 128
@@ -133,7 +135,15 @@ def test_checkpoint_kind_errors(tmp_path, capsys):
     with pytest.raises(config.InputError, match=r"kind jumprelu: threshold has shape \[5\], expected \[32\]"):
         checkpoint.load(tmp_path / "shape")
     relu_cfg = config.Train(sae=config.SparseAutoencoder(d_vit=8, exp_factor=4))
-    checkpoint.save(sae_lib.SAE(8, 32, key=jax.random.key(0)), tmp_path / "extra", relu_cfg, {}, None, None, {"threshold": np.ones(32, np.float32)})
+    checkpoint.save(
+        sae_lib.SAE(8, 32, key=jax.random.key(0)),
+        tmp_path / "extra",
+        relu_cfg,
+        {},
+        None,
+        None,
+        {"threshold": np.ones(32, np.float32)},
+    )
     with pytest.raises(config.InputError, match=r"kind relu: unknown threshold"):
         checkpoint.load(tmp_path / "extra")
     # BatchTopK keeps one threshold: varying ones are not its.
@@ -177,7 +187,9 @@ def test_saelens_export_of_the_trained_sweep_encodes_as_loaded(sweep, tmp_path):
         cfg = json.loads((tmp_path / "lens" / run_id / "cfg.json").read_text())
         assert cfg["architecture"] == export.SAELENS_ARCHITECTURES[kind]
         f = np.asarray(sae_lib.load(ckpt_path / run_id).encode_raw(x))
-        np.testing.assert_allclose(saelens_reference_encode(tmp_path / "lens" / run_id, x), f, rtol=1e-4, atol=1e-5, err_msg=kind)
+        np.testing.assert_allclose(
+            saelens_reference_encode(tmp_path / "lens" / run_id, x), f, rtol=1e-4, atol=1e-5, err_msg=kind
+        )
 
 
 @pytest.mark.slow

@@ -29,8 +29,16 @@ def mixed_cfgs() -> list[config.Train]:
         exp = 2 if kind == "matryoshka" else 4
         sae = config.SparseAutoencoder(d_vit=D, exp_factor=exp, kind=kind, seed=i, n_reinit_samples=0, **extra)
         cfgs.append(config.Train(sae_batch_size=B, sae=sae, lr=1e-2, n_lr_warmup=2, n_patches=8 * B))
-    cfgs.append(dataclasses.replace(cfgs[1], lr_schedule="cosine", sae=dataclasses.replace(cfgs[1].sae, exp_factor=2, seed=9, k=5)))
-    cfgs.append(dataclasses.replace(cfgs[2], lr_schedule="linear", lr_decay_frac=0.5, sae=dataclasses.replace(cfgs[2].sae, seed=10, k=1)))
+    cfgs.append(
+        dataclasses.replace(
+            cfgs[1], lr_schedule="cosine", sae=dataclasses.replace(cfgs[1].sae, exp_factor=2, seed=9, k=5)
+        )
+    )
+    cfgs.append(
+        dataclasses.replace(
+            cfgs[2], lr_schedule="linear", lr_decay_frac=0.5, sae=dataclasses.replace(cfgs[2].sae, seed=10, k=1)
+        )
+    )
     for c in cfgs:
         config.validate(c)
     assert len(config.split_cfgs(cfgs)) == 1
@@ -44,7 +52,9 @@ def run(cfgs, xs):
     state = layout.init_state(None, identity_preprocess())
     pre = jax.device_put(identity_preprocess(), layout.replicated)
     for x in xs:
-        state, metrics = step.train_step(state, layout.hparams, pre, jnp.asarray(x), chunks=layout.chunks, mesh=layout.mesh)
+        state, metrics = step.train_step(
+            state, layout.hparams, pre, jnp.asarray(x), chunks=layout.chunks, mesh=layout.mesh
+        )
     metrics = layout.real_metrics(jax.device_get(metrics))
     out = [None] * len(cfgs)
     for indices, bundle, diverged_at in layout.real_saes(state):
@@ -77,7 +87,9 @@ def test_mixed_group_trains_in_one_step(mixed):
     # The learning rate follows each SAE's own schedule (4 steps taken; the metrics are of step 3).
     for i in (1, 5, 6):
         c = cfgs[i]
-        lr = optim.warmup_decay(c.lr, c.n_lr_warmup, train.n_train_steps(c), optim.SCHEDULES.index(c.lr_schedule), c.lr_decay_frac)(3)
+        lr = optim.warmup_decay(
+            c.lr, c.n_lr_warmup, train.n_train_steps(c), optim.SCHEDULES.index(c.lr_schedule), c.lr_decay_frac
+        )(3)
         assert together[i][1]["learning_rate"] == pytest.approx(float(lr), rel=1e-6)
 
 
@@ -106,7 +118,9 @@ def test_evaluation_uses_the_inference_form():
     xs = batches(3, seed=4)
     padded = np.zeros_like(xs[0])
     padded[:5] = xs[0][:5]
-    stats = evaluate.accumulate(bundle, [(jnp.asarray(x), B) for x in xs] + [(jnp.asarray(padded), 5)], identity_preprocess())
+    stats = evaluate.accumulate(
+        bundle, [(jnp.asarray(x), B) for x in xs] + [(jnp.asarray(padded), 5)], identity_preprocess()
+    )
     (result,) = evaluate.metrics_from_stats(stats)
     # Reference: relu(h) > 0.4, per example, in NumPy.
     W_enc, b_enc, b_dec = (np.asarray(getattr(stack, n)[0], np.float64) for n in ("W_enc", "b_enc", "b_dec"))
@@ -115,15 +129,21 @@ def test_evaluation_uses_the_inference_form():
     assert result.l0 == pytest.approx(np.mean(np.sum(np.maximum(h, 0) > 0.4, axis=1)), rel=1e-6)
     assert stats.batch_n == 3 * B and result.l0_batch == 3.0
     # ReLU: the batch form is the inference form.
-    relu = kinds.as_inference(kinds.make_stack([dataclasses.replace(cfg, sae=config.SparseAutoencoder(d_vit=D, exp_factor=4))]))
-    (r,) = evaluate.metrics_from_stats(evaluate.accumulate(relu, [(jnp.asarray(x), B) for x in xs], identity_preprocess()))
+    relu = kinds.as_inference(
+        kinds.make_stack([dataclasses.replace(cfg, sae=config.SparseAutoencoder(d_vit=D, exp_factor=4))])
+    )
+    (r,) = evaluate.metrics_from_stats(
+        evaluate.accumulate(relu, [(jnp.asarray(x), B) for x in xs], identity_preprocess())
+    )
     assert r.l0_batch == r.l0
 
 
 @pytest.mark.slow
 def test_mixed_sweep_files_end_to_end(tmp_path):
     root = tmp_path / "shards"
-    synthetic.write_shards(root, synthetic.Synthetic(d_vit=16, n_features=48, k=3, n_imgs=96, n_patches_per_img=8, n_patches_per_shard=640))
+    synthetic.write_shards(
+        root, synthetic.Synthetic(d_vit=16, n_features=48, k=3, n_imgs=96, n_patches_per_img=8, n_patches_per_shard=640)
+    )
     common = f"""
 n_patches = 2000
 sae_batch_size = 256
@@ -137,7 +157,9 @@ layer = -1
 n_random_samples = 512
 """
     (tmp_path / "relu.toml").write_text(common + "[sae]\nd_vit = 16\nexp_factor = 2\nsparsity_coeff = [1e-3, 1e-2]\n")
-    (tmp_path / "topk.toml").write_text(common + '[sae]\nd_vit = 16\nexp_factor = 4\nkind = ["topk", "batchtopk"]\nk = 3\n')
+    (tmp_path / "topk.toml").write_text(
+        common + '[sae]\nd_vit = 16\nexp_factor = 4\nkind = ["topk", "batchtopk"]\nk = 3\n'
+    )
     ids = train.cli([str(tmp_path / "relu.toml"), str(tmp_path / "topk.toml")])
     assert len(ids) == 4
     kinds_seen = []

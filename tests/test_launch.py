@@ -24,7 +24,11 @@ def free_port() -> int:
 def spawn(args: list[str], devices: int) -> subprocess.Popen:
     env = {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices), "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
     return subprocess.Popen(
-        [sys.executable, "-m", "saev_jax.train", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "saev_jax.train", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -64,7 +68,10 @@ def test_two_processes_train_the_same_saes_as_one(tmp_path, shard_root):  # noqa
     assert "4 devices" in outs[0][1]
     for a, b in zip(one_ids, two_ids):
         sa, sb = sae_lib.load(tmp_path / "one" / a).sae, sae_lib.load(tmp_path / "two" / b).sae
-        assert sae_lib.load_cfg(tmp_path / "one" / a).sae.sparsity_coeff == sae_lib.load_cfg(tmp_path / "two" / b).sae.sparsity_coeff
+        assert (
+            sae_lib.load_cfg(tmp_path / "one" / a).sae.sparsity_coeff
+            == sae_lib.load_cfg(tmp_path / "two" / b).sae.sparsity_coeff
+        )
         for n in sae_lib.TENSOR_NAMES:
             np.testing.assert_allclose(getattr(sa, n), getattr(sb, n), rtol=1e-5, atol=1e-6, err_msg=n)
 

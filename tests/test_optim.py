@@ -12,7 +12,10 @@ from saev_jax import config, optim
 
 
 def tree(rng, scale):
-    return {"a": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32), "b": jnp.asarray(rng.normal(size=5) * scale, jnp.float32)}
+    return {
+        "a": jnp.asarray(rng.normal(size=(3, 4)) * scale, jnp.float32),
+        "b": jnp.asarray(rng.normal(size=5) * scale, jnp.float32),
+    }
 
 
 @pytest.mark.parametrize(("scale", "max_norm"), [(10.0, 1.0), (0.01, 1.0), (10.0, 0.0)])
@@ -26,7 +29,9 @@ def test_clip_by_global_norm_matches_numpy(scale, max_norm):
         if factor == 1.0:
             np.testing.assert_array_equal(out[k], g[k])  # untouched, bit for bit
     if factor != 1.0:
-        assert math.sqrt(sum(float(np.sum(np.float64(v) ** 2)) for v in out.values())) == pytest.approx(max_norm, rel=1e-6)
+        assert math.sqrt(sum(float(np.sum(np.float64(v) ** 2)) for v in out.values())) == pytest.approx(
+            max_norm, rel=1e-6
+        )
 
 
 def test_clipping_is_per_sae_in_one_vmapped_update():
@@ -56,7 +61,10 @@ def test_relu_keeps_saevs_defaults_and_new_kinds_get_spec_11s():
 
 def test_a_sweep_over_kinds_resolves_each_kinds_defaults():
     cfgs = config.grid(config.Train(), {"sae": {"kind": ["relu", "topk"], "exp_factor": 16, "d_vit": 1024}})
-    assert [(c.sae.kind, c.lr, c.lr_schedule, c.max_grad_norm) for c in cfgs] == [("relu", 4e-4, "constant", 0.0), ("topk", 2e-4, "linear", 1.0)]
+    assert [(c.sae.kind, c.lr, c.lr_schedule, c.max_grad_norm) for c in cfgs] == [
+        ("relu", 4e-4, "constant", 0.0),
+        ("topk", 2e-4, "linear", 1.0),
+    ]
     cfgs = config.grid(config.Train(lr=1e-3), {"sae": {"kind": ["relu", "topk"]}})
     assert [c.lr for c in cfgs] == [1e-3, 1e-3]
     # As the CLI passes it: a base rebuilt with dataclasses.replace.

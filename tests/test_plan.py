@@ -45,7 +45,10 @@ def test_tight_memory_chunks_the_stack():
     cfgs = cfgs_of(8)
     per_sae = plan.in_flight_bytes(cfgs[0].sae.d_sae * 128 + 64 + 256, 256, 256)
     # Room for the whole state twice (chunking copies it) and about two SAEs in flight.
-    limit = int((one_sae_bytes(cfgs[0]) + 16 * plan.resident_bytes(2 * 64 * 256 + 256 + 64) + 1.5 * per_sae) / plan.headroom("cpu"))
+    limit = int(
+        (one_sae_bytes(cfgs[0]) + 16 * plan.resident_bytes(2 * 64 * 256 + 256 + 64) + 1.5 * per_sae)
+        / plan.headroom("cpu")
+    )
     p = plan.make_plan(cfgs, jax.devices()[:1], limit, "test")
     (rnd,) = p.rounds
     assert 1 <= rnd.stacks[0].chunk < 8
@@ -65,7 +68,10 @@ def test_state_too_big_for_one_round_splits_the_group():
 
 def test_budget_smaller_than_one_sae_is_a_clear_error():
     cfgs = cfgs_of(2, memory_budget_gib=1e-6)
-    with pytest.raises(config.InputError, match=r"one relu SAE of 64x256 at sae_batch_size 256 needs about .* the smallest memory_budget_gib that fits is [0-9.e-]+ "):
+    with pytest.raises(
+        config.InputError,
+        match=r"one relu SAE of 64x256 at sae_batch_size 256 needs about .* the smallest memory_budget_gib that fits is [0-9.e-]+ ",
+    ):
         train.plan_group(cfgs)
 
 
@@ -92,17 +98,29 @@ def _identity(d: int):
 
 def test_tiny_budget_and_four_devices_train_the_same_saes(tmp_path, shard_root, caplog):  # noqa: F811
     """The CLI with no flags, with a budget that forces chunk 1, and on 4 devices: the same SAEs."""
-    sweep = write_sweep(tmp_path, shard_root, extra='seed = 3')
-    text = sweep.read_text().replace("exp_factor = 2", "exp_factor = [2, 4]").replace("[1e-3, 1e-2]", "[1e-3, 1e-2, 3e-2]")
+    sweep = write_sweep(tmp_path, shard_root, extra="seed = 3")
+    text = (
+        sweep.read_text().replace("exp_factor = 2", "exp_factor = [2, 4]").replace("[1e-3, 1e-2]", "[1e-3, 1e-2, 3e-2]")
+    )
     results = {}
-    for name, flags in {"default": ["--n-devices", "1"], "tiny": ["--n-devices", "1", "--memory-budget-gib", "1e-3"], "four": ["--n-devices", "4"]}.items():
+    for name, flags in {
+        "default": ["--n-devices", "1"],
+        "tiny": ["--n-devices", "1", "--memory-budget-gib", "1e-3"],
+        "four": ["--n-devices", "4"],
+    }.items():
         sweep.write_text(text.replace(str(tmp_path / "ckpt"), str(tmp_path / name)))
         with caplog.at_level(logging.INFO, logger="saev_jax.train"):
             caplog.clear()
             ids = train.cli([str(sweep), *flags])
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stack ")]
-        results[name] = (lines, [sae_lib.load(tmp_path / name / i).sae for i in ids], [sae_lib.load_cfg(tmp_path / name / i) for i in ids])
-    assert any("chunk 1" in line for line in results["tiny"][0]) and not any("chunk 1," in line for line in results["default"][0][:1])
+        results[name] = (
+            lines,
+            [sae_lib.load(tmp_path / name / i).sae for i in ids],
+            [sae_lib.load_cfg(tmp_path / name / i) for i in ids],
+        )
+    assert any("chunk 1" in line for line in results["tiny"][0]) and not any(
+        "chunk 1," in line for line in results["default"][0][:1]
+    )
     assert all("4 devices" in line for line in results["four"][0])
     ref_cfgs = [(c.sae.exp_factor, c.sae.sparsity_coeff) for c in results["default"][2]]
     for name in ("tiny", "four"):
@@ -118,7 +136,10 @@ def test_estimate_tracks_xla(kind):
     """Per kind, chunk 1, 2 and all, on 1 and 4 devices: the planner's estimate is within 15% of
     XLA's peak for the compiled step and never more than 5% below it (plan.ACTIVATION_COPIES)."""
     M, d_vit, exp, B = 8, 64, 16, 512
-    base = config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=exp, kind=kind, n_reinit_samples=0, k=8, k_aux=32))
+    base = config.Train(
+        sae_batch_size=B,
+        sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=exp, kind=kind, n_reinit_samples=0, k=8, k_aux=32),
+    )
     cfgs = [dataclasses.replace(base, sae=dataclasses.replace(base.sae, seed=i)) for i in range(M)]
     ratios = {}
     for n_dev in (1, 4):
@@ -151,7 +172,10 @@ def test_plan_round_trips_through_json():
 
 
 def test_sae_chunk_larger_than_every_stack_is_a_clear_error():
-    with pytest.raises(config.InputError, match=r"sae_chunk = 9: larger than any stack's share of a device \(at most 3 SAEs on each of 1 devices\)"):
+    with pytest.raises(
+        config.InputError,
+        match=r"sae_chunk = 9: larger than any stack's share of a device \(at most 3 SAEs on each of 1 devices\)",
+    ):
         plan.make_plan(cfgs_of(3, sae_chunk=9), jax.devices()[:1], 64 * GIB, "test")
     p = plan.make_plan(cfgs_of(3, sae_chunk=3), jax.devices()[:1], 64 * GIB, "test")
     assert p.rounds[0].stacks[0].chunk == 3

@@ -36,7 +36,9 @@ def test_frontier_plots_every_sae_front_star_and_unhealthy():
     assert points == {
         "relu d_sae=16": [[2.0, 0.5], [8.0, 0.2]], "relu d_sae=32": [[16.0, 0.3]], "topk d_sae=32": [[4.0, 0.25]],
     }  # fmt: skip
-    markers = {c.get_label(): c.get_paths()[0].vertices.round(3).tolist() for c in ax.collections if c.get_gid() is None}
+    markers = {
+        c.get_label(): c.get_paths()[0].vertices.round(3).tolist() for c in ax.collections if c.get_gid() is None
+    }
     assert markers["relu d_sae=32"] == markers["topk d_sae=32"] != markers["relu d_sae=16"]  # Marker: width.
     colors = {c.get_label(): tuple(c.get_facecolor()[0]) for c in ax.collections if c.get_gid() is None}
     assert colors["relu d_sae=16"] == colors["relu d_sae=32"] != colors["topk d_sae=32"]  # Colour: kind.
@@ -80,6 +82,7 @@ def test_group_figure_bolds_the_healthy_best_only(tmp_path):
     def m(quality, mse):
         return EvalMetrics(l0=2.0, l1=1.0, mse=mse, n_dead=0, n_almost_dead=0, n_dense=0, freqs=np.full(2 * D, 0.1, np.float32),
                            mean_values=np.ones(2 * D, np.float32), almost_dead_threshold=1e-7, dense_threshold=1e-2, quality=quality)  # fmt: skip
+
     rows_metrics = [m(1.0, 0.3), m(7348.0, 3e22), m(2.0, 0.2)]
     cfg = config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=2))
     rows = [summary.make_row(f"r{i}", cfg, x) for i, x in enumerate(rows_metrics)]

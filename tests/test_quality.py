@@ -28,7 +28,9 @@ def test_binary_and_geometric_entropy():
 def test_terms_are_the_documented_formula():
     freqs = np.array([0.0, 0.25, 0.5])
     values = np.array([np.nan, 2.0, 3.0])
-    bits = quality.description_bits(freqs, values, mse=0.01, data_var=1.0, d_vit=4, w_dec_norms=np.array([1.0, 1.0, 0.5]))
+    bits = quality.description_bits(
+        freqs, values, mse=0.01, data_var=1.0, d_vit=4, w_dec_norms=np.array([1.0, 1.0, 0.5])
+    )
     assert bits.residual_saved == pytest.approx(2 * math.log2(100))
     assert bits.support == pytest.approx(quality.binary_entropy(0.25) + 1.0)
     delta = math.sqrt(12 * 0.01)
@@ -51,7 +53,13 @@ def test_statistics_level_ordering():
     assert good > 0 > dense
     assert good > collapsed
     # Dead features cost nothing: adding them changes nothing.
-    padded = quality.quality(np.r_[np.full(n_feat, k / n_feat), np.zeros(100)], np.r_[np.full(n_feat, 3.0), np.full(100, np.nan)], 0.003, 1.0, d)
+    padded = quality.quality(
+        np.r_[np.full(n_feat, k / n_feat), np.zeros(100)],
+        np.r_[np.full(n_feat, 3.0), np.full(100, np.nan)],
+        0.003,
+        1.0,
+        d,
+    )
     assert padded == pytest.approx(good)
 
 
@@ -79,7 +87,11 @@ def test_evaluated_quality_ranks_constructed_saes():
     x_ND, truth_FD = sparse_data(rng)
     S = 2 * N_FEAT
     # True dictionary (and 16 dead spare features).
-    perfect = sae_from(np.c_[truth_FD.T, np.zeros((D, N_FEAT))], np.r_[np.zeros(N_FEAT), np.full(N_FEAT, -1e3)], np.r_[truth_FD, truth_FD])
+    perfect = sae_from(
+        np.c_[truth_FD.T, np.zeros((D, N_FEAT))],
+        np.r_[np.zeros(N_FEAT), np.full(N_FEAT, -1e3)],
+        np.r_[truth_FD, truth_FD],
+    )
     # Dense: +e_i and -e_i with a large positive bias, so every feature is always on and the
     # reconstruction is exact: (relu(x + c) - relu(-x + c)) / 2 = x.
     eye = np.eye(D)
@@ -87,7 +99,9 @@ def test_evaluated_quality_ranks_constructed_saes():
     # Collapsed: only the two most used true directions survive.
     keep = np.zeros(S)
     keep[:2] = 1
-    collapsed = sae_from(np.c_[truth_FD.T, np.zeros((D, N_FEAT))] * keep, np.where(keep > 0, 0.0, -1e3), np.r_[truth_FD, truth_FD])
+    collapsed = sae_from(
+        np.c_[truth_FD.T, np.zeros((D, N_FEAT))] * keep, np.where(keep > 0, 0.0, -1e3), np.r_[truth_FD, truth_FD]
+    )
     stack = jax.tree.map(lambda *leaves: jnp.stack(leaves), perfect, dense, collapsed)
     pre = data.Preprocess(clamp=1e5, act_mean=np.zeros(D, np.float32), scalar=1.0)
     batches = [(jnp.asarray(x_ND[i : i + 1024]), 1024) for i in range(0, N, 1024)]
@@ -104,7 +118,6 @@ def test_uniform_shrinkage_is_not_penalised():
     b_enc = -0.2 only keeps noise (std 0.05) from switching features on; -0.7 shrinks values by 0.5 more.
     """
 
-
     rng = np.random.default_rng(1)
     x_ND, truth_FD = sparse_data(rng)
     perfect = sae_from(truth_FD.T, np.full(N_FEAT, -0.2), truth_FD)
@@ -117,7 +130,9 @@ def test_uniform_shrinkage_is_not_penalised():
     scale, shift, sq_err = quality.debias(stats.code_sq_err[1, 0], stats.code_gram[1, 0], stats.code_cross[1, 0])
     assert shift == pytest.approx(0.7, abs=0.03) and scale == pytest.approx(1.0, abs=0.02)
     assert bad.l0 == pytest.approx(good.l0, rel=0.01)
-    assert sq_err / (N * D) < 1.2 * quality.debias(stats.code_sq_err[0, 0], stats.code_gram[0, 0], stats.code_cross[0, 0])[2] / (N * D)  # ... and the shared shift removes it,
+    assert sq_err / (N * D) < 1.2 * quality.debias(
+        stats.code_sq_err[0, 0], stats.code_gram[0, 0], stats.code_cross[0, 0]
+    )[2] / (N * D)  # ... and the shared shift removes it,
     assert bad.quality == pytest.approx(good.quality, abs=1.0)  # so both are the same code, give or take a bit.
     assert evaluate.code_bits(stats, 1)[0].quality == pytest.approx(bad.quality, abs=1.0)  # level 0: no pruning needed
     # The quality without the correction would have ranked the shrunk SAE far lower.

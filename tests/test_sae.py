@@ -55,8 +55,12 @@ def test_forward_loss_and_grads_match_reference():
     x = rng.normal(size=(B, D)).astype(np.float32) * 3
     coeff = 0.05
     sae = to_sae(params)
-    (total, terms), grads = eqx.filter_value_and_grad(sae_lib.loss, has_aux=True)(sae, jnp.asarray(x), jnp.float32(coeff))
-    ref_terms, ref_grads = reference.loss_and_grads({k: v.astype(np.float64) for k, v in params.items()}, x.astype(np.float64), coeff)
+    (total, terms), grads = eqx.filter_value_and_grad(sae_lib.loss, has_aux=True)(
+        sae, jnp.asarray(x), jnp.float32(coeff)
+    )
+    ref_terms, ref_grads = reference.loss_and_grads(
+        {k: v.astype(np.float64) for k, v in params.items()}, x.astype(np.float64), coeff
+    )
     for key, value in ref_terms.items():
         np.testing.assert_allclose(terms[key], value, rtol=1e-5, err_msg=key)
     for name in sae_lib.TENSOR_NAMES:

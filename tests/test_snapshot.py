@@ -63,7 +63,13 @@ def assert_bit_equal(a, b):
 
 def test_round_trip_is_bit_exact_with_meta(tmp_path):
     state = make_state(3)
-    meta = {"group": "abc", "step": 30, "ids": ["a1", "b2"], "cfgs": [config.to_dict(config.Train())], "journal": {"a1": 123}}
+    meta = {
+        "group": "abc",
+        "step": 30,
+        "ids": ["a1", "b2"],
+        "cfgs": [config.to_dict(config.Train())],
+        "journal": {"a1": 123},
+    }
     fpath = snapshot.save(tmp_path, 30, state, meta)
     assert fpath == tmp_path / "snapshot-000000000030" and fpath.is_dir()
     assert snapshot.latest(tmp_path) == (30, fpath)
@@ -128,7 +134,9 @@ def damage_missing_file(fpath):
     (fpath / "state.safetensors").unlink()
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_flip_byte, damage_meta, damage_manifest, damage_missing_file])
+@pytest.mark.parametrize(
+    "damage", [damage_truncate, damage_flip_byte, damage_meta, damage_manifest, damage_missing_file]
+)
 def test_damaged_newest_snapshot_is_skipped_with_one_line(tmp_path, caplog, damage):
     state10 = make_state(10)
     snapshot.save(tmp_path, 10, state10, {"step": 10})
@@ -156,7 +164,9 @@ def test_restore_names_the_key_that_does_not_fit(tmp_path):
     fpath = snapshot.save(tmp_path, 1, make_state(1), {})
     wider = make_state(1)
     wider = eqx.tree_at(lambda s: s.stacks[1].W_enc, wider, jnp.zeros((3, 4, 16)))
-    with pytest.raises(config.InputError, match=r"\.stacks\[1\]\.W_enc is float32\[3, 4, 12\] in the snapshot, float32\[3, 4, 16\] now"):
+    with pytest.raises(
+        config.InputError, match=r"\.stacks\[1\]\.W_enc is float32\[3, 4, 12\] in the snapshot, float32\[3, 4, 16\] now"
+    ):
         snapshot.restore(fpath, wider)
     with pytest.raises(config.InputError, match=r"holds \.stacks\[1\]"):
         snapshot.restore(fpath, eqx.tree_at(lambda s: s.stacks, make_state(1), make_state(1).stacks[:1]))

@@ -40,7 +40,9 @@ def controller_hparams(target, on, start, lr, n_lr_warmup, gain=2.5, max_change=
     ]  # fmt: skip
     hp = steer.Hparams.from_cfgs(cfgs)
     n = len(cfgs)
-    return dataclasses.replace(hp, gain=jnp.full(n, gain), max_change=jnp.full(n, max_change), ema_decay=jnp.full(n, decay))
+    return dataclasses.replace(
+        hp, gain=jnp.full(n, gain), max_change=jnp.full(n, max_change), ema_decay=jnp.full(n, decay)
+    )
 
 
 def test_update_matches_numpy_reference():
@@ -108,11 +110,21 @@ def sparse_data(n_steps: int, batch: int, seed: int = 0) -> list[np.ndarray]:
 
 def relu_cfgs(targets, *, kind="relu", batch=64, n_steps=300, exp_factor=8, **train_kw) -> list[config.Train]:
     # JumpReLU: a bandwidth wide enough for the straight-through threshold gradient to see these inputs.
-    coeff = {"sparsity_coeff": 0.02} if kind == "relu" else dict(l0_coefficient=0.01, jumprelu_init_threshold=0.05, jumprelu_bandwidth=0.1)
+    coeff = (
+        {"sparsity_coeff": 0.02}
+        if kind == "relu"
+        else dict(l0_coefficient=0.01, jumprelu_init_threshold=0.05, jumprelu_bandwidth=0.1)
+    )
     cfgs = []
     for i, t in enumerate(targets):
-        sae = config.SparseAutoencoder(d_vit=D, exp_factor=exp_factor, kind=kind, seed=i, n_reinit_samples=0, target_l0=t, **coeff)
-        cfgs.append(config.Train(sae=sae, sae_batch_size=batch, n_patches=(n_steps - 1) * batch, lr=1e-2, n_lr_warmup=10, **train_kw))
+        sae = config.SparseAutoencoder(
+            d_vit=D, exp_factor=exp_factor, kind=kind, seed=i, n_reinit_samples=0, target_l0=t, **coeff
+        )
+        cfgs.append(
+            config.Train(
+                sae=sae, sae_batch_size=batch, n_patches=(n_steps - 1) * batch, lr=1e-2, n_lr_warmup=10, **train_kw
+            )
+        )
     for c in cfgs:
         config.validate(c)
     return cfgs
@@ -129,13 +141,17 @@ def train_stack(cfgs, xs):
     pre = jax.device_put(identity_preprocess(), layout.replicated)
     history = []
     for x in xs:
-        state, (metrics,) = step.train_step(state, layout.hparams, pre, jnp.asarray(x), chunks=layout.chunks, mesh=layout.mesh)
+        state, (metrics,) = step.train_step(
+            state, layout.hparams, pre, jnp.asarray(x), chunks=layout.chunks, mesh=layout.mesh
+        )
         history.append(metrics)
     return jax.device_get(state.stacks[0]), jax.device_get(history)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, targets, n_steps", [("relu", (2.0, 6.0, 16.0), 400), ("jumprelu", (2.0, 4.0, 8.0), 1000)])
+@pytest.mark.parametrize(
+    "kind, targets, n_steps", [("relu", (2.0, 6.0, 16.0), 400), ("jumprelu", (2.0, 4.0, 8.0), 1000)]
+)
 def test_several_targets_in_one_stack_reach_them(kind, targets, n_steps):
     # JumpReLU follows more slowly (its threshold moves only through the straight-through estimate).
     cfgs = relu_cfgs(targets, kind=kind, n_steps=n_steps)
@@ -159,9 +175,13 @@ def test_each_coefficient_is_its_own():
     assert np.ptp(hist_together[-1]["sparsity_coeff"][[0, 2]]) > 0  # the two targets were steered apart
     for m, cfg in enumerate(cfgs):
         alone, hist_alone = train_stack([cfg], xs)
-        for got, want in zip(jax.tree.leaves((alone.saes, alone.state)), jax.tree.leaves((together.saes, together.state))):
+        for got, want in zip(
+            jax.tree.leaves((alone.saes, alone.state)), jax.tree.leaves((together.saes, together.state))
+        ):
             np.testing.assert_allclose(got[0], want[m], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose([h["sparsity_coeff"][0] for h in hist_alone], [h["sparsity_coeff"][m] for h in hist_together], rtol=1e-6)
+        np.testing.assert_allclose(
+            [h["sparsity_coeff"][0] for h in hist_alone], [h["sparsity_coeff"][m] for h in hist_together], rtol=1e-6
+        )
 
 
 @pytest.mark.slow
@@ -232,7 +252,10 @@ def with_sae(**kw) -> config.Train:
         (config.Train(prune="halve"), r"prune = \"halve\""),
         (config.Train(prune="halving", prune_keep=1.0), r"prune_keep = 1.0: must be in \(0, 1\)"),
         (config.Train(prune="halving", prune_keep=0.0), r"prune_keep = 0.0"),
-        (config.Train(prune="halving", prune_rungs=(0.5, 1.0)), r"prune_rungs = \[0.5, 1.0\]: .*past the end of training"),
+        (
+            config.Train(prune="halving", prune_rungs=(0.5, 1.0)),
+            r"prune_rungs = \[0.5, 1.0\]: .*past the end of training",
+        ),
         (config.Train(prune="halving", prune_rungs=()), r"prune_rungs = \[\]"),
         (config.Train(prune="halving", prune_rungs=(0.5, 0.25)), r"prune_rungs.*strictly increasing"),
         (config.Train(prune_keep=0.25), r"prune_keep = 0.25: only prune = halving reads it"),
@@ -340,7 +363,10 @@ def test_metrics_json_and_summary_report_the_target_and_final_coefficient(tmp_pa
     from saev_jax import synthetic
 
     shards = tmp_path / "shards"
-    synthetic.write_shards(shards, synthetic.Synthetic(d_vit=8, n_features=24, k=2, n_imgs=32, n_patches_per_img=8, n_patches_per_shard=256))
+    synthetic.write_shards(
+        shards,
+        synthetic.Synthetic(d_vit=8, n_features=24, k=2, n_imgs=32, n_patches_per_img=8, n_patches_per_shard=256),
+    )
     ids = train.cli([
         "--data.shard-root", str(shards), "--n-patches", "640", "--sae-batch-size", "64", "--n-workers", "1",
         "--no-track", "--ckpt-path", str(tmp_path / "ckpt"), "--sae.exp-factor", "2",
@@ -348,7 +374,10 @@ def test_metrics_json_and_summary_report_the_target_and_final_coefficient(tmp_pa
     ])  # fmt: skip
     metrics = json.loads((tmp_path / "ckpt" / ids[0] / "metrics.json").read_text())
     assert metrics["target_l0"] == 4.0
-    assert metrics["final_sparsity_coeff"] > 0 and metrics["final_sparsity_coeff"] != config.SparseAutoencoder.sparsity_coeff
+    assert (
+        metrics["final_sparsity_coeff"] > 0
+        and metrics["final_sparsity_coeff"] != config.SparseAutoencoder.sparsity_coeff
+    )
     with open(tmp_path / "ckpt" / "summary.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["target_l0"]) == 4.0 and float(row["final_sparsity_coeff"]) == metrics["final_sparsity_coeff"]

@@ -41,7 +41,7 @@ def run(cfgs, xs, *, n_devices=1, chunk=8, poison_pads=False):
     if poison_pads:
         stacks = []
         for s, stack in zip(layout.round.stacks, state.stacks):
-            is_pad = (jnp.arange(s.n_padded) >= s.n_saes)
+            is_pad = jnp.arange(s.n_padded) >= s.n_saes
             poison = lambda leaf: jnp.where(is_pad.reshape((-1,) + (1,) * (leaf.ndim - 1)), jnp.nan, leaf)  # noqa: E731
             saes = jax.tree.map(poison, stack.saes)
             stacks.append(dataclasses.replace(stack, saes=jax.device_put(saes, stack.saes.W_enc.sharding)))
@@ -122,7 +122,6 @@ def test_a_diverging_sae_is_frozen_and_sinks_nobody():
     assert all(d == -1 for _, d in without)
 
 
-
 def test_a_finite_blow_up_is_frozen_too():
     """An SAE whose loss passes BLOWUP x its first step's loss while finite is frozen like a non-finite one;
     an lr 1e3 SAE beside an lr 1e-3 one is marked diverged and its neighbour is untouched."""
@@ -141,9 +140,13 @@ def test_a_finite_blow_up_is_frozen_too():
     first = np.asarray(state.stacks[0].first_loss)
     assert np.all(np.isfinite(first) & (first > 0))
     low = jnp.asarray([first[0], first[1] / step.BLOWUP / 10], jnp.float32)
-    state = eqx.tree_at(lambda s: s.stacks[0].first_loss, state, jax.device_put(low, state.stacks[0].first_loss.sharding))
+    state = eqx.tree_at(
+        lambda s: s.stacks[0].first_loss, state, jax.device_put(low, state.stacks[0].first_loss.sharding)
+    )
     before = np.asarray(state.stacks[0].saes.W_enc)
-    state, metrics = step.train_step(state, layout.hparams, pre, jnp.asarray(xs[1]), chunks=layout.chunks, mesh=layout.mesh)
+    state, metrics = step.train_step(
+        state, layout.hparams, pre, jnp.asarray(xs[1]), chunks=layout.chunks, mesh=layout.mesh
+    )
     assert np.asarray(state.stacks[0].diverged_at).tolist() == [-1, 1]
     assert np.asarray(metrics[0]["diverged"]).tolist() == [False, True]
     after = np.asarray(state.stacks[0].saes.W_enc)

@@ -36,8 +36,24 @@ def starred(lines: list[str]) -> list[str]:
 
 def test_blown_up_but_finite_sae_is_never_best():
     # The reported sweep: lr 1e3 stayed finite, MSE 3.09e22, 3063 of 3072 latents dead, quality 7348.
-    healthy = {"l0": 31.0, "mse": 0.21, "n_dead": 12, "quality": 120.0, "quality_stderr": 5.0, "diverged": False, "diverged_step": None}
-    blown = {"l0": 0.4, "mse": 3.09e22, "n_dead": 3063, "quality": 7348.0, "quality_stderr": 5.0, "diverged": False, "diverged_step": None}
+    healthy = {
+        "l0": 31.0,
+        "mse": 0.21,
+        "n_dead": 12,
+        "quality": 120.0,
+        "quality_stderr": 5.0,
+        "diverged": False,
+        "diverged_step": None,
+    }
+    blown = {
+        "l0": 0.4,
+        "mse": 3.09e22,
+        "n_dead": 3063,
+        "quality": 7348.0,
+        "quality_stderr": 5.0,
+        "diverged": False,
+        "diverged_step": None,
+    }
     wide = config.Train(lr=1e-3, sae=config.SparseAutoencoder(d_vit=384, exp_factor=8))
     lines, rows = table_of([("good", wide, healthy), ("bad", config.Train(lr=1e3, sae=wide.sae), blown)])
     assert starred(lines) == ["good"]
@@ -90,15 +106,27 @@ def test_ties_within_the_standard_error_are_all_starred():
 def test_columns_show_kind_width_own_sparsity_fvu_and_stderr(tmp_path):
     entries = [
         ("relu", cfg(sparsity_coeff=0.01), metrics()),
-        ("topk", config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=8, kind="topk", k=5)), metrics(fvu=0.25, explained_variance=0.75)),
+        (
+            "topk",
+            config.Train(sae=config.SparseAutoencoder(d_vit=D, exp_factor=8, kind="topk", k=5)),
+            metrics(fvu=0.25, explained_variance=0.75),
+        ),
         ("jump", cfg(kind="jumprelu", l0_coefficient=0.002), metrics(quality_stderr=0.125)),
     ]
     lines, _ = table_of(entries)
     assert lines[0].split() == list(summary.TABLE_COLUMNS)
     cells = {line.split()[1]: dict(zip(summary.TABLE_COLUMNS, line.split()[1:])) for line in lines[2:]}
-    assert cells["relu"]["sparsity"] == "0.01" and cells["topk"]["sparsity"] == "5" and cells["jump"]["sparsity"] == "0.002"
+    assert (
+        cells["relu"]["sparsity"] == "0.01"
+        and cells["topk"]["sparsity"] == "5"
+        and cells["jump"]["sparsity"] == "0.002"
+    )
     assert cells["topk"]["kind"] == "topk" and cells["topk"]["d_sae"] == str(8 * D) and cells["relu"]["d_sae"] == str(S)
-    assert cells["topk"]["fvu"] == "0.25" and cells["topk"]["expl_var"] == "0.75" and cells["jump"]["quality_stderr"] == "0.125"
+    assert (
+        cells["topk"]["fvu"] == "0.25"
+        and cells["topk"]["expl_var"] == "0.75"
+        and cells["jump"]["quality_stderr"] == "0.125"
+    )
     fpath = summary.write_summary(tmp_path, entries, file=io.StringIO())
     rows = {r["run_id"]: r for r in csv.DictReader(open(fpath))}
     # A sparsity setting the kind does not read is empty: TopK rows carry no sparsity_coeff.

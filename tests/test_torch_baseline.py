@@ -38,7 +38,9 @@ def test_torch_baseline_matches_saev_jax():
     # Copied before the jax steps: train_step donates (deletes) the state it is given.
     device = torch.device("cpu")
     saes = [
-        torch_baseline.from_arrays({n: np.asarray(getattr(init, n))[m] for n in sae_lib.TENSOR_NAMES}, c.sae.sparsity_coeff, device)
+        torch_baseline.from_arrays(
+            {n: np.asarray(getattr(init, n))[m] for n in sae_lib.TENSOR_NAMES}, c.sae.sparsity_coeff, device
+        )
         for m, c in enumerate(cfgs)
     ]
     mesh = plan.make_mesh(jax.devices()[:1])
@@ -54,7 +56,9 @@ def test_torch_baseline_matches_saev_jax():
         losses = trainer.step(torch.from_numpy(x))
         for m, metrics in enumerate(trainer.metrics(losses)):
             for key in ("mse", "l1", "loss"):
-                np.testing.assert_allclose(metrics[f"losses/{key}"], jax_metrics[t][key][m], rtol=1e-5, err_msg=f"{key} sae {m} step {t}")
+                np.testing.assert_allclose(
+                    metrics[f"losses/{key}"], jax_metrics[t][key][m], rtol=1e-5, err_msg=f"{key} sae {m} step {t}"
+                )
             assert metrics["metrics/l0"] == jax_metrics[t]["l0"][m]
 
     assert int(state.step) == trainer.n_steps == N_STEPS

@@ -22,7 +22,12 @@ def make_cfgs() -> list[config.Train]:
     variants = [
         dict(lr=1e-2, n_lr_warmup=3, n_sparsity_warmup=0, sae=dict(sparsity_coeff=1e-2, seed=1)),
         dict(lr=3e-3, n_lr_warmup=0, n_sparsity_warmup=4, sae=dict(sparsity_coeff=5e-2, seed=2, normalize_w_dec=False)),
-        dict(lr=2e-2, n_lr_warmup=5, n_sparsity_warmup=2, sae=dict(sparsity_coeff=0.0, seed=3, remove_parallel_grads=False)),
+        dict(
+            lr=2e-2,
+            n_lr_warmup=5,
+            n_sparsity_warmup=2,
+            sae=dict(sparsity_coeff=0.0, seed=3, remove_parallel_grads=False),
+        ),
     ]
     cfgs = []
     for v in variants:
@@ -77,11 +82,15 @@ def test_step_matches_numpy_reference():
         for t, x in enumerate(xs):
             terms = ref.step(x.astype(np.float64))
             for key, value in terms.items():
-                np.testing.assert_allclose(history[t][key][m], value, rtol=2e-5, atol=1e-7, err_msg=f"{key} sae {m} step {t}")
+                np.testing.assert_allclose(
+                    history[t][key][m], value, rtol=2e-5, atol=1e-7, err_msg=f"{key} sae {m} step {t}"
+                )
         # 8 Adam steps at lr up to 2e-2 leave float32 within ~1e-6 (about 10 ulp at the
         # parameters' scale of ~0.5) of the float64 reference.
         for name in sae_lib.TENSOR_NAMES:
-            np.testing.assert_allclose(getattr(state.saes, name)[m], ref.p[name], rtol=1e-5, atol=2e-6, err_msg=f"{name} sae {m}")
+            np.testing.assert_allclose(
+                getattr(state.saes, name)[m], ref.p[name], rtol=1e-5, atol=2e-6, err_msg=f"{name} sae {m}"
+            )
 
 
 def test_stack_equals_each_alone():
@@ -155,7 +164,10 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(t
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(train.checkpoint, "save", full_disk)
-    with pytest.raises(config.InputError, match=r"ckpt/run1: could not write the checkpoint: No space left on device; .*run the same command again") as err:
+    with pytest.raises(
+        config.InputError,
+        match=r"ckpt/run1: could not write the checkpoint: No space left on device; .*run the same command again",
+    ) as err:
         train.save_checkpoint(None, tmp_path / "ckpt" / "run1", config.Train(), None, {})
     assert "\n" not in str(err.value)
     assert not (tmp_path / "ckpt" / ".run1.tmp").exists() and not (tmp_path / "ckpt" / "run1").exists()

@@ -336,7 +336,12 @@ class Activations:
         return (hi - lo) * self.d_vit * 4
 
     def read_images(
-        self, img_a: int, img_b: int, *, out: Float[np.ndarray, "n d_vit"], scratch: list | None = None,
+        self,
+        img_a: int,
+        img_b: int,
+        *,
+        out: Float[np.ndarray, "n d_vit"],
+        scratch: list | None = None,
         direct: bool = False,
     ) -> Float[np.ndarray, "n d_vit"]:
         """Every example of images `[img_a, img_b)`, in dataset order, into `out`; returns it.
@@ -477,7 +482,9 @@ class _ShardFile:
         """InputError unless the file still has its full size (a shrunk file would SIGBUS a map)."""
         size = os.fstat(self.fd).st_size
         if size != self.nbytes:
-            raise config.InputError(f"{self.fpath}: changed size while reading: now {size} bytes, expected {self.nbytes}")
+            raise config.InputError(
+                f"{self.fpath}: changed size while reading: now {size} bytes, expected {self.nbytes}"
+            )
 
     def mapped(self, shape: tuple[int, ...]) -> Float[np.ndarray, "..."]:
         """The whole file as a read-only float32 array of `shape`, size checked first."""
@@ -522,7 +529,9 @@ class _ShardFile:
         # The O_DIRECT descriptor, opened on first use; the plain one where it cannot be had.
         if self._direct_fd is None:
             try:
-                self._direct_fd = os.open(self.fpath, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else -1
+                self._direct_fd = (
+                    os.open(self.fpath, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) if hasattr(os, "O_DIRECT") else -1
+                )
             except OSError:
                 self._direct_fd = -1
         return self.fd if self._direct_fd < 0 else self._direct_fd

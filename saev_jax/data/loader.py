@@ -79,7 +79,9 @@ class BlockOrder:
     def blocks(self, g: int) -> Int[np.ndarray, " n_blocks"]:
         """The blocks of stream window g, in window order."""
         epoch, w = divmod(g, self.n_windows)
-        pos = np.arange(w * self.blocks_per_window, min((w + 1) * self.blocks_per_window, self.n_blocks), dtype=np.uint64)
+        pos = np.arange(
+            w * self.blocks_per_window, min((w + 1) * self.blocks_per_window, self.n_blocks), dtype=np.uint64
+        )
         out = pos.astype(np.int64)
         full = pos < self.n_full_blocks
         if full.any():
@@ -208,7 +210,9 @@ class Loader:
             imgs_per_block = max(1, round(block_bytes / acts.image_read_nbytes))
             block_mem = imgs_per_block * acts.examples_per_image * acts.d_vit * 4
             blocks_per_window = max(1, shuffle_buffer_bytes // 2 // block_mem)
-            self.order = BlockOrder(acts.metadata.n_imgs, acts.examples_per_image, imgs_per_block, blocks_per_window, seed)
+            self.order = BlockOrder(
+                acts.metadata.n_imgs, acts.examples_per_image, imgs_per_block, blocks_per_window, seed
+            )
 
     def __len__(self) -> int:
         """Batches in the one ordered pass (`shuffle=False`), from batch 0; the shuffled stream has no end."""
@@ -220,7 +224,9 @@ class Loader:
         """The dataset indices of global batch `batch_i`, in the order of its rows (without padding)."""
         if self.shuffle and self.order is not None:
             start = batch_i * self.batch_size
-            return np.concatenate([self.order.indices(g, rows) for g, rows in self.order.slots(start, start + self.batch_size)])
+            return np.concatenate(
+                [self.order.indices(g, rows) for g, rows in self.order.slots(start, start + self.batch_size)]
+            )
         return np.concatenate(self._batch_segments(batch_i))
 
     def _batch_segments(self, batch_i: int) -> list[Int[np.ndarray, " n"]]:
@@ -251,7 +257,9 @@ class Loader:
         elif self.order is not None:
             raise RuntimeError("a shuffled blocks-mode batch is read through the window buffers; iterate the Loader")
         else:
-            indices = np.concatenate(self._batch_segments(batch_i))[self.row_start : self.row_start + self.local_batch_size]
+            indices = np.concatenate(self._batch_segments(batch_i))[
+                self.row_start : self.row_start + self.local_batch_size
+            ]
             n_valid = indices.size
             self.acts.read(indices, out=x_BD[:n_valid])
         x_BD[n_valid:] = 0.0

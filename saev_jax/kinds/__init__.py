@@ -1,9 +1,9 @@
 """SAE kinds behind one interface (`base.Kind`): one file each, selected by `sae.kind`.
 
-    stack = kinds.make_stack(cfgs, precision)      # one kind, one d_sae
-    hparams = kinds.make_hparams(cfgs)             # [M] arrays
-    state = kinds.init_state(stack)                # [M] non-trainable state
-    total, (metrics, state) = sae.loss(state, x_BD, hp, step)   # one SAE (vmap for a stack)
+stack = kinds.make_stack(cfgs, precision)      # one kind, one d_sae
+hparams = kinds.make_hparams(cfgs)             # [M] arrays
+state = kinds.init_state(stack)                # [M] non-trainable state
+total, (metrics, state) = sae.loss(state, x_BD, hp, step)   # one SAE (vmap for a stack)
 """
 
 import equinox as eqx
@@ -119,7 +119,11 @@ def make_inference(
     cls = KINDS[cfg.sae.kind]
     # Shapes only: the draws of a fresh init would be thrown away.
     template = jax.eval_shape(lambda: jax.tree.map(lambda a: a[0], cls.make_stack([cfg], precision)))
-    sae = eqx.tree_at(lambda s: [getattr(s, n) for n in TENSOR_NAMES], template, [jnp.asarray(tensors[n], jnp.float32) for n in TENSOR_NAMES])
+    sae = eqx.tree_at(
+        lambda s: [getattr(s, n) for n in TENSOR_NAMES],
+        template,
+        [jnp.asarray(tensors[n], jnp.float32) for n in TENSOR_NAMES],
+    )
     expected = jax.eval_shape(lambda s: s.inference_tensors(s.init_state()), template)
     problems = [f"missing {n}" for n in expected if n not in kind_tensors]
     problems += [f"unknown {n}" for n in kind_tensors if n not in expected]

@@ -65,7 +65,9 @@ class ThresholdState(eqx.Module):
     def update_sparse(self, v_N: Float[Array, " N"], col_N, n: int, rate: Float[Array, ""]) -> "ThresholdState":
         """`update` from the kept entries (values `v_N` of latents `col_N`) of a batch of n examples."""
         fired_S = sparse.fired(v_N, col_N, self.dead_counts.tokens_since_fired.shape[-1])
-        return ThresholdState(self.dead_counts.update_fired(fired_S, n), select.ema_threshold(self.threshold, v_N, rate))
+        return ThresholdState(
+            self.dead_counts.update_fired(fired_S, n), select.ema_threshold(self.threshold, v_N, rate)
+        )
 
 
 def encode_with_threshold(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""]) -> Float[Array, "B d_sae"]:
@@ -113,7 +115,9 @@ class BatchTopK(base.Kind):
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> Float[Array, "B d_sae"]:
         return select.topk_batch(jax.nn.relu(self.pre_acts(x_BD)), hp.k)[0]
 
-    def encode(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> Float[Array, "B d_sae"]:
+    def encode(
+        self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams
+    ) -> Float[Array, "B d_sae"]:
         return encode_with_threshold(self.pre_acts(x_BD), state.threshold)
 
     def encode_sparse(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> sparse.Code:
@@ -127,7 +131,9 @@ class BatchTopK(base.Kind):
             return self.sparse_loss(state, x_BD, hp, step)
         return self.dense_loss(state, x_BD, hp, step)
 
-    def sparse_loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+    def sparse_loss(
+        self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]
+    ):
         """`loss` from each example's `select.batch_candidates` largest pre-activations (kinds/sparse.py)."""
         picked, h_BS, overflow = sparse_batch_pick(self, x_BD, hp)
         v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
@@ -137,9 +143,14 @@ class BatchTopK(base.Kind):
         new_state = state.update_sparse(v_N, col_N, x_BD.shape[0], hp.topk_threshold_lr)
         # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
         # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
-        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)}, new_state)
+        return total, (
+            metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)},
+            new_state,
+        )
 
-    def dense_loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
+    def dense_loss(
+        self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]
+    ):
         """`loss` computed on dense `[B, d_sae]` activations."""
         h_BS = self.pre_acts(x_BD)
         f_BS, _ = select.topk_batch(jax.nn.relu(h_BS), hp.k)
@@ -172,7 +183,9 @@ def threshold_code(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""], h
     picked, _, train_overflow = select.pick_batch_from(vals_BC, cols_BC, hp.k, S)
     dense_count = lambda: jnp.sum(select.topk_batch(jax.nn.relu(h_BS), hp.k)[0] > 0, dtype=jnp.int32)  # noqa: E731
     n_train = jnp.where(
-        train_overflow, sparse.run_if(train_overflow, dense_count, jnp.int32(0)), jnp.sum(picked.keep_BK, dtype=jnp.int32)
+        train_overflow,
+        sparse.run_if(train_overflow, dense_count, jnp.int32(0)),
+        jnp.sum(picked.keep_BK, dtype=jnp.int32),
     )
     return sparse.Code(jnp.where(keep_BC, a_BC, 0.0), cols_BC, overflow, rest_BS, n_train, d_sae=S)
 

@@ -60,7 +60,9 @@ class Matryoshka(base.Kind):
     name: typing.ClassVar[str] = "matryoshka"
     batch_coupled: typing.ClassVar[bool] = True
 
-    def __init__(self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, block_ends: tuple[int, ...], precision: str = "float32"):
+    def __init__(
+        self, d_vit: int, d_sae: int, *, key: PRNGKeyArray, block_ends: tuple[int, ...], precision: str = "float32"
+    ):
         self.W_enc, self.b_enc, self.W_dec, self.b_dec = base.tied_tensors(d_vit, d_sae, key)
         if not block_ends or block_ends[-1] != d_sae or list(block_ends) != sorted(set(block_ends)):
             raise ValueError(f"block_ends = {block_ends}: must increase and end at d_sae = {d_sae}")
@@ -118,7 +120,9 @@ class Matryoshka(base.Kind):
     def loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
         # Dense, so training is exactly BatchTopK: `sparse_loss` equals it only while no example has more
         # of the batch's k * B than its candidates (`select_overflow`), and no exact fallback is cheap yet.
-        if batchtopk.SPARSE_TRAINING and sparse.use_sparse(self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])):
+        if batchtopk.SPARSE_TRAINING and sparse.use_sparse(
+            self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])
+        ):
             return self.sparse_loss(state, x_BD, hp, step)
         return self.dense_loss(state, x_BD, hp, step)
 
@@ -130,7 +134,9 @@ class Matryoshka(base.Kind):
         # Decode each block of the grid into its own rows, then add the blocks up: prefix g is blocks 0..g.
         block_N = jnp.searchsorted(jnp.asarray(self.block_ends), col_N, side="right").astype(jnp.int32)
         G = len(self.block_ends)
-        blocks_GBD = sparse.decode(v_N, block_N * B + row_N, col_N, self.W_dec, jnp.bool_(True), G * B).reshape(G, B, -1)
+        blocks_GBD = sparse.decode(v_N, block_N * B + row_N, col_N, self.W_dec, jnp.bool_(True), G * B).reshape(
+            G, B, -1
+        )
         x_hats_GBD = jnp.cumsum(blocks_GBD, axis=0) + self.b_dec
         fvus_G = jnp.stack([base.fvu(x_hats_GBD[g], x_BD) for g in range(G)])
         x_hat_BD = x_hats_GBD[-1]
@@ -139,7 +145,10 @@ class Matryoshka(base.Kind):
         new_state = state.update_sparse(v_N, col_N, B, hp.topk_threshold_lr)
         # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
         # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
-        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)}, new_state)
+        return total, (
+            metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)},
+            new_state,
+        )
 
     def dense_loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
         """`loss` computed on dense `[B, d_sae]` activations."""

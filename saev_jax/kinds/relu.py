@@ -77,5 +77,12 @@ class ReLU(base.Kind):
         l1 = base.l1(f_BS)
         sparsity = coeff * l1
         total = mse + sparsity
-        metrics = {"mse": mse, "l1": l1, "l0": base.l0(f_BS), "sparsity": sparsity, "loss": total, "sparsity_coeff": coeff}
+        metrics = {
+            "mse": mse,
+            "l1": l1,
+            "l0": base.l0(f_BS),
+            "sparsity": sparsity,
+            "loss": total,
+            "sparsity_coeff": coeff,
+        }
         return total, (metrics, steer.update(state, hp.steer, metrics["l0"], step))

@@ -79,9 +79,7 @@ def min_positive(f_BS: Float[Array, "B S"]) -> tuple[Float[Array, ""], Bool[Arra
     return jnp.where(jnp.isfinite(m), m, 0.0), jnp.isfinite(m)
 
 
-def ema_threshold(
-    threshold: Float[Array, ""], f_BS: Float[Array, "B S"], rate: Float[Array, ""]
-) -> Float[Array, ""]:
+def ema_threshold(threshold: Float[Array, ""], f_BS: Float[Array, "B S"], rate: Float[Array, ""]) -> Float[Array, ""]:
     """BatchTopK's inference threshold after one batch: an EMA of the smallest kept activation.
 
     A negative `threshold` means "not started": it becomes the first observed value, so the
@@ -201,7 +199,9 @@ def batch_candidates(d_sae: int, k_max: int) -> int:
     return min(d_sae, BATCH_CANDIDATES * k_max)
 
 
-def pick_batch(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> tuple[Picked, Float[Array, ""], Bool[Array, ""]]:
+def pick_batch(
+    h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int
+) -> tuple[Picked, Float[Array, ""], Bool[Array, ""]]:
     """The batch's k * B largest of relu(h), as slots of each row's `batch_candidates` largest.
 
     Returns the slots, the threshold (the (k * B)-th largest, as `topk_batch`) and `overflow`:
@@ -212,7 +212,9 @@ def pick_batch(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> tupl
     return pick_batch_from(*top_k(h_BS, batch_candidates(h_BS.shape[1], k_max)), k, h_BS.shape[1])
 
 
-def pick_batch_from(vals_BC, cols_BC, k: Int[Array, ""], d_sae: int) -> tuple[Picked, Float[Array, ""], Bool[Array, ""]]:
+def pick_batch_from(
+    vals_BC, cols_BC, k: Int[Array, ""], d_sae: int
+) -> tuple[Picked, Float[Array, ""], Bool[Array, ""]]:
     """`pick_batch` from each row's candidates, `top_k(h, batch_candidates(d_sae, k_max))`."""
     B, n_cand = vals_BC.shape
     a_BC = jax.nn.relu(vals_BC)

@@ -116,7 +116,9 @@ def _scatter_rows_one(v_N, src_RD, row_N, col_N, active, *, n_out: int):
         v, row, col = _slices(start, chunk, v_N, row_N, col_N)
         return out.at[col].add(v[:, None] * src_RD[row])
 
-    return _loop(v_N.shape[0], active, body, jnp.zeros((n_out, src_RD.shape[1]), src_RD.dtype), v_N, src_RD, row_N, col_N)
+    return _loop(
+        v_N.shape[0], active, body, jnp.zeros((n_out, src_RD.shape[1]), src_RD.dtype), v_N, src_RD, row_N, col_N
+    )
 
 
 def _row_dots(a_RD, b_SD, row_N, col_N, active) -> Float[Array, " N"]:
@@ -281,7 +283,9 @@ class Code(eqx.Module):
         rest_product = lambda: jnp.matmul(self.rest_BS, W_dec, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
         return x_hat_BD + run_if(self.overflow, rest_product, jnp.zeros_like(x_hat_BD))
 
-    def products(self, rows_b: Int[Array, " b"], a_TbS: Float[Array, "T b S"], W_dec: Float[Array, "S D"]) -> Float[Array, "T b D"]:
+    def products(
+        self, rows_b: Int[Array, " b"], a_TbS: Float[Array, "T b S"], W_dec: Float[Array, "S D"]
+    ) -> Float[Array, "T b D"]:
         """`a_t @ W_dec` for arrays `a_TbS` that are zero wherever `dense()[rows_b]` is (e.g. pruned copies of it)."""
         cols_bK = self.cols_BK[rows_b]
         a_TbK = jnp.take_along_axis(a_TbS, jnp.broadcast_to(cols_bK, (a_TbS.shape[0], *cols_bK.shape)), axis=2)

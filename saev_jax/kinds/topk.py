@@ -81,7 +81,9 @@ class TopK(base.Kind):
             return self.sparse_loss(state, x_BD, hp, step)
         return self.dense_loss(state, x_BD, hp, step)
 
-    def sparse_loss(self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]):
+    def sparse_loss(
+        self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]
+    ):
         """`loss` from the k_max largest pre-activations per example (kinds/sparse.py)."""
         k_max = k_max_of(hp, self.b_enc.shape[-1])
         h_BS = jax.lax.stop_gradient(self.pre_acts(x_BD))  # its gradient comes sparsely, through sparse.take
@@ -90,7 +92,9 @@ class TopK(base.Kind):
         total, metrics = with_sparse_auxk(self, state, x_BD, h_BS, v_N, x_hat_BD, base.fvu(x_hat_BD, x_BD), hp.aux)
         return total, (metrics, state.update_fired(sparse.fired(v_N, col_N, self.b_enc.shape[-1]), x_BD.shape[0]))
 
-    def dense_loss(self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]):
+    def dense_loss(
+        self, state: select.DeadCounts, x_BD: Float[Array, "B d_vit"], hp: TopKHparams, step: Int[Array, ""]
+    ):
         """`loss` computed on dense `[B, d_sae]` activations."""
         h_BS = self.pre_acts(x_BD)
         f_BS = select.topk_rows(jax.nn.relu(h_BS), hp.k)
@@ -126,7 +130,9 @@ def sparse_auxk_loss(sae: base.Kind, dead_S, x_BD, h_BS, x_hat_BD, aux_hp: selec
     return active * jnp.sum((e_hat_BD - e_BD) ** 2) / var
 
 
-def with_sparse_auxk(sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, v_N, x_hat_BD, recon, aux_hp: select.AuxKHparams):
+def with_sparse_auxk(
+    sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, v_N, x_hat_BD, recon, aux_hp: select.AuxKHparams
+):
     """`with_auxk` from the kept entries' values `v_N` instead of dense activations."""
     dead_S = counts.dead(aux_hp.dead_threshold_tokens)
     aux = sparse_auxk_loss(sae, dead_S, x_BD, h_BS, x_hat_BD, aux_hp)
