@@ -39,6 +39,7 @@ def test_pop_dist_flags():
         launch.pop_dist_flags(["--process-id"])
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_saes_as_one(tmp_path, shard_root):  # noqa: F811
     sweep = write_sweep(tmp_path, shard_root, extra="seed = 5")
     text = sweep.read_text().replace("[1e-3, 1e-2]", "[1e-3, 1e-2, 3e-2]")
@@ -76,6 +77,7 @@ def test_two_processes_train_the_same_saes_as_one(tmp_path, shard_root):  # noqa
             np.testing.assert_allclose(getattr(sa, n), getattr(sb, n), rtol=1e-5, atol=1e-6, err_msg=n)
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path, shard_root):  # noqa: F811
     sweep = write_sweep(tmp_path, shard_root)
     t0 = time.perf_counter()

@@ -96,6 +96,7 @@ def _identity(d: int):
     return data.Preprocess(1e5, np.zeros(d, np.float32), 1.0)
 
 
+@pytest.mark.slow
 def test_tiny_budget_and_four_devices_train_the_same_saes(tmp_path, shard_root, caplog):  # noqa: F811
     """The CLI with no flags, with a budget that forces chunk 1, and on 4 devices: the same SAEs."""
     sweep = write_sweep(tmp_path, shard_root, extra="seed = 3")

@@ -97,6 +97,7 @@ def test_sigkill_then_the_same_command_gives_identical_checkpoints(tmp_path, sha
     assert checkpoints(tmp_path / "ckpt") == uninterrupted
 
 
+@pytest.mark.slow
 def test_sigterm_snapshots_and_exits_nonzero_then_resumes(tmp_path, shard_root, uninterrupted):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt").replace("n_patches = 12000", "n_patches = 60000"))
@@ -117,6 +118,7 @@ def test_sigterm_snapshots_and_exits_nonzero_then_resumes(tmp_path, shard_root, 
     assert "group-1 is complete (4 SAEs" in err and "resuming" not in err
 
 
+@pytest.mark.slow
 def test_changed_configs_are_refused_unless_fresh(tmp_path, shard_root):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt"))
@@ -131,6 +133,7 @@ def test_changed_configs_are_refused_unless_fresh(tmp_path, shard_root):
     assert len([d for d in (tmp_path / "ckpt").iterdir() if (d / "metrics.json").is_file()]) == 8
 
 
+@pytest.mark.slow
 def test_a_diverging_sae_is_marked_and_the_others_are_unchanged(tmp_path, shard_root, uninterrupted):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt", lrs="[3e-3, 1e-2, 1e30]"))
@@ -149,6 +152,7 @@ def test_a_diverging_sae_is_marked_and_the_others_are_unchanged(tmp_path, shard_
     assert "diverged" in out  # The summary table marks it.
 
 
+@pytest.mark.slow
 def test_killed_under_one_budget_resumes_under_another_with_the_stored_plan(tmp_path, shard_root, uninterrupted):
     """The plan is part of the snapshot: a resume where less memory is free reuses it (one round,
     `group-1`), whatever a new plan would be, and ends with the uninterrupted run's checkpoints."""
@@ -172,6 +176,7 @@ def test_killed_under_one_budget_resumes_under_another_with_the_stored_plan(tmp_
             np.testing.assert_allclose(metrics[name], uninterrupted[key][1][name], rtol=1e-4, err_msg=f"{key} {name}")
 
 
+@pytest.mark.slow
 def test_a_resume_that_cannot_fit_the_stored_plan_says_what_to_do(tmp_path, shard_root, monkeypatch):
     """Killed under one plan, resumed where XLA says even chunk 1 of the stored round is over: one line, `--fresh`."""
     from saev_jax import config, train
