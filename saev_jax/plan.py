@@ -38,7 +38,7 @@ def headroom(platform: str) -> float:
 
 ACTIVATION_COPIES = {
     "relu": (2.7, 1.25),
-    "topk": (4.45, 0.1),
+    "topk": (4.2, 1.1),
     "batchtopk": (5.45, 0.1),
     "matryoshka": (5.5, 0.1),
     "jumprelu": (5.05, 0.1),
@@ -53,6 +53,10 @@ analysis of the compiled step at two shapes (64x1024, batch 512, 8 SAEs; 64x2048
 prints XLA's peak over the estimate for each kind and chunk, and
 `tests/test_plan.py::test_estimate_tracks_xla` is the judge (within 15%, never 5% under).
 """
+SINGLE_COPIES = {"topk": 2.3}
+"""Per SAE in flight when a stack runs one SAE at a time (chunk 1), where that differs from
+`ACTIVATION_COPIES`: TopK's sparse step, not vmapped, keeps fewer `[B, d_sae]` buffers
+(fitted as above after the sparse step landed: XLA 131 MiB at chunk 1 against 302 at chunk 2)."""
 BATCH_COPIES = 4
 """`[B, d_vit]` float32 batches alive per device: raw, preprocessed, and the loader's prefetch."""
 GIB = 2**30
@@ -146,9 +150,11 @@ def resident_bytes(n_params: int) -> int:
     return 12 * n_params
 
 
-def in_flight_bytes(n_params: int, batch_size: int, d_sae: int, kind: str = "relu") -> int:
-    """What one SAE of `kind` needs while its update is computed, beyond its resident state."""
-    return int(8 * n_params + ACTIVATION_COPIES[kind][0] * batch_size * d_sae * 4)
+def in_flight_bytes(n_params: int, batch_size: int, d_sae: int, kind: str = "relu", chunk: int = 2) -> int:
+    """What one SAE of `kind` needs while its update is computed, beyond its resident state
+    (`chunk` SAEs at a time: chunk 1 may need less, `SINGLE_COPIES`)."""
+    copies = SINGLE_COPIES.get(kind, ACTIVATION_COPIES[kind][0]) if chunk == 1 else ACTIVATION_COPIES[kind][0]
+    return int(8 * n_params + copies * batch_size * d_sae * 4)
 
 
 def stack_flight_bytes(s: StackPlan, n_devices: int, batch_size: int) -> int:
@@ -164,7 +170,7 @@ def stack_flight_bytes(s: StackPlan, n_devices: int, batch_size: int) -> int:
     copy = per_dev * resident_bytes(s.n_params) if s.chunk < per_dev else 0
     shared = int(ACTIVATION_COPIES[s.kind][1] * batch_size * s.d_sae * 4)
     in_flight = s.chunk + per_dev % s.chunk
-    return in_flight * in_flight_bytes(s.n_params, batch_size, s.d_sae, s.kind) + shared + copy
+    return in_flight * in_flight_bytes(s.n_params, batch_size, s.d_sae, s.kind, s.chunk) + shared + copy
 
 
 def estimate(stacks: list[StackPlan], n_devices: int, batch_size: int) -> int:
