@@ -272,6 +272,7 @@ def evaluate(
     almost_dead_threshold: float = 1e-7,
     dense_threshold: float = 1e-2,
     chunk: int | None = None,
+    desc: str = "eval",
 ) -> list[EvalMetrics]:
     """Evaluates every SAE of a stack in one ordered pass over `acts`, with the parameters as given.
 
@@ -280,13 +281,14 @@ def evaluate(
     Everything is exact over the whole pass except `quality`'s residual sums, taken on every
     `quality_stride(len(acts), batch size)`-th example (`quality_stderr` says how much that
     matters). `chunk` SAEs run at once (default: the whole stack); results do not depend on it.
+    `desc` labels the progress bar.
     """
     cfg = cfgs[0]
     loader = data.Loader(
         acts, batch_size=cfg.sae_batch_size, shuffle=False, seed=cfg.seed, n_threads=cfg.n_workers, device=device
     )
     n_batches = -(-len(acts) // cfg.sae_batch_size)
-    batches = tqdm.tqdm(loader, total=n_batches, desc="eval", unit="batch", dynamic_ncols=True)
+    batches = tqdm.tqdm(loader, total=n_batches, desc=desc, unit="batch", dynamic_ncols=True)
     return evaluate_batches(
         saes, batches, preprocess, device,
         almost_dead_threshold=almost_dead_threshold, dense_threshold=dense_threshold,

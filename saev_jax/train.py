@@ -431,7 +431,7 @@ def train(
                     now = time.perf_counter()
                     rate = (i + 1 - last_step) * B / max(now - last_t, 1e-9)
                     last_t, last_step = now, i + 1
-                    bar.set_postfix(ex_per_s=f"{rate:,.0f}", loss=f"{metrics[0]['loss']:.4g}")
+                    bar.set_postfix(ex_per_s=f"{rate:,.0f}", **loss_postfix(metrics))
                 if snapshots is None:
                     continue
                 if stop.signum is not None or (cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < n_steps):
@@ -448,6 +448,14 @@ def train(
     if snapshots is not None and start < n_steps:
         snapshots.save(state, run)  # Evaluation may still fail; the trained state is safe first.
     return state
+
+
+def loss_postfix(metrics: list[dict[str, object]]) -> dict[str, str]:
+    """The training bar's loss: the best and median over the SAEs that have not diverged."""
+    live = [float(m["loss"]) for m in metrics if not m["diverged"]]
+    if not live:
+        return {"loss": "all diverged"}
+    return {"best_loss": f"{min(live):.4g}", "median_loss": f"{float(np.median(live)):.4g}"}
 
 
 def _metrics_for_wandb(metrics: list[dict[str, np.ndarray]], *, n_seen: int) -> list[dict[str, object]]:
@@ -694,11 +702,14 @@ def evaluate_round(
     (say, a diverged one) does not cost the others theirs.
     """
     results: list[evaluate.EvalMetrics | str] = ["not evaluated"] * len(cfgs)
-    for (indices, saes, _), chunk in zip(stacks, chunks, strict=True):
+    for k, ((indices, saes, _), chunk) in enumerate(zip(stacks, chunks, strict=True)):
         device = saes.b_dec.devices().pop()
+        sae_cfg = cfgs[indices[0]].sae
+        desc = f"eval stack {k + 1}/{len(stacks)} ({len(indices)} {sae_cfg.kind} SAEs, d_sae {sae_cfg.d_sae})"
         try:
             stack_cfgs = [cfgs[i] for i in indices]
-            for i, r in zip(indices, evaluate.evaluate(stack_cfgs, saes, acts, preprocess, device, chunk=chunk)):
+            evaluated = evaluate.evaluate(stack_cfgs, saes, acts, preprocess, device, chunk=chunk, desc=desc)
+            for i, r in zip(indices, evaluated):
                 results[i] = r
             continue
         except Exception as err:  # Anything: the fallback below says which SAE it was.

@@ -171,3 +171,16 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(t
         train.save_checkpoint(None, tmp_path / "ckpt" / "run1", config.Train(), None, {})
     assert "\n" not in str(err.value)
     assert not (tmp_path / "ckpt" / ".run1.tmp").exists() and not (tmp_path / "ckpt" / "run1").exists()
+
+
+def test_the_training_bar_shows_the_best_and_median_live_loss():
+    from saev_jax import train
+
+    metrics = [
+        {"loss": 3.0, "diverged": False},
+        {"loss": 1e30, "diverged": True},
+        {"loss": 1.0, "diverged": False},
+        {"loss": 2.0, "diverged": False},
+    ]
+    assert train.loss_postfix(metrics) == {"best_loss": "1", "median_loss": "2"}
+    assert train.loss_postfix([{"loss": float("nan"), "diverged": True}]) == {"loss": "all diverged"}
