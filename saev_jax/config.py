@@ -229,6 +229,11 @@ LAYOUT_KEYS = frozenset({"memory_budget_gib", "sae_chunk", "fresh", "n_workers",
 """Keys that say how a group runs, not what it trains: a resume may change them (`snapshot.diff_configs`)."""
 
 
+def n_train_steps(cfg: Train) -> int:
+    """Steps until more than `n_patches` examples have been seen (saev's BatchLimiter)."""
+    return cfg.n_patches // cfg.sae_batch_size + 1
+
+
 def to_dict(cfg) -> dict[str, object]:
     """A config as plain JSON-ready data (tuples as lists, as JSON and wandb give them back)."""
     return dataclasses.asdict(

@@ -103,8 +103,7 @@ class Hparams(eqx.Module):
             ema_decay=jnp.full(n, EMA_DECAY, jnp.float32),
             lr=jnp.array([c.lr for c in cfgs], jnp.float32),
             n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], jnp.int32),
-            # step.n_train_steps (not imported: step imports the kinds, which import this).
-            n_steps=jnp.array([c.n_patches // c.sae_batch_size + 1 for c in cfgs], jnp.int32),
+            n_steps=jnp.array([config.n_train_steps(c) for c in cfgs], jnp.int32),
             lr_schedule=jnp.array([optim.SCHEDULES.index(c.lr_schedule) for c in cfgs], jnp.int32),
             lr_decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], jnp.float32),
         )

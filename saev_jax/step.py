@@ -31,11 +31,6 @@ every kind's loss is a reconstruction error plus a penalty, which training only 
 """The mesh axis the stack axis of every `Stack` is split over."""
 
 
-def n_train_steps(cfg: config.Train) -> int:
-    """Steps until more than `n_patches` examples have been seen (saev's BatchLimiter)."""
-    return cfg.n_patches // cfg.sae_batch_size + 1
-
-
 class Hparams(eqx.Module):
     """What may differ between the SAEs of a stack: one entry per SAE.
 
@@ -62,7 +57,7 @@ class Hparams(eqx.Module):
             n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], dtype=jnp.int32),
             lr_schedule=jnp.array([optim.SCHEDULES.index(c.lr_schedule) for c in cfgs], dtype=jnp.int32),
             lr_decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], dtype=jnp.float32),
-            n_steps=jnp.array([n_train_steps(c) for c in cfgs], dtype=jnp.int32),
+            n_steps=jnp.array([config.n_train_steps(c) for c in cfgs], dtype=jnp.int32),
             normalize_w_dec=jnp.array([c.sae.normalize_w_dec for c in cfgs]),
             remove_parallel_grads=jnp.array([c.sae.remove_parallel_grads for c in cfgs]),
             max_grad_norm=jnp.array([c.max_grad_norm for c in cfgs], dtype=jnp.float32),

@@ -107,9 +107,7 @@ def to_host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def n_train_steps(cfg: config.Train) -> int:
-    """Steps until more than `n_patches` examples have been seen (saev's BatchLimiter)."""
-    return step.n_train_steps(cfg)
+n_train_steps = config.n_train_steps  # train.n_train_steps, as benchmarks and tests know it.
 
 
 def pad_cfgs(cfgs: list[config.Train], n_padded: int) -> list[config.Train]:
@@ -1050,8 +1048,8 @@ def dry_run(cfgs: list[config.Train], sources: list[str], *, file=None) -> None:
             print(f"  {line}", file=file)
         print("  config  stack  kind        d_sae   sparsity setting       lr        seed  sae.seed  from", file=file)
         for j, c in enumerate(group):
-            own = config.SETTINGS.get(c.sae.kind, "sparsity_coeff")
-            setting = f"{own} {getattr(c.sae, own):g}"
+            name, value = c.sae.setting
+            setting = f"{name} {value:g}"
             print(f"  {j:>6}  {stack_of[j]:>5}  {c.sae.kind:<10}  {c.sae.d_sae:>5}   {setting:<21}  {c.lr:<8g}  {c.seed:>4}  {c.sae.seed:>8}  "
                   f"{where.get(id(c)) or '(flags)'}", file=file)  # fmt: skip
 
