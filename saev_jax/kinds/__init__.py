@@ -100,12 +100,13 @@ class Inference(eqx.Module):
 
 
 def as_inference(saes: "Inference | ReLU") -> Inference:
-    """A stack as `Inference`; a ReLU stack (`sae.SAE`) needs no state or settings, so it gets empty ones."""
+    """A stack as `Inference`; a ReLU stack (`sae.SAE`), whose inference reads neither, gets its step-0
+    state and default settings (the same structure a loaded or trained ReLU stack has)."""
     if isinstance(saes, Inference):
         return saes
     if not isinstance(saes, ReLU):
         raise TypeError(f"as_inference: a {type(saes).__name__} stack needs its state and hparams; build Inference")
-    return Inference(saes, NoState(), ReLU.make_hparams([config.Train()] * saes.b_enc.shape[0]))
+    return Inference(saes, init_state(saes), ReLU.make_hparams([config.Train()] * saes.b_enc.shape[0]))
 
 
 def make_inference(
