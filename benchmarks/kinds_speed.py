@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, plan, step, train
+from saev_jax import config, data, plan, step, training
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
@@ -39,7 +39,7 @@ def make_runner(kind: str, d_vit: int, d_sae: int, k: int, args):
         config.validate(c)
     n = len(cfgs)
     stacks = (plan.StackPlan(tuple(range(n)), d_vit, sae.d_sae, n, n),)
-    layout = train.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
+    layout = training.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
     state = layout.init_state(None, None)
     hparams = layout.hparams
     if dense:  # k_max = d_sae: `kinds.sparse.use_sparse` sends the stack to its dense reference step.

@@ -554,8 +554,8 @@ def test_pick_batch_overflow_is_reported():
 @pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("trained", [False, True])
 def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
-    """evaluate._one_sae on the sparse code gives the dense path's sums (BatchTopK before training: all overflow)."""
-    from saev_jax import evaluate
+    """evaluation._one_sae on the sparse code gives the dense path's sums (BatchTopK before training: all overflow)."""
+    from saev_jax import evaluation
 
     cfgs = [make_cfg(kind, seed=m, k=2 + m) for m in range(2)]
     stack, hp = kinds.make_stack(cfgs), kinds.make_hparams(cfgs)
@@ -571,7 +571,7 @@ def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
     sampled = (rows < B - 3)[:, None]
 
     def sums():
-        one = lambda s: evaluate._one_sae(s, xv, valid, rms, rows, sampled, jnp.int32(B - 3))  # noqa: E731
+        one = lambda s: evaluation._one_sae(s, xv, valid, rms, rows, sampled, jnp.int32(B - 3))  # noqa: E731
         return eqx.filter_jit(jax.vmap(one))(inf)
 
     got = sums()

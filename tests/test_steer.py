@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, kinds, plan, steer, step, train
+from saev_jax import config, kinds, plan, steer, step, train, training
 
 D = 8
 
@@ -134,7 +134,7 @@ def train_stack(cfgs, xs):
     """One stack on one device through step.train_step; its final stack and per-step metrics (real SAEs only)."""
     stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)]
     assert len(stacks) == 1
-    layout = train.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
+    layout = training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
     from .test_train import identity_preprocess
 
     state = layout.init_state(None, identity_preprocess())
@@ -355,7 +355,7 @@ def test_halving_rejects_keep_outside_the_open_interval():
 def test_prune_halving_is_refused_by_training_until_it_acts(tmp_path):
     """A valid prune config must not be silently ignored: training refuses it with one line, before reading data."""
     with pytest.raises(config.InputError, match=r"prune = 'halving': .*set prune = \"none\""):
-        train.main([config.Train(prune="halving", ckpt_path=str(tmp_path / "ckpt"), track=False)])
+        training.main([config.Train(prune="halving", ckpt_path=str(tmp_path / "ckpt"), track=False)])
 
 
 def test_metrics_json_and_summary_report_the_target_and_final_coefficient(tmp_path):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, plan, step, train
+from saev_jax import config, plan, step, training
 from saev_jax import sae as sae_lib
 
 from .test_train import D, batches, identity_preprocess, make_cfgs
@@ -25,13 +25,13 @@ def group_cfgs() -> list[config.Train]:
     return [cfgs[0], narrow[0], cfgs[1], cfgs[2], narrow[1]]
 
 
-def make_layout(cfgs, n_devices: int, chunk: int) -> train.Layout:
+def make_layout(cfgs, n_devices: int, chunk: int) -> training.Layout:
     n_dev = n_devices
     stacks = [
         plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, -(-len(idx) // n_dev) * n_dev, chunk)
         for idx in plan.shapes_of(cfgs)
     ]
-    return train.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:n_devices]))
+    return training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:n_devices]))
 
 
 def run(cfgs, xs, *, n_devices=1, chunk=8, poison_pads=False):
