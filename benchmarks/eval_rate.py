@@ -47,7 +47,7 @@ def make_runners(kind: str, args):
     train(), train()
     stack = box["state"].stacks[0]
     # Copies: the train step donates (and so deletes) the state it is given.
-    inference = jax.tree.map(jnp.copy, kinds.Inference(stack.saes, stack.state, hp[0].kind))
+    inference = jax.tree.map(jnp.copy, kinds.Inference(stack.saes, stack.kind_state, hp[0].kind))
     sums = [jax.device_put(evaluation._zero_sums(args.n_saes, sae.d_sae, args.d_vit))]
     n_valid, offset = jnp.asarray(args.batch, jnp.int32), jnp.asarray(3, jnp.int32)
 

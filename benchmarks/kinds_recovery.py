@@ -82,7 +82,7 @@ def main():
         plan.StackPlan(idx, SYNTH.d_vit, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)
     )
     layout = training.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
-    state = layout.init_state(acts, preprocess)  # b_dec = the mean of the whole set
+    state = layout.init_group_state(acts, preprocess)  # b_dec = the mean of the whole set
     B, n_steps = args.batch, training.n_train_steps(base)
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-n_steps * B // n))])

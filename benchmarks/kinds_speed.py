@@ -40,7 +40,7 @@ def make_runner(kind: str, d_vit: int, d_sae: int, k: int, args):
     n = len(cfgs)
     stacks = (plan.StackPlan(tuple(range(n)), d_vit, sae.d_sae, n, n),)
     layout = training.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
-    state = layout.init_state(None, None)
+    state = layout.init_group_state(None, None)
     hparams = layout.hparams
     if dense:  # k_max = d_sae: `kinds.sparse.use_sparse` sends the stack to its dense reference step.
         hparams = tuple(dataclasses.replace(hp, kind=dataclasses.replace(hp.kind, k_max=d_sae)) for hp in hparams)

@@ -62,7 +62,7 @@ def run_case(
     xla_peak = compiled.peak_bytes
     compile_s = time.perf_counter() - t0
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    state = layout.init_state(None, preprocess)
+    state = layout.init_group_state(None, preprocess)
     pre = jax.device_put(preprocess, layout.replicated)
     x = jax.device_put(jax.random.normal(jax.random.key(0), (batch, d_vit)), layout.replicated)
     times = []

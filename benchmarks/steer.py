@@ -69,7 +69,7 @@ def main():
         plan.Round((plan.StackPlan(tuple(range(len(cfgs))), SYNTH.d_vit, sae_cfg.d_sae, len(cfgs), len(cfgs)),), 0),
         plan.make_mesh(jax.devices()[:1]),
     )
-    state = layout.init_state(acts, preprocess)
+    state = layout.init_group_state(acts, preprocess)
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-n_steps * B // n))])
     steps, l0s, coeffs, pending = [], [], [], []
@@ -100,7 +100,7 @@ def main():
 
     ((indices, bundle, _),) = layout.real_saes(state)
     results = evaluation.metrics_from_stats(evaluation.accumulate(bundle, batches(), preprocess, quality_stride=64))
-    final_state = jax.device_get(bundle.state)
+    final_state = jax.device_get(bundle.kind_state)
     tail = slice(int(0.9 * len(steps)), None)
     rows = []
     for j, i in enumerate(indices):

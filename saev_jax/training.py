@@ -174,7 +174,7 @@ class Layout:
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.hparams = tuple(jax.device_put(step.Hparams.from_cfgs(c), self.stacked) for c in self.padded_cfgs)
 
-    def init_state(self, acts: data.Activations, preprocess: data.Preprocess) -> step.TrainState:
+    def init_group_state(self, acts: data.Activations, preprocess: data.Preprocess) -> step.GroupState:
         """Fresh stacks, built on the devices that hold them, with b_dec from the data."""
         precision = self.cfgs[0].precision
         stacks = []
@@ -185,19 +185,19 @@ class Layout:
             )
             stacks.append(build(hparams))
         stacks = init_b_dec(stacks, self.padded_cfgs, acts, preprocess, seed=self.b_dec_seed)
-        state = step.make_state(stacks)
-        return jax.device_put(state, step.state_sharding(state, self.mesh))
+        state = step.make_group_state(stacks)
+        return jax.device_put(state, step.group_state_sharding(state, self.mesh))
 
-    def abstract_state(self) -> step.TrainState:
-        """Shapes, dtypes and shardings of `init_state`'s result, without allocating it."""
+    def abstract_group_state(self) -> step.GroupState:
+        """Shapes, dtypes and shardings of `init_group_state`'s result, without allocating it."""
         precision = self.cfgs[0].precision
         stacks = tuple(
             step.make_stack(kinds.make_stack(cfgs, precision), hp) for cfgs, hp in zip(self.padded_cfgs, self.hparams)
         )
-        shapes = jax.eval_shape(lambda: step.make_state(stacks))
+        shapes = jax.eval_shape(lambda: step.make_group_state(stacks))
         return jax.tree.map(
             lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
-            shapes, step.state_sharding(shapes, self.mesh),
+            shapes, step.group_state_sharding(shapes, self.mesh),
         )  # fmt: skip
 
     def with_chunks(self, chunks: tuple[int, ...]) -> "Layout":
@@ -224,7 +224,7 @@ class Layout:
                 lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=self.replicated), shapes
             )
         lowered = step.train_step.lower(
-            self.abstract_state(), self.hparams, preprocess, x, chunks=self.chunks, mesh=self.mesh
+            self.abstract_group_state(), self.hparams, preprocess, x, chunks=self.chunks, mesh=self.mesh
         )
         compiled = lowered.compile()
         return Compiled(self, compiled, xla_peak(compiled))
@@ -264,7 +264,7 @@ class Layout:
                 out[i] = {key: value[j] for key, value in m.items()}
         return out
 
-    def real_saes(self, state: step.TrainState) -> list[tuple[list[int], kinds.Inference, np.ndarray]]:
+    def real_saes(self, state: step.GroupState) -> list[tuple[list[int], kinds.Inference, np.ndarray]]:
         """Per stack: config positions, the real SAEs (pads dropped) on this process's first device, and their `diverged_at`.
 
         The SAEs come with their kind's state and settings (`kinds.Inference`), as evaluation
@@ -273,7 +273,7 @@ class Layout:
         device = jax.local_devices(backend=self.mesh.devices.flat[0].platform)[0]
         out = []
         for s, stack, hp in zip(self.round.stacks, state.stacks, self.hparams):
-            bundle, diverged_at = to_host((kinds.Inference(stack.saes, stack.state, hp.kind), stack.diverged_at))
+            bundle, diverged_at = to_host((kinds.Inference(stack.saes, stack.kind_state, hp.kind), stack.diverged_at))
             bundle = jax.tree.map(lambda leaf: jax.device_put(leaf[: s.n_saes], device), bundle)
             out.append((list(s.cfg_indices), bundle, np.asarray(diverged_at)[: s.n_saes]))
         return out
@@ -348,7 +348,7 @@ class Snapshots:
         os.replace(tmp, self.dpath / "done.json")
         snapshot.clear(self.dpath)
 
-    def find(self, like: step.TrainState) -> tuple[step.TrainState, dict] | None:
+    def find(self, like: step.GroupState) -> tuple[step.GroupState, dict] | None:
         """The latest intact snapshot restored onto `like`'s shardings, and its meta; None if none.
 
         Its configs are compared with this round's before any tensor is read, so a changed
@@ -360,7 +360,7 @@ class Snapshots:
         self.check_configs(snapshot.read_meta(found[1])["configs"], f"the snapshot of step {found[0]}")
         return snapshot.restore(found[1], like)
 
-    def save(self, state: step.TrainState, run: wandb_queue.ParallelWandbRun) -> None:
+    def save(self, state: step.GroupState, run: wandb_queue.ParallelWandbRun) -> None:
         """Writes a snapshot of `state` (every process must call: the state is gathered)."""
         host = to_host(state)
         if launch.is_lead():
@@ -379,10 +379,10 @@ def train(
     preprocess: data.Preprocess,
     run: wandb_queue.ParallelWandbRun,
     *,
-    state: step.TrainState | None = None,
+    state: step.GroupState | None = None,
     snapshots: Snapshots | None = None,
     compiled: Compiled | None = None,
-) -> step.TrainState:
+) -> step.GroupState:
     """Trains one round of a group from `state` (default: a fresh one); logs through `run`; returns the final state.
 
     With `snapshots`, the state is saved every `save_every` steps, when training ends, and
@@ -395,7 +395,7 @@ def train(
     compiled = compiled or layout.compile_within_limit(preprocess)
     layout = compiled.layout
     if state is None:
-        state = layout.init_state(acts, preprocess)
+        state = layout.init_group_state(acts, preprocess)
     start = int(to_host(state.step))
     n_steps = n_train_steps(cfg)
     B = cfg.sae_batch_size
@@ -555,7 +555,7 @@ def train_round(
     layout = compiled.layout  # The chunks that fit: training and evaluation both use these.
 
     # Resume: configs compared before any tensor is read.
-    found = snapshots.find(layout.abstract_state())
+    found = snapshots.find(layout.abstract_group_state())
     state, resume = None, None
     if found is not None:
         state, meta = found
@@ -587,7 +587,7 @@ def train_round(
         for indices, saes, div in stacks:
             for j, (i, d) in enumerate(zip(indices, div)):
                 diverged_at[i] = int(d)
-                sae, kind_state, hp = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.state, saes.hp))
+                sae, kind_state, hp = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.kind_state, saes.hp))
                 steering[i] = steer.report(hp, kind_state)  # target_l0 and the final coefficient (ReLU, JumpReLU)
                 kind_tensors = jax.device_get(sae.inference_tensors(kind_state))
                 # An earlier attempt of this round (same run ids, from its snapshot) may have been

@@ -56,7 +56,7 @@ def one(cfg: config.Train, p: dict[str, np.ndarray] | None = None):
         names = tuple(p)
         sae = eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), sae, tuple(jnp.asarray(p[n]) for n in names))
     hp = jax.tree.map(lambda leaf: leaf[0], kinds.make_hparams([cfg]))
-    return sae, hp, sae.init_state()
+    return sae, hp, sae.init_kind_state()
 
 
 @eqx.filter_jit
@@ -183,7 +183,7 @@ def test_auxk_uses_exactly_the_dead_latents():
 def dead_state(sae, dead_mask, cfg):
     """The kind's initial state with the latents of `dead_mask` past the dead threshold."""
     counts = jnp.where(jnp.asarray(dead_mask), cfg.sae.dead_threshold_tokens, 0).astype(jnp.int32)
-    state = sae.init_state()
+    state = sae.init_kind_state()
     where = (
         (lambda s: s.tokens_since_fired)
         if isinstance(state, select.DeadCounts)
@@ -318,7 +318,7 @@ def test_stack_equals_each_alone(kind):
         config._kind_checks(c)  # valid configs
         assert not any(bad for bad, _, _ in config._kind_checks(c))
     stack, hp, state = kinds.make_stack(cfgs), kinds.make_hparams(cfgs), None
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     x = jnp.asarray(batch(9))
 
     def run(sae, state, hp, x):
@@ -501,7 +501,7 @@ def test_sparse_stack_per_sae_k_equals_dense_alone(kind, chunked):
     dead = np.zeros((3, S), bool)
     dead[0, [2, 9]] = dead[2, [1, 4, 5, 6, 7, 30]] = True
     counts = jnp.where(jnp.asarray(dead), B, 0).astype(jnp.int32)
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     state = eqx.tree_at(
         lambda s: s.tokens_since_fired if kind == "topk" else s.dead_counts.tokens_since_fired, state, counts
     )
@@ -559,7 +559,7 @@ def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
 
     cfgs = [make_cfg(kind, seed=m, k=2 + m) for m in range(2)]
     stack, hp = kinds.make_stack(cfgs), kinds.make_hparams(cfgs)
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     x = jnp.asarray(batch(13))
     if trained and kind != "topk":
         state = eqx.tree_at(lambda s: s.threshold, state, jnp.array([0.4, 0.7], jnp.float32))
@@ -637,7 +637,7 @@ def test_train_step_sparse_equals_dense(kind):
     pick = lambda tree: jax.tree.map(lambda leaf: np.asarray(leaf)[same], tree)  # noqa: E731
     for got in results[:2]:
         _assert_trees_close(pick(got[0].stacks[0].saes), pick(results[2][0].stacks[0].saes), rtol=1e-5, atol=1e-6)
-        _assert_trees_close(pick(got[0].stacks[0].state), pick(results[2][0].stacks[0].state), rtol=0, atol=0)
+        _assert_trees_close(pick(got[0].stacks[0].kind_state), pick(results[2][0].stacks[0].kind_state), rtol=0, atol=0)
         for key in set(results[2][1][0]) - {"select_overflow"}:  # the dense step never overflows
             np.testing.assert_allclose(
                 got[1][0][key][same], results[2][1][0][key][same], rtol=1e-5, atol=1e-6, err_msg=key

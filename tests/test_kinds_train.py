@@ -49,7 +49,7 @@ def run(cfgs, xs):
     """Trains `cfgs` (one group) on `xs`; per config its final SAE, kind state and last metrics."""
     stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)]
     layout = training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
-    state = layout.init_state(None, identity_preprocess())
+    state = layout.init_group_state(None, identity_preprocess())
     pre = jax.device_put(identity_preprocess(), layout.replicated)
     for x in xs:
         state, metrics = step.train_step(
@@ -60,7 +60,7 @@ def run(cfgs, xs):
     for indices, bundle, diverged_at in layout.real_saes(state):
         assert np.all(diverged_at == -1)
         for j, i in enumerate(indices):
-            out[i] = (jax.tree.map(lambda leaf: np.asarray(leaf[j]), (bundle.sae, bundle.state)), metrics[i])
+            out[i] = (jax.tree.map(lambda leaf: np.asarray(leaf[j]), (bundle.sae, bundle.kind_state)), metrics[i])
     return out, layout
 
 
@@ -112,7 +112,7 @@ def test_evaluation_uses_the_inference_form():
     cfg = config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=4, kind="batchtopk", k=3))
     stack = kinds.make_stack([cfg])
     hp = kinds.make_hparams([cfg])
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     state = dataclasses.replace(state, threshold=jnp.array([0.4], jnp.float32))
     bundle = kinds.Inference(stack, state, hp)
     xs = batches(3, seed=4)

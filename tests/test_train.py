@@ -52,8 +52,8 @@ def run_steps(cfgs, xs, *, chunk=None):
     mesh = plan.make_mesh(jax.devices()[:1])
     stacked = jax.sharding.NamedSharding(mesh, jax.P(step.SAE_AXIS))
     hparams = jax.device_put(step.Hparams.from_cfgs(cfgs), stacked)
-    state = step.make_state((step.make_stack(sae_lib.make_saes([c.sae for c in cfgs]), hparams),))
-    state = jax.device_put(state, step.state_sharding(state, mesh))
+    state = step.make_group_state((step.make_stack(sae_lib.make_saes([c.sae for c in cfgs]), hparams),))
+    state = jax.device_put(state, step.group_state_sharding(state, mesh))
     history = []
     for x in xs:
         state, (metrics,) = step.train_step(
