@@ -82,12 +82,8 @@ class Hparams(eqx.Module):
     gain: Float[Array, "*M"]
     max_change: Float[Array, "*M"]
     ema_decay: Float[Array, "*M"]
-    lr: Float[Array, "*M"]
-    """The SAE's learning-rate schedule, as `step.Hparams` has it: the controller runs on its clock."""
-    n_lr_warmup: Int[Array, "*M"]
-    n_steps: Int[Array, "*M"]
-    lr_schedule: Int[Array, "*M"]
-    lr_decay_frac: Float[Array, "*M"]
+    learning_rate: optim.LRSchedule
+    """The SAE's learning-rate schedule, as the optimizer's: the controller runs on its clock."""
 
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
@@ -101,16 +97,8 @@ class Hparams(eqx.Module):
             gain=jnp.full(n, GAIN, jnp.float32),
             max_change=jnp.full(n, MAX_CHANGE, jnp.float32),
             ema_decay=jnp.full(n, EMA_DECAY, jnp.float32),
-            lr=jnp.array([c.lr for c in cfgs], jnp.float32),
-            n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], jnp.int32),
-            n_steps=jnp.array([config.n_train_steps(c) for c in cfgs], jnp.int32),
-            lr_schedule=jnp.array([optim.SCHEDULES.index(c.lr_schedule) for c in cfgs], jnp.int32),
-            lr_decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], jnp.float32),
+            learning_rate=optim.LRSchedule.from_cfgs(cfgs),
         )
-
-    def learning_rate(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
-        """The SAE's learning rate at `step` (call on one SAE's entry)."""
-        return optim.warmup_decay(self.lr, self.n_lr_warmup, self.n_steps, self.lr_schedule, self.lr_decay_frac)(step)
 
 
 class ControllerState(eqx.Module):

@@ -38,12 +38,8 @@ class Hparams(eqx.Module):
     coefficient, TopK's k, ...); everything else here is the optimiser's.
     """
 
-    lr: Float[Array, " M"]
-    n_lr_warmup: Int[Array, " M"]
-    lr_schedule: Int[Array, " M"]
-    """Index into `optim.SCHEDULES`."""
-    lr_decay_frac: Float[Array, " M"]
-    n_steps: Int[Array, " M"]
+    learning_rate: optim.LRSchedule
+    """Each SAE's learning rate as a function of the step."""
     normalize_w_dec: Bool[Array, " M"]
     remove_parallel_grads: Bool[Array, " M"]
     max_grad_norm: Float[Array, " M"]
@@ -53,20 +49,12 @@ class Hparams(eqx.Module):
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
         return cls(
-            lr=jnp.array([c.lr for c in cfgs], dtype=jnp.float32),
-            n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], dtype=jnp.int32),
-            lr_schedule=jnp.array([optim.SCHEDULES.index(c.lr_schedule) for c in cfgs], dtype=jnp.int32),
-            lr_decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], dtype=jnp.float32),
-            n_steps=jnp.array([config.n_train_steps(c) for c in cfgs], dtype=jnp.int32),
+            learning_rate=optim.LRSchedule.from_cfgs(cfgs),
             normalize_w_dec=jnp.array([c.sae.normalize_w_dec for c in cfgs]),
             remove_parallel_grads=jnp.array([c.sae.remove_parallel_grads for c in cfgs]),
             max_grad_norm=jnp.array([c.max_grad_norm for c in cfgs], dtype=jnp.float32),
             kind=kinds.make_hparams(cfgs),
         )
-
-    def learning_rate(self) -> optax.Schedule:
-        """This SAE's learning rate as a function of the step (call on one SAE's entry)."""
-        return optim.warmup_decay(self.lr, self.n_lr_warmup, self.n_steps, self.lr_schedule, self.lr_decay_frac)
 
 
 class Stack(eqx.Module):
@@ -101,10 +89,10 @@ def make_stack(saes: kinds.Kind, hparams: Hparams) -> Stack:
     """A fresh stack: each SAE's optimizer state initialised from its own parameters, its kind's state at step 0."""
 
     def init_one(sae, hp):
-        return optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads, hp.max_grad_norm).init(sae)
+        return optim.make_optimizer(hp.learning_rate, hp.remove_parallel_grads, hp.max_grad_norm).init(sae)
 
     opt_state = eqx.filter_vmap(init_one)(saes, hparams)
-    n = hparams.lr.shape[0]
+    n = hparams.max_grad_norm.shape[0]
     return Stack(
         saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32), kind_state=kinds.init_kind_state(saes),
         first_loss=jnp.full(n, jnp.nan, jnp.float32),
@@ -147,7 +135,7 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     normed = eqx.tree_at(lambda s: s.W_dec, sae, W_dec)
     loss_fn = lambda s: s.loss(stack.kind_state, x_BD, hp.kind, step)  # noqa: E731
     (loss, (metrics, kind_state)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(normed)
-    optimizer = optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads, hp.max_grad_norm)
+    optimizer = optim.make_optimizer(hp.learning_rate, hp.remove_parallel_grads, hp.max_grad_norm)
     updates, opt_state = optimizer.update(grads, stack.opt_state, normed)
     updated = eqx.apply_updates(normed, updates)
 
@@ -162,7 +150,7 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     )
     new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, stack)
     new = eqx.tree_at(lambda s: s.diverged_at, new, jnp.where(alive & ~ok, step, stack.diverged_at))
-    metrics |= {"learning_rate": hp.learning_rate()(step), "diverged": ~(ok & alive)}
+    metrics |= {"learning_rate": hp.learning_rate(step), "diverged": ~(ok & alive)}
     return new, metrics
 
 
