@@ -79,7 +79,7 @@ def main():
     assert len(config.split_cfgs(cfgs)) == 1, "one group: one pass over the data"
 
     stacks = tuple(
-        plan.StackPlan(idx, SYNTH.d_vit, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)
+        plan.StackPlan(idx, SYNTH.d_vit, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.stacks_of(cfgs)
     )
     layout = training.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
     state = layout.init_group_state(acts, preprocess)  # b_dec = the mean of the whole set

@@ -60,7 +60,7 @@ def main():
     cfgs = config.grid(base, {"sae": {"target_l0": list(TARGETS)}}) + [base]
     for c in cfgs:
         config.validate(c)
-    assert len(config.split_cfgs(cfgs)) == 1 and len(plan.shapes_of(cfgs)) == 1, "one group, one stack"
+    assert len(config.split_cfgs(cfgs)) == 1 and len(plan.stacks_of(cfgs)) == 1, "one group, one stack"
     n_steps = training.n_train_steps(base)
     assert n_steps == args.steps
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from . import config, data
+from . import config, data, kinds
 from .step import SAE_AXIS
 
 logger = logging.getLogger(__name__)
@@ -233,11 +233,12 @@ def device_limit(cfg: config.Train, devices: list[jax.Device]) -> tuple[int, str
     return limit, source
 
 
-def shapes_of(cfgs: list[config.Train]) -> list[tuple[int, ...]]:
-    """Config positions grouped by SAE kind and shape, in first-seen order: one stack each."""
+def stacks_of(cfgs: list[config.Train]) -> list[tuple[int, ...]]:
+    """Config positions grouped by `kinds.stack_key` (kind and width; a group has one d_vit), in
+    first-seen order: one stack each."""
     stacks: dict[tuple, list[int]] = {}
     for i, c in enumerate(cfgs):
-        stacks.setdefault((c.sae.kind, c.sae.d_vit, c.sae.d_sae), []).append(i)
+        stacks.setdefault(kinds.stack_key(c), []).append(i)
     return [tuple(v) for v in stacks.values()]
 
 
@@ -262,7 +263,7 @@ def make_plan(
         n_padded = -(-len(indices) // n_dev) * n_dev
         return StackPlan(tuple(indices), c0.sae.d_vit, c0.sae.d_sae, n_padded, chunk, c0.sae.kind)
 
-    largest = max(-(-len(indices) // n_dev) for indices in shapes_of(cfgs))
+    largest = max(-(-len(indices) // n_dev) for indices in stacks_of(cfgs))
     if cfg.sae_chunk > largest:
         raise config.InputError(
             f"sae_chunk = {cfg.sae_chunk}: larger than any stack's share of a device (at most {largest} SAEs "
@@ -270,7 +271,7 @@ def make_plan(
         )
     # Rounds: add SAEs (in config order within each shape) while the resident state and one SAE in flight fit.
     rounds: list[list[list[int]]] = []
-    for indices in shapes_of(cfgs):
+    for indices in stacks_of(cfgs):
         one = stack_plan(indices[:1])
         if (need := estimate_([one])) > usable:
             smallest = need / headroom(devices[0].platform) / GIB

@@ -47,7 +47,7 @@ def mixed_cfgs() -> list[config.Train]:
 
 def run(cfgs, xs):
     """Trains `cfgs` (one group) on `xs`; per config its final SAE, kind state and last metrics."""
-    stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)]
+    stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.stacks_of(cfgs)]
     layout = training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
     state = layout.init_group_state(None, identity_preprocess())
     pre = jax.device_put(identity_preprocess(), layout.replicated)

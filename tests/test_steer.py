@@ -132,7 +132,7 @@ def relu_cfgs(targets, *, kind="relu", batch=64, n_steps=300, exp_factor=8, **tr
 
 def train_stack(cfgs, xs):
     """One stack on one device through step.train_step; its final stack and per-step metrics (real SAEs only)."""
-    stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)]
+    stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.stacks_of(cfgs)]
     assert len(stacks) == 1
     layout = training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
     from .test_train import identity_preprocess

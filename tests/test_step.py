@@ -29,7 +29,7 @@ def make_layout(cfgs, n_devices: int, chunk: int) -> training.Layout:
     n_dev = n_devices
     stacks = [
         plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, -(-len(idx) // n_dev) * n_dev, chunk)
-        for idx in plan.shapes_of(cfgs)
+        for idx in plan.stacks_of(cfgs)
     ]
     return training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:n_devices]))
 
