@@ -3,14 +3,16 @@ an earlier commit's (before fvu, rel_bias and cos_sim were summed), and `dec_red
 
     python benchmarks/eval_metrics_cost.py D_VIT EXP N_SAES BATCH [N_REPEATS] [--old-commit SHA]
 
-Medians of interleaved runs (old and new alternating which goes first) after two warm-ups, with a device sync (`jax.block_until_ready`).
+Medians of interleaved runs (`harness.time_interleaved`; the order rotates each round, so that each
+kernel takes each place equally often) after two untimed calls, each call closed by a device sync
+(`jax.block_until_ready`).
 """
 
 import importlib.util
+import pathlib
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,10 @@ import numpy as np
 
 from saev_jax import config, data, evaluation, kinds
 from saev_jax import sae as sae_lib
+
+# `python benchmarks/eval_metrics_cost.py` as well as -m
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 old_commit = sys.argv[sys.argv.index("--old-commit") + 1] if "--old-commit" in sys.argv else "b5a7a9f"
@@ -46,7 +52,7 @@ saes = kinds.as_inference(
 pre = data.Preprocess(clamp=1e5, act_mean=np.zeros(D, np.float32), scalar=1.0)
 x = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)).astype(np.float32))
 n_valid, offset = jnp.asarray(B, jnp.int32), jnp.asarray(3, jnp.int32)
-fns = {}
+runners = {}
 for name, mod in (("old", old), ("new", evaluation)):
     # XLA's own count of the compiled kernel's work: deterministic, unlike timings on a shared machine.
     compiled = mod._accumulate.lower(
@@ -61,22 +67,13 @@ for name, mod in (("old", old), ("new", evaluation)):
 
     def one_batch(sums=sums, mod=mod):
         sums[0], code, _ = mod._accumulate(sums[0], saes, pre, x, n_valid, offset, stride=32, chunk=M)
-        jax.block_until_ready((sums[0], code))
+        return sums[0], code
 
-    fns[f"{name} batch"] = one_batch
-fns["dec_redundancy"] = lambda: jax.block_until_ready(evaluation.dec_redundancy(saes.W_dec))
-for f in fns.values():
-    f(), f()
-times = {k: [] for k in fns}
-for r in range(repeats):
-    # Whichever kernel runs second in a round ran ~8% slower here: alternate the order.
-    order = list(fns) if r % 2 == 0 else [list(fns)[1], list(fns)[0], *list(fns)[2:]]
-    for k in order:
-        f = fns[k]
-        t0 = time.perf_counter()
-        f()
-        times[k].append(time.perf_counter() - t0)
-med = {k: float(np.median(v)) for k, v in times.items()}
+    runners[f"{name} batch"] = harness.Runner(one_batch)
+runners["dec_redundancy"] = harness.Runner(lambda: evaluation.dec_redundancy(saes.W_dec))
+# Whichever kernel runs second in a round ran ~8% slower here: the order rotates each round.
+timed = harness.time_interleaved(runners, n_warmup=1, n_repeats=repeats, rotate=True)
+med = {k: t["seconds"] for k, t in timed.items()}
 print(
     f"{jax.devices()[0].platform} D={D} S={S} M={M} B={B}, medians of {repeats}:",
     {k: f"{v * 1e3:.1f} ms" for k, v in med.items()},

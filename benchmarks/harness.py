@@ -37,16 +37,46 @@ def median_time(fn: Callable[[], object], *, n_warmup: int = 1, n_repeats: int =
     return {"seconds": statistics.median(times), "times": times}
 
 
+def sync_torch(device) -> None:
+    """Blocks until the work queued on a torch `device` is done (CUDA; a CPU's work is done when it returns)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runner:
+    """A `time_interleaved` runner made of a function: a call runs `fn()`, `.sync()` waits for its last result."""
+
+    def __init__(self, fn: Callable[[], object], wait: Callable = sync):
+        self.fn, self.wait, self.out = fn, wait, None
+
+    def __call__(self) -> None:
+        self.out = self.fn()
+
+    def sync(self) -> None:
+        self.wait(self.out)
+
+
 def time_interleaved(
-    runners: dict, *, n_warmup: int, n_repeats: int, min_repeat_s: float, max_s: float
+    runners: dict,
+    *,
+    n_warmup: int,
+    n_repeats: int,
+    min_repeat_s: float = 0.0,
+    max_s: float | None = None,
+    rotate: bool = False,
 ) -> dict[object, dict]:
-    """Median seconds per call of each runner (a callable with a `.sync()`), timed in turns.
+    """Median seconds per call of each runner (a callable with a `.sync()`, such as a `Runner`), timed in turns.
 
     Each runner gets `n_warmup` untimed calls (the first compiles) and one calibration call; a
     timed repeat is k calls then one sync, k chosen so that it lasts about `min_repeat_s` (dispatch
-    and sync amortised as in a real loop). The repeats take turns (runner 1, runner 2, ..., runner
-    1, ...), so a change in a shared machine's load hits every runner alike. The number of rounds
-    is cut, to no fewer than one, to stay within `max_s`.
+    and sync amortised as in a real loop; one call when it is 0). The repeats take turns (runner 1,
+    runner 2, ..., runner 1, ...), so a change in a shared machine's load hits every runner alike;
+    with `rotate`, round r starts at the r-th runner (mod their number), so that each runner takes
+    each place in a round equally often (a kernel run right after another can be slower). The
+    number of rounds is cut, to no fewer than one, to stay within `max_s` (None: no cut).
     """
     start = time.perf_counter()
     calls = {}
@@ -60,11 +90,13 @@ def time_interleaved(
         one = time.perf_counter() - t0
         calls[name] = (max(1, min(1000, int(min_repeat_s / max(one, 1e-9)))), one)
     round_s = sum(k * one for k, one in calls.values())
-    n = max(1, min(n_repeats, int((max_s - (time.perf_counter() - start)) / round_s)))
-    times = {name: [] for name in runners}
-    for _ in range(n):
-        for name, runner in runners.items():
-            k = calls[name][0]
+    n = n_repeats if max_s is None else max(1, min(n_repeats, int((max_s - (time.perf_counter() - start)) / round_s)))
+    names = list(runners)
+    times = {name: [] for name in names}
+    for r in range(n):
+        shift = r % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            runner, k = runners[name], calls[name][0]
             t0 = time.perf_counter()
             for _ in range(k):
                 runner()
@@ -90,14 +122,18 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def ram_gib() -> float:
+    """The machine's physical memory in GiB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def machine() -> dict:
     """What a run ran on: CPU, cores, RAM, library versions, JAX's first device."""
     import jax
 
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1), "python": platform.python_version(),
-            "numpy": _version("numpy"), "jax": jax.__version__, "torch": _version("torch"),
-            "jax_device": str(jax.devices()[0])}  # fmt: skip
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "mem_gib": round(ram_gib(), 1),
+            "python": platform.python_version(), "numpy": _version("numpy"), "jax": jax.__version__,
+            "torch": _version("torch"), "jax_device": str(jax.devices()[0])}  # fmt: skip
 
 
 def machine_line(m: dict) -> str:
@@ -116,7 +152,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]] = ()) -> list[
     return [row(header), "|" + "---|" * len(header), *(row(r) for r in rows)]
 
 
-def write(out: str | os.PathLike, results: object, md: str, *, indent: int = 1, echo: bool = True) -> None:
+def write(out: str | os.PathLike, results: object, md: str, *, indent: int | None = 1, echo: bool = True) -> None:
     """Writes `out`.json (the numbers) and `out`.md (the report), creating the folder; prints the report if `echo`."""
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,10 @@ the whole process (`wait4`'s ru_maxrss): results/scale-whole-cpu.{json,md}. Run 
 
 Each case runs in its own process (so peak memory is its own): builds a group's state with
 the planner's layout, compiles the step once (XLA's memory analysis), runs warm-up steps then
-timed steps with a device sync, and reports the median step time, SAE-examples/s, the planned
-bytes per device, XLA's estimate and the measured peak (CPU: the process's peak resident memory
-above its baseline before the state was built; GPU: `peak_bytes_in_use`).
+timed steps with a device sync (`harness.median_time`), and reports the median step time,
+SAE-examples/s, the planned bytes per device, XLA's estimate and the measured peak (CPU: the
+process's peak resident memory above its baseline before the state was built; GPU:
+`peak_bytes_in_use`).
 
 CPU figures: fake CPU devices share the machine's cores, so throughput against device count
 says nothing about real multi-device speed; the memory columns are the point there.
@@ -28,10 +29,13 @@ import json
 import os
 import pathlib
 import resource
-import statistics
 import subprocess
 import sys
 import time
+
+# `python benchmarks/scale.py` as well as -m
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -65,18 +69,17 @@ def run_case(
     state = layout.init_group_state(None, preprocess)
     pre = jax.device_put(preprocess, layout.replicated)
     x = jax.device_put(jax.random.normal(jax.random.key(0), (batch, d_vit)), layout.replicated)
-    times = []
-    for i in range(steps + 2):
-        t = time.perf_counter()
-        state, metrics = compiled.step(state, layout.hparams, pre, x)
-        jax.block_until_ready((state, metrics))
-        if i >= 2:  # Two warm-up steps.
-            times.append(time.perf_counter() - t)
+    box = [state]
+
+    def one_step():
+        box[0], metrics = compiled.step(box[0], layout.hparams, pre, x)
+        return box[0], metrics
+
+    sec = harness.median_time(one_step, n_warmup=2, n_repeats=steps)["seconds"]
     stats = jax.local_devices()[0].memory_stats()
     measured = stats["peak_bytes_in_use"] if stats and "peak_bytes_in_use" in stats else (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
     ) // n_devices  # fmt: skip
-    sec = statistics.median(times)
     flops = 12 * batch * d_vit * d_vit * exp * m
     return {
         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
@@ -173,7 +176,7 @@ def whole(shards: str, cases: list[dict]) -> list[dict]:
         chunks = re.findall(r"chunk (\d+), planned", text)
         row = dict(case, exit_status=os.waitstatus_to_exitcode(status), seconds=time.perf_counter() - t0,
                    planned_gib=max(planned, default=None), xla_gib=max(xla, default=None), chunk_used=chunks[-1] if chunks else None,
-                   peak_rss_gib=usage.ru_maxrss / 2**20, ram_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+                   peak_rss_gib=usage.ru_maxrss / 2**20, ram_gib=harness.ram_gib(),
                    n_metrics_json=n_metrics, last_line=(text.strip().splitlines() or [""])[-1][:200])  # fmt: skip
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -181,18 +184,13 @@ def whole(shards: str, cases: list[dict]) -> list[dict]:
 
 
 def whole_markdown(rows: list[dict], title: str) -> str:
-    head = (
-        "| kind | M | d_vit x d_sae | sae_chunk flag | chunk used | train step GiB (planned, XLA-checked) | "
-        "largest XLA GiB (train or evaluation step) | peak RSS GiB (whole run) | RAM GiB | metrics.json | exit | s |"
-    )
-    lines = [f"# {title}", "", head, "|" + "---|" * 12]
-    for r in rows:
-        lines.append(
-            f"| {r['kind']} | {r['m']} | {r['d_vit']} x {r['d_vit'] * 32} | {r['chunk'] or 'none'} | {r['chunk_used']} | "
-            f"{r['planned_gib']} | {r['xla_gib']} | {r['peak_rss_gib']:.2f} | {r['ram_gib']:.1f} | {r['n_metrics_json']}/{r['m']} | "
-            f"{r['exit_status']} | {r['seconds']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["kind", "M", "d_vit x d_sae", "sae_chunk flag", "chunk used", "train step GiB (planned, XLA-checked)",
+              "largest XLA GiB (train or evaluation step)", "peak RSS GiB (whole run)", "RAM GiB", "metrics.json",
+              "exit", "s"]  # fmt: skip
+    cells = [[r["kind"], r["m"], f"{r['d_vit']} x {r['d_vit'] * 32}", r["chunk"] or "none", r["chunk_used"],
+              r["planned_gib"], r["xla_gib"], f"{r['peak_rss_gib']:.2f}", f"{r['ram_gib']:.1f}",
+              f"{r['n_metrics_json']}/{r['m']}", r["exit_status"], f"{r['seconds']:.0f}"] for r in rows]  # fmt: skip
+    return "\n".join([f"# {title}", "", *harness.table(header, cells)]) + "\n"
 
 
 def gib(n) -> str:
@@ -200,18 +198,13 @@ def gib(n) -> str:
 
 
 def to_markdown(rows: list[dict], title: str) -> str:
-    head = "| d_vit x d_sae | M | batch | devices | chunk | s/step | SAE-ex/s | planned GiB/dev | XLA GiB/dev | measured GiB/dev |"
-    lines = [f"# {title}", "", head, "|" + "---|" * 10]
-    for r in rows:
-        if "skipped" in r:
-            lines.append(f"| {r['case']} | skipped: {r['skipped']} |")
-            continue
-        lines.append(
-            f"| {r['d_vit']} x {r['d_sae']} | {r['M']} | {r['batch']} | {r['n_devices']} | {r['chunk']} | "
-            f"{r['seconds_per_step']:.3f} | {r['sae_examples_per_s']:,.0f} | {gib(r['planned_bytes_per_device'])} | "
-            f"{gib(r['xla_bytes_per_device'])} | {gib(r['measured_bytes_per_device'])} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["d_vit x d_sae", "M", "batch", "devices", "chunk", "s/step", "SAE-ex/s", "planned GiB/dev", "XLA GiB/dev",
+              "measured GiB/dev"]  # fmt: skip
+    cells = [[r["case"], f"skipped: {r['skipped']}"] if "skipped" in r else
+             [f"{r['d_vit']} x {r['d_sae']}", r["M"], r["batch"], r["n_devices"], r["chunk"],
+              f"{r['seconds_per_step']:.3f}", f"{r['sae_examples_per_s']:,.0f}", gib(r["planned_bytes_per_device"]),
+              gib(r["xla_bytes_per_device"]), gib(r["measured_bytes_per_device"])] for r in rows]  # fmt: skip
+    return "\n".join([f"# {title}", "", *harness.table(header, cells)]) + "\n"
 
 
 def main() -> None:
@@ -244,12 +237,10 @@ def main() -> None:
             for c in args.chunks.split(",")
         ]
         rows = whole(args.whole, cases)
-        RESULTS.mkdir(exist_ok=True)
-        out = RESULTS / "scale-whole-cpu.json"
-        old = json.loads(out.read_text()) if out.is_file() else []
-        (RESULTS / "scale-whole-cpu.json").write_text(json.dumps(old + rows, indent=1) + "\n")
+        out = RESULTS / "scale-whole-cpu"
+        old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else []
         title = f"Whole-run peak memory (cpu; {time.strftime('%Y-%m-%d')})"
-        (RESULTS / "scale-whole-cpu.md").write_text(whole_markdown(old + rows, title))
+        harness.write(out, old + rows, whole_markdown(old + rows, title), echo=False)
         print(whole_markdown(rows, title))
         return
     if args.gpu:
@@ -274,11 +265,8 @@ def main() -> None:
         row["case"] = case
         rows.append(row)
         print(json.dumps(row), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"scale-{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
     title = f"Step memory and throughput ({name}; {time.strftime('%Y-%m-%d')})"
-    (RESULTS / f"scale-{name}.md").write_text(to_markdown(rows, title))
-    print(to_markdown(rows, title))
+    harness.write(RESULTS / f"scale-{name}", rows, to_markdown(rows, title))
 
 
 if __name__ == "__main__":

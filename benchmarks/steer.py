@@ -12,7 +12,6 @@ whole set) against each target, and the raw curves as JSON.
 """
 
 import argparse
-import json
 import pathlib
 import sys
 import tempfile
@@ -23,6 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from saev_jax import config, data, evaluation, plan, steer, step, synthetic, training
+
+# `python benchmarks/steer.py` as well as -m
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks import harness  # noqa: E402
 
 SYNTH = synthetic.Synthetic(
     d_vit=64, n_features=512, k=8, noise=0.05, seed=3, n_imgs=2048, n_patches_per_img=64, layers=(-2,)
@@ -117,22 +120,22 @@ def main():
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(out.with_suffix(".png"), np.array(steps), l0s, coeffs, cfgs, n_steps)
+    machine = harness.machine()
     lines = [
+        harness.machine_line(machine),
+        "",
         f"Synthetic data: d_vit {SYNTH.d_vit}, {SYNTH.n_features} true features, about {SYNTH.k:g} active per token ({n} examples). "
         f"One stack of {len(cfgs)} ReLU SAEs, d_sae {sae_cfg.d_sae}, every one starting at sparsity_coeff {args.sparsity_coeff:g}; "
         f"lr {args.lr:g} (warm-up {args.n_lr_warmup} steps), batch {B}, {n_steps} steps; controller GAIN {steer.GAIN:g}, "
-        f"MAX_CHANGE {steer.MAX_CHANGE:g}, EMA_DECAY {steer.EMA_DECAY:g}. Train {t_train:.0f} s on {jax.devices()[0].device_kind} "
-        "(2 shared CPU cores).",
+        f"MAX_CHANGE {steer.MAX_CHANGE:g}, EMA_DECAY {steer.EMA_DECAY:g}. Train {t_train:.0f} s on {jax.devices()[0].device_kind}.",
         "",
-        "| target_l0 | final λ | batch L0 (last 10%) | eval L0 | eval L0 / target − 1 | eval MSE | dead |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        t = "none" if r["target_l0"] is None else f"{r['target_l0']:g}"
-        e = "" if r["rel_err_eval"] is None else f"{r['rel_err_eval']:+.1%}"
-        lines.append(
-            f"| {t} | {r['final_coeff']:.4g} | {r['l0_last10pct']:.1f} | {r['l0_eval']:.1f} | {e} | {r['mse_eval']:.4f} | {r['n_dead']} |"
-        )
+    lines += harness.table(
+        ["target_l0", "final λ", "batch L0 (last 10%)", "eval L0", "eval L0 / target − 1", "eval MSE", "dead"],
+        [["none" if r["target_l0"] is None else f"{r['target_l0']:g}", f"{r['final_coeff']:.4g}", f"{r['l0_last10pct']:.1f}",
+          f"{r['l0_eval']:.1f}", "" if r["rel_err_eval"] is None else f"{r['rel_err_eval']:+.1%}", f"{r['mse_eval']:.4f}",
+          r["n_dead"]] for r in rows],
+    )  # fmt: skip
     ok = all(abs(r["rel_err_eval"]) <= 0.1 for r in rows if r["target_l0"] is not None)
     control = rows[-1]
     lines += [
@@ -144,12 +147,10 @@ def main():
         f"Figure: `{out.with_suffix('.png').name}`. Total wall time {time.perf_counter() - t_start:.0f} s. "
         f"Command: `python -m benchmarks.steer {' '.join(sys.argv[1:])}`",
     ]
-    md = "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(md)
     every = slice(None, None, 10)  # the JSON keeps every 10th step; the figure has them all
     curves = dict(steps=steps[every], l0=l0s[every].T.tolist(), coeff=coeffs[every].T.tolist())
-    out.with_suffix(".json").write_text(json.dumps(dict(args=vars(args), rows=rows, curves=curves)) + "\n")
-    print(md)
+    md = "\n".join(lines) + "\n"
+    harness.write(out, dict(args=vars(args), machine=machine, rows=rows, curves=curves), md, indent=None)
 
 
 def plot(fpath, steps, l0s, coeffs, cfgs, n_steps):

@@ -20,11 +20,12 @@ programs compute the same thing and their speed can be compared:
 import argparse
 import dataclasses
 import logging
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
+
+from benchmarks import harness
 
 logger = logging.getLogger(__name__)
 
@@ -257,11 +258,14 @@ def main() -> None:
     ]
     trainer = Trainer(make_saes(cfgs, device), [Hparams.from_cfg(c) for c in cfgs])
     stream = batches(make_dataloader(cfgs[0], dataset), cfgs[0].n_patches)
-    start = time.perf_counter()
-    n_steps = train(trainer, stream, device, log_every=args.log_every)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    taken = []  # the steps the loop took: an epoch ending in a short batch makes it differ from --n-steps
+
+    def run() -> None:
+        taken.append(train(trainer, stream, device, log_every=args.log_every))
+
+    # One timed pass, loader start-up included, closed by a device sync: the original as a user runs it.
+    seconds = harness.median_time(run, n_warmup=0, n_repeats=1, sync=lambda _: harness.sync_torch(device))["seconds"]
+    n_steps = taken[0]
     n = n_steps * args.batch_size
     print(f"{n_steps} steps, {n / seconds:,.0f} examples/s, {n * args.n_saes / seconds:,.0f} SAE-examples/s")
 

@@ -130,11 +130,6 @@ def describe_devices() -> dict[str, object]:
     }
 
 
-def torch_sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------- timing (benchmarks/harness.py)
 
 
@@ -254,7 +249,7 @@ class TorchLoop:
             self.trainer.metrics(losses)
 
     def sync(self) -> None:
-        torch_sync(self.device)
+        harness.sync_torch(self.device)
 
 
 def free_memory() -> None:
@@ -598,7 +593,7 @@ def torch_end_to_end(
 
     def on_log(step: int, metrics: list[dict]) -> None:
         del metrics
-        torch_sync(device)
+        harness.sync_torch(device)
         marks.append(time.perf_counter())
 
     loader = torch_baseline.make_dataloader(cfgs[0], dataset)
