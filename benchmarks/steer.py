@@ -12,6 +12,7 @@ whole set) against each target, and the raw curves as JSON.
 """
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import tempfile
@@ -43,24 +44,30 @@ def main():
     parser.add_argument("--exp-factor", type=int, default=32)
     parser.add_argument("--every", type=int, default=10, help="record the metrics every this many steps")
     parser.add_argument("--out", default="benchmarks/results/steer-cpu")
+    parser.add_argument("--targets", default=",".join(map(str, TARGETS)), help="comma-separated target_l0 values")
+    parser.add_argument("--d-vit", type=int, default=SYNTH.d_vit, help="width of the synthetic activations")
+    parser.add_argument("--n-features", type=int, default=SYNTH.n_features, help="true features of the synthetic data")
+    parser.add_argument("--true-k", type=float, default=SYNTH.k, help="true features active per token")
     args = parser.parse_args()
+    synth = dataclasses.replace(SYNTH, d_vit=args.d_vit, n_features=args.n_features, k=args.true_k)
+    targets = [int(t) for t in args.targets.split(",")]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp) / "shards"
-        synthetic.write_shards(root, SYNTH)
-        data_cfg = config.DataLoad(shard_root=str(root), patches="patches", layer=SYNTH.layers[0])
+        synthetic.write_shards(root, synth)
+        data_cfg = config.DataLoad(shard_root=str(root), patches="patches", layer=synth.layers[0])
         acts = data.Activations(data_cfg)
         preprocess = data.make_preprocess(acts, data_cfg)
         x_ND = acts.read(np.arange(len(acts)))
     n, B = len(x_ND), args.batch
     sae_cfg = config.SparseAutoencoder(
-        d_vit=SYNTH.d_vit, exp_factor=args.exp_factor, sparsity_coeff=args.sparsity_coeff, n_reinit_samples=n
+        d_vit=synth.d_vit, exp_factor=args.exp_factor, sparsity_coeff=args.sparsity_coeff, n_reinit_samples=n
     )
     base = config.Train(
         data=data_cfg, sae=sae_cfg, n_patches=(args.steps - 1) * B, sae_batch_size=B, lr=args.lr,
         n_lr_warmup=args.n_lr_warmup, track=False, n_workers=1,
     )  # fmt: skip
-    cfgs = config.grid(base, {"sae": {"target_l0": list(TARGETS)}}) + [base]
+    cfgs = config.grid(base, {"sae": {"target_l0": targets}}) + [base]
     for c in cfgs:
         config.validate(c)
     assert len(config.split_cfgs(cfgs)) == 1 and len(plan.stacks_of(cfgs)) == 1, "one group, one stack"
@@ -69,7 +76,7 @@ def main():
 
     layout = training.Layout(
         cfgs,
-        plan.Round((plan.StackPlan(tuple(range(len(cfgs))), SYNTH.d_vit, sae_cfg.d_sae, len(cfgs), len(cfgs)),), 0),
+        plan.Round((plan.StackPlan(tuple(range(len(cfgs))), synth.d_vit, sae_cfg.d_sae, len(cfgs), len(cfgs)),), 0),
         plan.make_mesh(jax.devices()[:1]),
     )
     state = layout.init_group_state(acts, preprocess)
@@ -124,7 +131,7 @@ def main():
     lines = [
         harness.machine_line(machine),
         "",
-        f"Synthetic data: d_vit {SYNTH.d_vit}, {SYNTH.n_features} true features, about {SYNTH.k:g} active per token ({n} examples). "
+        f"Synthetic data: d_vit {synth.d_vit}, {synth.n_features} true features, about {synth.k:g} active per token ({n} examples). "
         f"One stack of {len(cfgs)} ReLU SAEs, d_sae {sae_cfg.d_sae}, every one starting at sparsity_coeff {args.sparsity_coeff:g}; "
         f"lr {args.lr:g} (warm-up {args.n_lr_warmup} steps), batch {B}, {n_steps} steps; controller GAIN {steer.GAIN:g}, "
         f"MAX_CHANGE {steer.MAX_CHANGE:g}, EMA_DECAY {steer.EMA_DECAY:g}. Train {t_train:.0f} s on {jax.devices()[0].device_kind}.",
