@@ -674,7 +674,7 @@ def eval_peak(saes: kinds.Inference, cfg: config.Train, acts, preprocess, chunk:
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         lowered = evaluation._accumulate.lower(
             sums, jax.tree.map(spec, saes), jax.tree.map(spec, preprocess), jax.ShapeDtypeStruct((B, d_vit), jnp.float32),
-            scalar, scalar, stride=evaluation.quality_stride(len(acts), B), chunk=chunk,
+            scalar, scalar, stride=evaluation.quality_stride(evaluation.n_evaluated(len(acts), cfg.eval_n_patches), B), chunk=chunk,
         )  # fmt: skip
         return xla_peak(lowered.compile())
     except Exception as err:  # Evaluation's internals changed: evaluate with the training chunk.
