@@ -53,8 +53,8 @@ def replay(dpath: pathlib.Path) -> list[str]:
     for fpath in fpaths:
         with open(fpath, encoding="utf-8") as fd:
             wandb_queue.lock(fd, fpath)  # Released at once; replay_file takes it again.
-    ids = [wandb_queue.replay_file(fpath) for fpath in fpaths]
-    return [run_id for run_id in ids if run_id is not None]
+    synced = [wandb_queue.replay_file(fpath) for fpath in fpaths]
+    return [s.id for s in synced if s is not None]
 
 
 def main(dpath: Annotated[pathlib.Path, tyro.conf.Positional]) -> list[str]:
