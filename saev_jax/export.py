@@ -105,18 +105,16 @@ def write_saev(ckpt: checkpoint.Checkpoint, out: pathlib.Path) -> None:
             ckpt.source,
         )
     else:
-        cfg = dataclasses.replace(
-            cfg,
-            data=dataclasses.replace(cfg.data, scale_mean=False, scale_norm=False, clamp=float(ckpt.preprocess.clamp)),
-        )
+        cfg = dataclasses.replace(cfg, data=checkpoint.folded_data(cfg.data, float(ckpt.preprocess.clamp)))
     if cfg.sae.d_sae != weights["W_enc"].shape[1]:
         raise config.InputError(
             f"{ckpt.source}: d_sae = {weights['W_enc'].shape[1]} is not d_vit * exp_factor, saev's header cannot say it"
         )
     fpath = out if out.suffix == ".pt" else out / checkpoint.SAEV_FNAME
     fpath.parent.mkdir(parents=True, exist_ok=True)
+    folded_clamp = None if ckpt.preprocess is None else float(ckpt.preprocess.clamp)
     with open(fpath, "wb") as fd:
-        checkpoint.write_saev(fd, cfg.sae, weights)
+        checkpoint.write_saev(fd, cfg.sae, weights, folded_clamp=folded_clamp)
     if out.suffix != ".pt":
         (out / checkpoint.CFG_FNAME).write_text(json.dumps(config.to_dict(cfg), indent=4) + "\n")
 
