@@ -1,8 +1,9 @@
-"""`python -m saev_jax.evaluate CKPT... [--data.shard-root DIR] [--out DIR]`: evaluates checkpoints.
+"""`python -m saev_jax.evaluate CKPT... [--data.shard-root DIR] [--out DIR] [--eval-n-patches N]`: evaluates checkpoints.
 
-The command over `evaluation.py`: it loads saev_jax run directories or saev `sae.pt` files, groups
-them into one pass per shard set, statistics, kind and shape, and writes per checkpoint
-`metrics.json`, `cfg.json` and `freqs.safetensors`, then the group figures and `summary.csv`.
+The command over `evaluation.py`: it loads saev_jax run directories, saev `sae.pt` files or our
+exports, groups them into one pass per shard set, statistics, kind, shape and evaluation cap, and
+writes per checkpoint `metrics.json`, `cfg.json` and `freqs.safetensors`, then the group figures
+and `summary.csv`.
 """
 
 import collections
@@ -47,12 +48,14 @@ class EvalData:
 
 @dataclasses.dataclass(frozen=True)
 class EvalArgs:
-    """Evaluates checkpoints (saev_jax's, or saev's sae.pt) on a shard set, with training's metrics,
-    histograms, quality and summary table. Each checkpoint's saved preprocessing is used; one without
-    it (sae.pt, or written before it was saved) gets statistics computed from these shards, as saev does."""
+    """Evaluates checkpoints (saev_jax's, saev's sae.pt, or what saev_jax.export wrote) on a shard set, with
+    training's metrics, histograms, quality and summary table. Each checkpoint's saved preprocessing is
+    used; an export is folded and takes raw activations as they are; a checkpoint without statistics
+    (saev's own sae.pt, or one written before they were saved) gets them computed from these shards, as saev does."""
 
     ckpts: tyro.conf.Positional[tuple[str, ...]]
-    """Checkpoints: run directories, sae.pt files or directories holding them, or sweep directories."""
+    """Checkpoints: run directories, sae.pt files or directories holding them, SAELens or sparsify folders
+    that saev_jax.export wrote, or sweep directories of any of them."""
     data: EvalData
     """The shard set."""
     out: str = os.path.join(".", "evaluations")

@@ -21,6 +21,10 @@ one) or a sweep directory (a `ckpt_path`): then every checkpoint in it is export
 Folding keeps the pre-activations: with the encoder subtracting `b_dec`, `(x - b_dec') @ W_enc' +
 b_enc` on raw x equals ours on normalised x, so thresholds and the top-k need no change.
 
+Every export loads back here as folded (`saev_jax.sae.load`, `python -m saev_jax.evaluate`):
+identity preprocessing, no statistics asked for. A folded `sae.pt` says so in its state dict's
+metadata (where saev's strict loader does not look), so even `--out x.pt` alone is known folded.
+
 Everything is written under a temporary name and renamed into place: PATH holds the whole
 export or nothing. PATH must not exist. Bad input prints one line and exits with status 2.
 """
