@@ -541,7 +541,9 @@ def load_saelens(dpath: str | os.PathLike, precision: str = "float32") -> Checkp
         raise config.InputError(f"{cfg_fpath}: not a SAELens cfg.json (no 'architecture')")
     arch = lens["architecture"]
     if arch not in SAELENS_KINDS:
-        raise config.InputError(f"{cfg_fpath}: architecture = {arch!r}: not one saev_jax reads ({', '.join(SAELENS_KINDS)})")
+        raise config.InputError(
+            f"{cfg_fpath}: architecture = {arch!r}: not one saev_jax reads ({', '.join(SAELENS_KINDS)})"
+        )
     if lens.get("normalize_activations", "none") != "none" or lens.get("apply_b_dec_to_input", True) is not True:
         raise config.InputError(
             f"{cfg_fpath}: normalize_activations = {lens.get('normalize_activations')!r}, apply_b_dec_to_input = "
@@ -584,7 +586,9 @@ def load_sparsify(dpath: str | os.PathLike, precision: str = "float32") -> Check
     d_vit, d_sae = tensors["W_enc"].shape
     _check_sae_shapes(tensors, d_vit, d_sae, fpath)
     if lens.get("activation", "topk") != "topk" or lens.get("skip_connection") or lens.get("transcode"):
-        raise config.InputError(f"{dpath / CFG_FNAME}: only plain top-k SAEs (no skip connection, no transcoder) are read")
+        raise config.InputError(
+            f"{dpath / CFG_FNAME}: only plain top-k SAEs (no skip connection, no transcoder) are read"
+        )
     k = int(lens.get("k", d_sae))
     sae = {"kind": "relu"} if k >= d_sae else {"kind": "topk", "k": k}
     clamp = config.DataLoad.clamp
@@ -601,7 +605,9 @@ def _folded_cfg(data_dct, d_vit: int, d_sae: int, clamp: float, sae: dict, fpath
         raise config.InputError(f"{fpath}: d_sae = {d_sae} is not a multiple of d_vit = {d_vit}")
     data_cfg = config.DataLoad()
     if isinstance(data_dct, dict):
-        data_cfg = config.from_dict(config.DataLoad, data_dct, where=f"{fpath.parent / CFG_FNAME} metadata.saev_jax.data")
+        data_cfg = config.from_dict(
+            config.DataLoad, data_dct, where=f"{fpath.parent / CFG_FNAME} metadata.saev_jax.data"
+        )
     sae_cfg = config.SparseAutoencoder(d_vit=d_vit, exp_factor=d_sae // d_vit, **sae)
     return config.Train(data=folded_data(data_cfg, clamp), sae=sae_cfg)
 

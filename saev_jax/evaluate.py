@@ -105,7 +105,9 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
     if not args.ckpts:
         raise config.InputError("no checkpoints given")
     if args.eval_n_patches is not None and args.eval_n_patches < 0:
-        raise config.InputError(f"eval_n_patches = {args.eval_n_patches}: must not be negative (0 evaluates on every example)")
+        raise config.InputError(
+            f"eval_n_patches = {args.eval_n_patches}: must not be negative (0 evaluates on every example)"
+        )
     paths = [p for arg in args.ckpts for p in export.find_checkpoints(arg)[0]]
     ckpts = [checkpoint.load(p, args.precision) for p in paths]  # all checked before any pass
     names = _unique_names(paths)
@@ -147,7 +149,13 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
             stats_key = ("saved", b"".join(a.tobytes() for a in arrays))
             stats.setdefault(stats_key[1], preprocess)
         # One stack per kind and shape (and static structure, e.g. Matryoshka's block ends).
-        stack_key = (ckpt.kind, ckpt.sae.W_enc.shape, jax.tree.structure(ckpt.sae), cfg.sae_batch_size, cfg.eval_n_patches)
+        stack_key = (
+            ckpt.kind,
+            ckpt.sae.W_enc.shape,
+            jax.tree.structure(ckpt.sae),
+            cfg.sae_batch_size,
+            cfg.eval_n_patches,
+        )
         groups.setdefault((acts_key, stack_key, stats_key), []).append(i)
 
     out = pathlib.Path(args.out)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from saev_jax import checkpoint, config, data, evaluate, evaluation, synthetic, train, training
-from tests.test_evaluate import ALMOST_DEAD, DENSE, EXP, M, D, check_against_reference, make_preprocess, make_saes
+from tests.test_evaluate import ALMOST_DEAD, DENSE, EXP, D, M, check_against_reference, make_preprocess, make_saes
 from tests.test_evaluate import reference as numpy_reference
 
 B = 16
@@ -77,7 +77,8 @@ def test_zero_or_a_cap_beyond_the_data_is_the_whole_set(acts):
 def test_quality_sampling_follows_the_capped_count(tmp_path):
     """On 8192 examples quality samples 1 in 2+ (stderr > 0); capped at 1000, every example (stderr exactly 0)."""
     synthetic.write_shards(
-        tmp_path, synthetic.Synthetic(d_vit=D, n_features=16, k=2, n_imgs=1024, n_patches_per_img=8, n_patches_per_shard=2048)
+        tmp_path,
+        synthetic.Synthetic(d_vit=D, n_features=16, k=2, n_imgs=1024, n_patches_per_img=8, n_patches_per_shard=2048),
     )
     big = data.Activations(config.DataLoad(shard_root=str(tmp_path), layer=-2, scale_mean=False, scale_norm=False))
     assert evaluation.quality_stride(len(big), 256) > 1 and evaluation.quality_stride(1000, 256) == 1

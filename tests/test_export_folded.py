@@ -53,7 +53,9 @@ def test_folded_sae_pt_is_marked_where_saevs_loader_does_not_look(tmp_path):
     # An unfolded sae.pt (no statistics to fold) stays saev's bytes and loads without statistics.
     src = tmp_path / "raw.pt"
     with open(src, "wb") as fd:
-        checkpoint.write_saev(fd, config.SparseAutoencoder(d_vit=D, exp_factor=3), checkpoint.fold(checkpoint.load(dpath).sae, None))
+        checkpoint.write_saev(
+            fd, config.SparseAutoencoder(d_vit=D, exp_factor=3), checkpoint.fold(checkpoint.load(dpath).sae, None)
+        )
     assert checkpoint.load(src).missing == ("preprocess", "freqs", "cfg")
 
 
