@@ -565,14 +565,9 @@ def train_round(
     mode = wandb_queue.resolve_mode(cfg.track) if lead else "disabled"
     # ParallelWandbRun drops the empty tag (saev's default).
     run = wandb_queue.ParallelWandbRun(
-        cfg.wandb_project,
-        cfgs,
-        mode,
-        [cfg.tag],
-        ckpt_dpath / "wandb-queue",
-        resume=resume if lead else None,
+        cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue", resume=resume if lead else None,
         defer_replay=True,  # `main` replays the queued runs after the summary table.
-    )
+    )  # fmt: skip
     with run:
         # Train.
         state = train(
