@@ -11,7 +11,11 @@ A checkpoint directory `<ckpt_path>/<run id>/` holds
 
 `load(path)` reads such a directory (older ones without the newer files too) or saev's `sae.pt`
 (always ReLU) and gives a `Checkpoint`: the SAE as its own kind, in its inference form, with
-the preprocessing it was trained with, which encodes and decodes raw activations. A checkpoint
+the preprocessing it was trained with, which encodes and decodes raw activations. It also reads
+back what `export` writes, folded (SPEC 10): saev's `sae.pt` (a folded one says so in its state
+dict's metadata, `FOLDED_KEY`, and in the `cfg.json` beside it), SAELens' folder and sparsify's.
+A folded SAE works on raw activations already: it loads with an identity preprocessing (only
+the clamp), never asking for statistics, which would normalise twice. A checkpoint
 is untrusted input: nothing here unpickles anything but tensors (`torch.load(weights_only=True)`),
 and bad files raise one-line InputErrors.
 """
@@ -51,6 +55,11 @@ SAEV_FNAME = "sae.pt"
 SAEV_RENAMED = {"l1_coeff": "sparsity_coeff", "use_ghost_grads": "ghost_grads"}
 """Header keys of saev's first `sae.pt` version (Oct-Nov 2024) and their later names."""
 _HEADER_LIMIT = 1 << 16
+FOLDED_KEY = "saev_jax"
+"""In a folded `sae.pt` (`export`), the state dict's `_metadata[""]` holds `{FOLDED_KEY: {"folded": true,
+"clamp": c}}`: a place saev's strict loader ignores (torch's own metadata, beside `version`)."""
+SAELENS_WEIGHTS_FNAME = "sae_weights.safetensors"
+"""SAELens' weights file (beside its `cfg.json`)."""
 SAEV_FIELDS = (
     "d_vit",
     "exp_factor",
@@ -75,9 +84,11 @@ class Checkpoint(eqx.Module):
     k largest, BatchTopK and Matryoshka apply their threshold, JumpReLU its thresholds; `kind`
     names it). It works in the normalised space `(clip(x, -clamp, clamp) - act_mean) / scalar`;
     `encode_raw`/`decode_raw` add that step and its inverse (the clamp is not undone). Wrap
-    them in `eqx.filter_jit` for speed. `preprocess` is None for checkpoints that do not carry
-    their statistics (saev_jax's before they were saved, saev's `sae.pt` trained with
-    estimated statistics): `missing` names what is absent, and `with_preprocess` adds them.
+    them in `eqx.filter_jit` for speed. A folded export (`export`) works on raw activations
+    already: its `preprocess` is the identity (mean 0, scalar 1) with the clamp. `preprocess` is
+    None for checkpoints that do not carry their statistics (saev_jax's before they were saved,
+    saev's `sae.pt` trained with estimated statistics): `missing` names what is absent, and
+    `with_preprocess` adds them.
     """
 
     sae: kinds.Inference
@@ -214,28 +225,40 @@ def _fsync_tree(dpath: pathlib.Path) -> None:
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether `path` is something `load` reads: a directory with sae.safetensors or sae.pt, or such a file."""
+    """Whether `path` is something `load` reads: a directory with sae.safetensors, sae.pt or SAELens'
+    sae_weights.safetensors, or such a file."""
     path = pathlib.Path(path)
     if path.is_dir():
-        return (path / SAE_FNAME).is_file() or (path / SAEV_FNAME).is_file()
+        return any((path / name).is_file() for name in (SAE_FNAME, SAEV_FNAME, SAELENS_WEIGHTS_FNAME))
     return path.is_file()
 
 
 def load(path: str | os.PathLike, precision: str = "float32") -> Checkpoint:
     """The checkpoint at `path`: a saev_jax checkpoint directory or its `sae.safetensors`, or saev's `sae.pt`
-    (a directory holding one, or the file; any file name but `*.safetensors` is read as a `sae.pt`).
+    (a directory holding one, or the file; any file name but `*.safetensors` is read as a `sae.pt`),
+    or a SAELens or sparsify folder that `export` wrote (folded: see the module docstring).
 
     Raises InputError, naming the file and the problem, for anything that is not a valid checkpoint.
     """
     path = pathlib.Path(path)
     if path.is_dir():
+        if (path / SAE_FNAME).is_file() and _peer_cfg(path, "num_latents") is not None:
+            return load_sparsify(path, precision)
         if (path / SAE_FNAME).is_file():
             return _load_dir(path / SAE_FNAME, precision)
         if (path / SAEV_FNAME).is_file():
             return load_saev(path / SAEV_FNAME, precision)
-        raise config.InputError(f"{path}: not a checkpoint (no {SAE_FNAME} or {SAEV_FNAME} in it)")
+        if (path / SAELENS_WEIGHTS_FNAME).is_file():
+            return load_saelens(path, precision)
+        raise config.InputError(
+            f"{path}: not a checkpoint (no {SAE_FNAME}, {SAEV_FNAME} or {SAELENS_WEIGHTS_FNAME} in it)"
+        )
     if not path.is_file():
         raise config.InputError(f"{path}: no such checkpoint file or directory")
+    if path.name == SAELENS_WEIGHTS_FNAME:
+        return load_saelens(path.parent, precision)
+    if path.name == SAE_FNAME and _peer_cfg(path.parent, "num_latents") is not None:
+        return load_sparsify(path.parent, precision)
     if path.suffix == ".safetensors":
         return _load_dir(path, precision)
     return load_saev(path, precision)
@@ -351,7 +374,13 @@ def _first_line(err: BaseException) -> str:
 
 
 def read_saev(fpath: str | os.PathLike) -> tuple[config.SparseAutoencoder, dict[str, np.ndarray]]:
-    """The header (as our `SparseAutoencoder` config) and float32 tensors of a saev `sae.pt`.
+    """The header (as our `SparseAutoencoder` config) and float32 tensors of a saev `sae.pt` (see `_read_saev`)."""
+    sae_cfg, tensors, _ = _read_saev(fpath)
+    return sae_cfg, tensors
+
+
+def _read_saev(fpath: str | os.PathLike) -> tuple[config.SparseAutoencoder, dict[str, np.ndarray], float | None]:
+    """The header (as our `SparseAutoencoder` config), float32 tensors and folded clamp (None: not folded) of a saev `sae.pt`.
 
     Reads the three header versions of samuelstevens/saev (PyPI `saev==0.1.0`): `{d_vit,
     exp_factor, l1_coeff, use_ghost_grads}`, `{d_vit, exp_factor, sparsity_coeff, ghost_grads}`
@@ -405,13 +434,15 @@ def read_saev(fpath: str | os.PathLike) -> tuple[config.SparseAutoencoder, dict[
         if not t.is_floating_point():
             raise config.InputError(f"{fpath}: {name} must be a float tensor, got {t.dtype}")
     tensors = {name: state[name].detach().to(torch.float32).numpy().copy() for name in TENSOR_NAMES}
+    folded = (getattr(state, "_metadata", None) or {}).get("", {}).get(FOLDED_KEY)
+    clamp = float(folded["clamp"]) if isinstance(folded, dict) and folded.get("folded") is True else None
     _check_sae_shapes(
         tensors,
         sae_cfg.d_vit,
         sae_cfg.d_sae,
         f"{fpath} (header: d_vit = {sae_cfg.d_vit}, exp_factor = {sae_cfg.exp_factor})",
     )
-    return sae_cfg, tensors
+    return sae_cfg, tensors, clamp
 
 
 def saev_header_to_cfg(header: dict[str, object], where: str) -> config.SparseAutoencoder:
@@ -435,12 +466,13 @@ def load_saev(fpath: str | os.PathLike, precision: str = "float32") -> Checkpoin
     """A saev `sae.pt` as a Checkpoint (see `read_saev`).
 
     saev does not store the preprocessing statistics: its tools recompute them from the shards.
-    If saev's `cfg.json` lies beside the file and says `scale_mean = scale_norm = false` (as our
-    `export --format saev` writes), the statistics are known (zeros and 1, with its clamp);
-    otherwise `preprocess` is None and `missing` says so.
+    A folded export (`export --format saev`) needs none: its state dict's metadata says it is
+    folded (`FOLDED_KEY`), and so does saev's `cfg.json` beside it (`scale_mean = scale_norm =
+    false`); either gives the identity preprocessing with its clamp. Otherwise `preprocess` is
+    None and `missing` says so.
     """
     fpath = pathlib.Path(fpath)
-    sae_cfg, tensors = read_saev(fpath)
+    sae_cfg, tensors, folded_clamp = _read_saev(fpath)
     cfg = None
     cfg_fpath = fpath.parent / CFG_FNAME
     if fpath.name == SAEV_FNAME and cfg_fpath.is_file():
@@ -451,6 +483,10 @@ def load_saev(fpath: str | os.PathLike, precision: str = "float32") -> Checkpoin
     preprocess = None
     if cfg is not None and cfg.data.scale_mean is False and cfg.data.scale_norm is False:
         preprocess = data.Preprocess(cfg.data.clamp, np.zeros(sae_cfg.d_vit, np.float32), 1.0)
+    elif folded_clamp is not None:
+        preprocess = _identity(sae_cfg.d_vit, folded_clamp)
+        cfg = cfg or config.Train(sae=sae_cfg)
+        cfg = dataclasses.replace(cfg, data=folded_data(cfg.data, folded_clamp))
     if cfg is None:
         cfg = config.Train(sae=sae_cfg)
         missing = ("preprocess", "freqs", "cfg")
@@ -463,8 +499,127 @@ def load_saev(fpath: str | os.PathLike, precision: str = "float32") -> Checkpoin
     )
 
 
-def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndarray]) -> None:
-    """Writes a `sae.pt` exactly as saev's `nn.dump`: `json.dumps(vars(cfg))`, a newline, `torch.save(state_dict)`."""
+# --------------------------------------------------------------------------- folded exports
+
+
+def folded_data(data_cfg: config.DataLoad, clamp: float) -> config.DataLoad:
+    """`data_cfg` saying that the weights are folded: no mean, no scaling (as saev's flags say it), `clamp` only."""
+    return dataclasses.replace(data_cfg, scale_mean=False, scale_norm=False, clamp=float(clamp))
+
+
+def _identity(d_vit: int, clamp: float) -> data.Preprocess:
+    return data.Preprocess(float(clamp), np.zeros(d_vit, np.float32), 1.0)
+
+
+def _peer_cfg(dpath: pathlib.Path, key: str) -> dict | None:
+    """The peer format's `cfg.json` in `dpath` if it is a JSON object with `key`, else None."""
+    try:
+        dct = json.loads((dpath / CFG_FNAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return dct if isinstance(dct, dict) and key in dct else None
+
+
+SAELENS_KINDS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+"""Our kind for each SAELens architecture `load_saelens` reads (BatchTopK and Matryoshka are exported as jumprelu)."""
+
+
+def load_saelens(dpath: str | os.PathLike, precision: str = "float32") -> Checkpoint:
+    """A SAELens v6 folder (`cfg.json`, `sae_weights.safetensors`), as `export --format saelens` writes it.
+
+    Its weights work on raw activations (`normalize_activations: none`; ours are folded), so it
+    loads with the identity preprocessing and the clamp its `metadata.saev_jax` records (else
+    the default). `standard` is ReLU, `topk` TopK with its `k`, `jumprelu` JumpReLU with its
+    thresholds, or BatchTopK with its one threshold when our export says it came from BatchTopK
+    or Matryoshka (the same function at inference). Our export's `metadata.saev_jax` also gives
+    back the data config (shard root, layer) for `evaluate`.
+    """
+    dpath = pathlib.Path(dpath)
+    cfg_fpath = dpath / CFG_FNAME
+    lens = _peer_cfg(dpath, "architecture")
+    if lens is None:
+        raise config.InputError(f"{cfg_fpath}: not a SAELens cfg.json (no 'architecture')")
+    arch = lens["architecture"]
+    if arch not in SAELENS_KINDS:
+        raise config.InputError(
+            f"{cfg_fpath}: architecture = {arch!r}: not one saev_jax reads ({', '.join(SAELENS_KINDS)})"
+        )
+    if lens.get("normalize_activations", "none") != "none" or lens.get("apply_b_dec_to_input", True) is not True:
+        raise config.InputError(
+            f"{cfg_fpath}: normalize_activations = {lens.get('normalize_activations')!r}, apply_b_dec_to_input = "
+            f"{lens.get('apply_b_dec_to_input')!r}: saev_jax reads 'none' and true (as its export writes)"
+        )
+    fpath = dpath / SAELENS_WEIGHTS_FNAME
+    ndims = {"W_enc": 2, "b_enc": 1, "W_dec": 2, "b_dec": 1} | ({"threshold": 1} if arch == "jumprelu" else {})
+    tensors = _read_safetensors(fpath, ndims)
+    d_vit, d_sae = tensors["W_enc"].shape
+    _check_sae_shapes(tensors, d_vit, d_sae, fpath)
+    ours = (lens.get("metadata") or {}).get("saev_jax") or {}
+    clamp = float(ours.get("clamp", config.DataLoad.clamp))
+    kind = SAELENS_KINDS[arch]
+    sae = {"kind": kind} | ({"k": int(lens["k"])} if kind == "topk" else {})
+    if kind == "jumprelu" and ours.get("kind") in ("batchtopk", "matryoshka"):
+        kind = "batchtopk"
+        sae = {"kind": kind} | ({"k": int(ours["k"])} if "k" in ours else {})
+    cfg = _folded_cfg(ours.get("data"), d_vit, d_sae, clamp, sae, fpath)
+    kind_tensors = {"threshold": tensors.pop("threshold")} if "threshold" in tensors else {}
+    try:
+        inference = kinds.make_inference(cfg, tensors, kind_tensors, precision)
+    except ValueError as err:
+        raise config.InputError(f"{fpath}: {err}") from None
+    return Checkpoint(inference, _identity(d_vit, clamp), None, cfg, f"{dpath} (SAELens, folded)", ("freqs",))
+
+
+def load_sparsify(dpath: str | os.PathLike, precision: str = "float32") -> Checkpoint:
+    """A sparsify folder (`cfg.json`, `sae.safetensors`), as `export --format sparsify` writes it.
+
+    Its weights work on raw activations (ours are folded): identity preprocessing with the
+    default clamp (sparsify's config has no place for ours). Top-k with k = d_sae is ReLU (how
+    we export ReLU); any other k is TopK.
+    """
+    dpath = pathlib.Path(dpath)
+    lens = _peer_cfg(dpath, "num_latents") or {}
+    fpath = dpath / SAE_FNAME
+    raw = _read_safetensors(fpath, {"encoder.weight": 2, "encoder.bias": 1, "W_dec": 2, "b_dec": 1})
+    tensors = {"W_enc": np.ascontiguousarray(raw["encoder.weight"].T), "b_enc": raw["encoder.bias"],
+               "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}  # fmt: skip
+    d_vit, d_sae = tensors["W_enc"].shape
+    _check_sae_shapes(tensors, d_vit, d_sae, fpath)
+    if lens.get("activation", "topk") != "topk" or lens.get("skip_connection") or lens.get("transcode"):
+        raise config.InputError(
+            f"{dpath / CFG_FNAME}: only plain top-k SAEs (no skip connection, no transcoder) are read"
+        )
+    k = int(lens.get("k", d_sae))
+    sae = {"kind": "relu"} if k >= d_sae else {"kind": "topk", "k": k}
+    clamp = config.DataLoad.clamp
+    cfg = _folded_cfg(None, d_vit, d_sae, clamp, sae, fpath)
+    try:
+        inference = kinds.make_inference(cfg, tensors, {}, precision)
+    except ValueError as err:
+        raise config.InputError(f"{fpath}: {err}") from None
+    return Checkpoint(inference, _identity(d_vit, clamp), None, cfg, f"{dpath} (sparsify, folded)", ("freqs",))
+
+
+def _folded_cfg(data_dct, d_vit: int, d_sae: int, clamp: float, sae: dict, fpath: pathlib.Path) -> config.Train:
+    if d_sae % d_vit:
+        raise config.InputError(f"{fpath}: d_sae = {d_sae} is not a multiple of d_vit = {d_vit}")
+    data_cfg = config.DataLoad()
+    if isinstance(data_dct, dict):
+        data_cfg = config.from_dict(
+            config.DataLoad, data_dct, where=f"{fpath.parent / CFG_FNAME} metadata.saev_jax.data"
+        )
+    sae_cfg = config.SparseAutoencoder(d_vit=d_vit, exp_factor=d_sae // d_vit, **sae)
+    return config.Train(data=folded_data(data_cfg, clamp), sae=sae_cfg)
+
+
+def write_saev(
+    fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndarray], *, folded_clamp: float | None = None
+) -> None:
+    """Writes a `sae.pt` exactly as saev's `nn.dump`: `json.dumps(vars(cfg))`, a newline, `torch.save(state_dict)`.
+
+    `folded_clamp` (folded weights, `fold`) is recorded in the state dict's metadata (`FOLDED_KEY`),
+    where saev's loader does not look, so `load` knows the file needs no statistics.
+    """
     import torch  # Only here: writing sae.pt files.
 
     expected = {
@@ -485,7 +640,10 @@ def write_saev(fd, sae_cfg: config.SparseAutoencoder, tensors: dict[str, np.ndar
         (name, torch.from_numpy(np.array(tensors[name], dtype=np.float32, order="C", copy=True)))
         for name in TENSOR_NAMES
     )
-    state._metadata = collections.OrderedDict([("", {"version": 1})])
+    version: dict[str, object] = {"version": 1}
+    if folded_clamp is not None:
+        version[FOLDED_KEY] = {"folded": True, "clamp": float(folded_clamp)}
+    state._metadata = collections.OrderedDict([("", version)])
     torch.save(state, fd)
 
 

@@ -188,6 +188,9 @@ class Train:
     """prune = halving: when the rungs happen, as increasing fractions of the training steps, each in (0, 1)."""
     prune_keep: float = 0.5
     """prune = halving: the fraction of each tier's running SAEs that go on at a rung (rounded up), in (0, 1)."""
+    eval_n_patches: int = 0
+    """Evaluate each SAE after training on at most this many examples: a random subset of the shards, the same
+    for every SAE evaluated on them with this cap (a fixed seed); 0 (default), or more than the shards hold: all of them."""
 
     def __post_init__(self):
         # Fields left unset take their kind's default here, so every reader sees a value and
@@ -221,12 +224,13 @@ CANNOT_PARALLELIZE = frozenset({
     "data", "n_workers", "n_patches", "sae_batch_size", "track", "wandb_project", "tag",
     "log_every", "ckpt_path", "device", "slurm", "slurm_acct", "log_to",
     "sae.d_vit", "precision", "n_devices", "memory_budget_gib", "sae_chunk", "save_every", "fresh",
-    "prune", "prune_rungs", "prune_keep",
+    "prune", "prune_rungs", "prune_keep", "eval_n_patches",
 })  # fmt: skip
 
 
-LAYOUT_KEYS = frozenset({"memory_budget_gib", "sae_chunk", "fresh", "n_workers", "n_devices"})
-"""Keys that say how a group runs, not what it trains: a resume may change them (`snapshot.diff_configs`)."""
+LAYOUT_KEYS = frozenset({"memory_budget_gib", "sae_chunk", "fresh", "n_workers", "n_devices", "eval_n_patches"})
+"""Keys that say how a group runs, not what it trains: a resume may change them (`snapshot.diff_configs`),
+and they do not name the group (`group_name`). `eval_n_patches` is one: evaluation follows training."""
 
 
 def n_train_steps(cfg: Train) -> int:
@@ -398,6 +402,7 @@ def validate(cfg: Train) -> None:
         (cfg.n_patches <= 0, "n_patches", "must be positive"),
         (cfg.log_every <= 0, "log_every", "must be positive"),
         (cfg.n_workers < 0, "n_workers", "must not be negative (0 means one reader thread)"),
+        (cfg.eval_n_patches < 0, "eval_n_patches", "must not be negative (0 evaluates on every example)"),
         (cfg.seed < 0, "seed", "must not be negative (NumPy's generators take no negative seed)"),
         (cfg.sae.seed < 0, "sae.seed", "must not be negative"),
         (cfg.lr < 0, "lr", "must not be negative"),

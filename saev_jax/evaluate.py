@@ -1,8 +1,9 @@
-"""`python -m saev_jax.evaluate CKPT... [--data.shard-root DIR] [--out DIR]`: evaluates checkpoints.
+"""`python -m saev_jax.evaluate CKPT... [--data.shard-root DIR] [--out DIR] [--eval-n-patches N]`: evaluates checkpoints.
 
-The command over `evaluation.py`: it loads saev_jax run directories or saev `sae.pt` files, groups
-them into one pass per shard set, statistics, kind and shape, and writes per checkpoint
-`metrics.json`, `cfg.json` and `freqs.safetensors`, then the group figures and `summary.csv`.
+The command over `evaluation.py`: it loads saev_jax run directories, saev `sae.pt` files or our
+exports, groups them into one pass per shard set, statistics, kind, shape and evaluation cap, and
+writes per checkpoint `metrics.json`, `cfg.json` and `freqs.safetensors`, then the group figures
+and `summary.csv`.
 """
 
 import collections
@@ -47,12 +48,14 @@ class EvalData:
 
 @dataclasses.dataclass(frozen=True)
 class EvalArgs:
-    """Evaluates checkpoints (saev_jax's, or saev's sae.pt) on a shard set, with training's metrics,
-    histograms, quality and summary table. Each checkpoint's saved preprocessing is used; one without
-    it (sae.pt, or written before it was saved) gets statistics computed from these shards, as saev does."""
+    """Evaluates checkpoints (saev_jax's, saev's sae.pt, or what saev_jax.export wrote) on a shard set, with
+    training's metrics, histograms, quality and summary table. Each checkpoint's saved preprocessing is
+    used; an export is folded and takes raw activations as they are; a checkpoint without statistics
+    (saev's own sae.pt, or one written before they were saved) gets them computed from these shards, as saev does."""
 
     ckpts: tyro.conf.Positional[tuple[str, ...]]
-    """Checkpoints: run directories, sae.pt files or directories holding them, or sweep directories."""
+    """Checkpoints: run directories, sae.pt files or directories holding them, SAELens or sparsify folders
+    that saev_jax.export wrote, or sweep directories of any of them."""
     data: EvalData
     """The shard set."""
     out: str = os.path.join(".", "evaluations")
@@ -62,6 +65,10 @@ class EvalArgs:
     sae_batch_size: int | None = None
     """Examples per evaluation batch (default: each checkpoint's training batch size, which BatchTopK's
     batch-mode `l0_batch` depends on; saev's 16384 for a bare sae.pt)."""
+    eval_n_patches: int | None = None
+    """Evaluate on at most this many examples: a seeded random subset of the shards, the same for every
+    checkpoint (and as training's evaluation with this cap); 0: all of them. Default: each checkpoint's
+    own `eval_n_patches` (its cfg.json), all examples for a bare sae.pt."""
     n_workers: int = 8
     """Reader threads of the data loader."""
     device: str = "auto"
@@ -97,6 +104,10 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
 
     if not args.ckpts:
         raise config.InputError("no checkpoints given")
+    if args.eval_n_patches is not None and args.eval_n_patches < 0:
+        raise config.InputError(
+            f"eval_n_patches = {args.eval_n_patches}: must not be negative (0 evaluates on every example)"
+        )
     paths = [p for arg in args.ckpts for p in export.find_checkpoints(arg)[0]]
     ckpts = [checkpoint.load(p, args.precision) for p in paths]  # all checked before any pass
     names = _unique_names(paths)
@@ -107,6 +118,7 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
         cfgs.append(dataclasses.replace(
             base, data=_eval_data(base.data, args.data), sae_batch_size=args.sae_batch_size or base.sae_batch_size,
             n_workers=args.n_workers, device=args.device, precision=args.precision, ckpt_path=args.out,
+            eval_n_patches=base.eval_n_patches if args.eval_n_patches is None else args.eval_n_patches,
         ))  # fmt: skip
     if args.sae_batch_size is not None and args.sae_batch_size <= 0:
         raise config.InputError(f"sae_batch_size = {args.sae_batch_size}: must be positive")
@@ -137,7 +149,13 @@ def evaluate_checkpoints(args: EvalArgs) -> list[tuple[str, config.Train, EvalMe
             stats_key = ("saved", b"".join(a.tobytes() for a in arrays))
             stats.setdefault(stats_key[1], preprocess)
         # One stack per kind and shape (and static structure, e.g. Matryoshka's block ends).
-        stack_key = (ckpt.kind, ckpt.sae.W_enc.shape, jax.tree.structure(ckpt.sae), cfg.sae_batch_size)
+        stack_key = (
+            ckpt.kind,
+            ckpt.sae.W_enc.shape,
+            jax.tree.structure(ckpt.sae),
+            cfg.sae_batch_size,
+            cfg.eval_n_patches,
+        )
         groups.setdefault((acts_key, stack_key, stats_key), []).append(i)
 
     out = pathlib.Path(args.out)

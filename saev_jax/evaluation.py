@@ -262,6 +262,48 @@ def quality_stride(n: int, batch_size: int) -> int:
     return stride
 
 
+EVAL_SUBSET_SEED = 0
+"""Seed of the examples an `eval_n_patches` cap picks: fixed, so every SAE evaluated on the same
+shards with the same cap sees the same examples, whichever sweep or run it came from."""
+
+
+def eval_indices(n_total: int, n_cap: int) -> Int[np.ndarray, " n"] | None:
+    """The dataset indices, sorted, that an evaluation capped at `n_cap` examples covers: a seeded
+    random subset (`data.sample_indices`, seed `EVAL_SUBSET_SEED`) of `[0, n_total)`; None for the
+    whole set (`n_cap` 0, or at least `n_total`). A random subset, not the first examples: those
+    would be the patches of the first few images."""
+    if n_cap <= 0 or n_cap >= n_total:
+        return None
+    return np.sort(data.sample_indices(n_total, n_cap, EVAL_SUBSET_SEED))
+
+
+def n_evaluated(n_total: int, n_cap: int) -> int:
+    """How many examples an evaluation capped at `n_cap` (0: none) covers out of `n_total`."""
+    return n_total if n_cap <= 0 else min(n_cap, n_total)
+
+
+def _subset_batches(
+    acts: data.Activations, indices: Int[np.ndarray, " n"], batch_size: int, device: jax.Device | None
+) -> Iterable[tuple[Float[Array, "B d_vit"], int]]:
+    """`(x_BD, n_valid)` batches of the examples at `indices` (sorted: each read is one forward sweep
+    through the shards), the last zero-padded; one batch is read ahead on a thread while the last computes."""
+    import concurrent.futures  # Only here: the capped pass reads on its own thread.
+
+    def read(start: int) -> tuple[np.ndarray, int]:
+        rows = indices[start : start + batch_size]
+        x_BD = np.zeros((batch_size, acts.d_vit), np.float32)
+        acts.read(rows, out=x_BD[: rows.size])
+        return x_BD, rows.size
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saev-eval-read") as pool:
+        ahead = pool.submit(read, 0)
+        for start in range(0, indices.size, batch_size):
+            x_BD, n_valid = ahead.result()
+            if start + batch_size < indices.size:
+                ahead = pool.submit(read, start + batch_size)
+            yield jax.device_put(x_BD, device), n_valid
+
+
 def evaluate(
     cfgs: list[config.Train],
     saes: "kinds.Inference | kinds.ReLU",
@@ -276,23 +318,32 @@ def evaluate(
 ) -> list[EvalMetrics]:
     """Evaluates every SAE of a stack in one ordered pass over `acts`, with the parameters as given.
 
-    Returns one EvalMetrics per SAE, in stack order (SPEC 4). The batches come from the fast
-    loader without shuffling, `cfgs[0].sae_batch_size` examples each, the last one zero-padded.
-    Everything is exact over the whole pass except `quality`'s residual sums, taken on every
-    `quality_stride(len(acts), batch size)`-th example (`quality_stderr` says how much that
-    matters). `chunk` SAEs run at once (default: the whole stack); results do not depend on it.
-    `desc` labels the progress bar.
+    Returns one EvalMetrics per SAE, in stack order (SPEC 4). The pass covers every example, or
+    with `cfgs[0].eval_n_patches` = N > 0 at most N of them (`eval_indices`: the same seeded
+    random subset for every stack on these shards). The batches hold `cfgs[0].sae_batch_size`
+    examples each (from the fast loader, or read by index for a subset), the last one zero-padded.
+    Everything is exact over the pass except `quality`'s residual sums, taken on every
+    `quality_stride(examples in the pass, batch size)`-th example (`quality_stderr` says how much
+    that matters). `chunk` SAEs run at once (default: the whole stack); results do not depend on
+    it. `desc` labels the progress bar.
     """
     cfg = cfgs[0]
-    loader = data.Loader(
-        acts, batch_size=cfg.sae_batch_size, shuffle=False, seed=cfg.seed, n_threads=cfg.n_workers, device=device
-    )
-    n_batches = -(-len(acts) // cfg.sae_batch_size)
-    batches = tqdm.tqdm(loader, total=n_batches, desc=desc, unit="batch", dynamic_ncols=True)
+    if len({c.eval_n_patches for c in cfgs}) > 1:
+        raise ValueError("evaluate: the configs of one stack differ on eval_n_patches")
+    B = cfg.sae_batch_size
+    indices = eval_indices(len(acts), cfg.eval_n_patches)
+    if indices is None:
+        batches = data.Loader(acts, batch_size=B, shuffle=False, seed=cfg.seed, n_threads=cfg.n_workers, device=device)
+    else:
+        batches = _subset_batches(acts, indices, B, device)
+    n = n_evaluated(len(acts), cfg.eval_n_patches)
+    if indices is not None:
+        desc = f"{desc} ({n:,} of {len(acts):,} examples)"
+    batches = tqdm.tqdm(batches, total=-(-n // B), desc=desc, unit="batch", dynamic_ncols=True)
     return evaluate_batches(
         saes, batches, preprocess, device,
         almost_dead_threshold=almost_dead_threshold, dense_threshold=dense_threshold,
-        quality_stride=quality_stride(len(acts), cfg.sae_batch_size), chunk=chunk,
+        quality_stride=quality_stride(n, B), chunk=chunk,
     )  # fmt: skip
 
 
@@ -456,6 +507,7 @@ def metrics_from_stats(
             rel_bias=rel_bias,
             cos_sim=float(cos_sum / n),
             dec_redundancy=float(stats.dec_redundancy[m]),
+            n_examples=n,
         ))  # fmt: skip
     return out
 

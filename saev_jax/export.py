@@ -21,6 +21,10 @@ one) or a sweep directory (a `ckpt_path`): then every checkpoint in it is export
 Folding keeps the pre-activations: with the encoder subtracting `b_dec`, `(x - b_dec') @ W_enc' +
 b_enc` on raw x equals ours on normalised x, so thresholds and the top-k need no change.
 
+Every export loads back here as folded (`saev_jax.sae.load`, `python -m saev_jax.evaluate`):
+identity preprocessing, no statistics asked for. A folded `sae.pt` says so in its state dict's
+metadata (where saev's strict loader does not look), so even `--out x.pt` alone is known folded.
+
 Everything is written under a temporary name and renamed into place: PATH holds the whole
 export or nothing. PATH must not exist. Bad input prints one line and exits with status 2.
 """
@@ -105,18 +109,16 @@ def write_saev(ckpt: checkpoint.Checkpoint, out: pathlib.Path) -> None:
             ckpt.source,
         )
     else:
-        cfg = dataclasses.replace(
-            cfg,
-            data=dataclasses.replace(cfg.data, scale_mean=False, scale_norm=False, clamp=float(ckpt.preprocess.clamp)),
-        )
+        cfg = dataclasses.replace(cfg, data=checkpoint.folded_data(cfg.data, float(ckpt.preprocess.clamp)))
     if cfg.sae.d_sae != weights["W_enc"].shape[1]:
         raise config.InputError(
             f"{ckpt.source}: d_sae = {weights['W_enc'].shape[1]} is not d_vit * exp_factor, saev's header cannot say it"
         )
     fpath = out if out.suffix == ".pt" else out / checkpoint.SAEV_FNAME
     fpath.parent.mkdir(parents=True, exist_ok=True)
+    folded_clamp = None if ckpt.preprocess is None else float(ckpt.preprocess.clamp)
     with open(fpath, "wb") as fd:
-        checkpoint.write_saev(fd, cfg.sae, weights)
+        checkpoint.write_saev(fd, cfg.sae, weights, folded_clamp=folded_clamp)
     if out.suffix != ".pt":
         (out / checkpoint.CFG_FNAME).write_text(json.dumps(config.to_dict(cfg), indent=4) + "\n")
 

@@ -51,6 +51,8 @@ class EvalMetrics:
     """Mean cosine similarity of x and x_hat over the examples."""
     dec_redundancy: float = math.nan
     """Fraction of latents whose nearest other decoder row has cosine similarity > 0.9 (from the weights)."""
+    n_examples: int = 0
+    """How many examples the evaluation covered (all of the shards', or `eval_n_patches` of them)."""
 
     def to_json(self) -> dict[str, float | int]:
         """The scalar fields, for `metrics.json`."""

@@ -4,8 +4,10 @@
 
 DIR is a ParallelWandbRun's `queue_dpath` (`saev_jax.train` uses `<ckpt_path>/wandb-queue`).
 Every journal in it is replayed into a wandb run with its recorded id, config, mode and
-tags (plus "queued" for the runs that were not live), then deleted. The ids are printed,
-one a line. Replaying is what `ParallelWandbRun.finish()` does too (`wandb_queue.replay_file`).
+tags (plus "queued" for the runs that were not live), then deleted; a live run that finished
+logged its steps itself and is not replayed again. The ids are printed, one a line; wandb
+prints nothing. Replaying is what `ParallelWandbRun.finish()` does too, and what training does
+after its summary table (`wandb_queue.replay_file`, `replay_finished`).
 
 Journals that a running process is still writing (it holds their lock) are not touched:
 the replay refuses before replaying anything, naming that process.
@@ -53,8 +55,8 @@ def replay(dpath: pathlib.Path) -> list[str]:
     for fpath in fpaths:
         with open(fpath, encoding="utf-8") as fd:
             wandb_queue.lock(fd, fpath)  # Released at once; replay_file takes it again.
-    ids = [wandb_queue.replay_file(fpath) for fpath in fpaths]
-    return [run_id for run_id in ids if run_id is not None]
+    synced = [wandb_queue.replay_file(fpath) for fpath in fpaths]
+    return [s.id for s in synced if s is not None]
 
 
 def main(dpath: Annotated[pathlib.Path, tyro.conf.Positional]) -> list[str]:

@@ -565,8 +565,9 @@ def train_round(
     mode = wandb_queue.resolve_mode(cfg.track) if lead else "disabled"
     # ParallelWandbRun drops the empty tag (saev's default).
     run = wandb_queue.ParallelWandbRun(
-        cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue", resume=resume if lead else None
-    )
+        cfg.wandb_project, cfgs, mode, [cfg.tag], ckpt_dpath / "wandb-queue", resume=resume if lead else None,
+        defer_replay=True,  # `main` replays the queued runs after the summary table.
+    )  # fmt: skip
     with run:
         # Train.
         state = train(
@@ -674,7 +675,7 @@ def eval_peak(saes: kinds.Inference, cfg: config.Train, acts, preprocess, chunk:
         scalar = jax.ShapeDtypeStruct((), jnp.int32)
         lowered = evaluation._accumulate.lower(
             sums, jax.tree.map(spec, saes), jax.tree.map(spec, preprocess), jax.ShapeDtypeStruct((B, d_vit), jnp.float32),
-            scalar, scalar, stride=evaluation.quality_stride(len(acts), B), chunk=chunk,
+            scalar, scalar, stride=evaluation.quality_stride(evaluation.n_evaluated(len(acts), cfg.eval_n_patches), B), chunk=chunk,
         )  # fmt: skip
         return xla_peak(lowered.compile())
     except Exception as err:  # Evaluation's internals changed: evaluate with the training chunk.
@@ -726,7 +727,8 @@ def main(cfgs: list[config.Train]) -> list[str]:
     Every group's configs, data and plan are checked before the first group trains, so
     bad input fails fast and writes nothing. Groups with `slurm = true` are submitted as
     Slurm jobs instead (`launch.submit_slurm`). At the end, each `ckpt_path` gets a
-    `summary.csv` of its runs, also printed as a table (by process 0 of a multi-process job).
+    `summary.csv` of its runs, also printed as a table (by process 0 of a multi-process job);
+    then the queued wandb runs are replayed, one line printed per run (`wandb_queue.Synced`).
     """
     groups = config.split_cfgs(cfgs)
     opened = [open_group(group) for group in groups]
@@ -743,6 +745,10 @@ def main(cfgs: list[config.Train]) -> list[str]:
     if launch.is_lead():
         for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
             summary.summarize(ckpt_path, ids)
+        # The queued wandb runs, replayed after the table (minutes for a large sweep): one line per run.
+        for ckpt_path in dict.fromkeys(c.ckpt_path for c in cfgs):
+            for synced in wandb_queue.replay_finished(pathlib.Path(ckpt_path) / "wandb-queue", ids):
+                print(synced.line(), flush=True)
     return ids
 
 

@@ -18,7 +18,9 @@ each line flushed as it is written:
     {"exit_code": 0}
 
 The last line is written by `finish()`; a journal without it was left by a process that
-died, and its run is replayed as failed (exit code 1). A torn last line (the process
+died, and its run is replayed as failed (exit code 1). The live run's last line also says
+where wandb put it (`{"exit_code": 0, "synced": {...}}`, `Synced`'s fields): replaying a
+live journal with that line only reports the run, which logged every step itself. A torn last line (the process
 died while writing it) is ignored. Metric values are JSON numbers (NaN and Infinity
 written as Python's `json` writes them), strings, booleans, or tagged objects:
 `{"_type": "table", "columns": [...], "data": [[...], ...]}`,
@@ -29,6 +31,10 @@ written as Python's `json` writes them), strings, booleans, or tagged objects:
 The writing process holds an exclusive `flock` on each journal until `finish()`, and a
 replay takes it first, so journals of a process that still runs are never replayed (and
 deleted) under it: the replay refuses, naming the writer's pid and host.
+
+wandb's own console output (its banner, the run history and summary, the sync advice: some
+fifteen lines per run) is silenced; what a run ends as is one line, `Synced.line()`, which the
+caller prints (`saev_jax.train`: after the summary table).
 
 The mode: `resolve_mode` gives what the environment asks for (`WANDB_MODE`; wandb reads
 its other variables, `WANDB_DIR` and so on, itself). When an online `wandb.init` fails
@@ -99,12 +105,13 @@ def resolve_mode(track: bool) -> str:
 def init_run(*, mode: str, **kwargs) -> "wandb.sdk.wandb_run.Run":
     """`wandb.init(mode=mode, **kwargs)`; an online init that fails falls back to offline with one warning.
 
-    An online init is given `INIT_TIMEOUT_S` to reach the server. Returns the run; its
-    `settings.mode` says which mode it got.
+    An online init is given `INIT_TIMEOUT_S` to reach the server. wandb prints nothing
+    (`silent`). Returns the run; its `settings.mode` says which mode it got.
     """
-    if mode != "online":
-        return wandb.init(mode=mode, **kwargs)
     settings = kwargs.pop("settings", None) or wandb.Settings()
+    settings.silent = True  # Its banner, history and sync advice: `Synced.line()` says what matters.
+    if mode != "online":
+        return wandb.init(mode=mode, settings=settings, **kwargs)
     settings.init_timeout = INIT_TIMEOUT_S
     try:
         return wandb.init(mode="online", settings=settings, **kwargs)
@@ -115,6 +122,34 @@ def init_run(*, mode: str, **kwargs) -> "wandb.sdk.wandb_run.Run":
         )
         wandb.teardown()  # A half-started online service must not serve the offline run.
         return wandb.init(mode="offline", settings=settings, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Synced:
+    """Where one finished wandb run went."""
+
+    id: str
+    n_steps: int
+    """How many logged steps the run holds."""
+    mode: str
+    """online or offline."""
+    sync_dir: str | None
+    """wandb's local directory of the run (for an offline run, what `wandb sync` takes)."""
+    url: str | None
+    """The run's page (online runs)."""
+
+    def line(self) -> str:
+        """One line: `wandb: synced <id> (<n> steps) <url>`, or for an offline run the command that syncs it."""
+        if self.mode == "online":
+            return f"wandb: synced {self.id} ({self.n_steps} steps){' ' + self.url if self.url else ''}"
+        return f"wandb: {self.id} ({self.n_steps} steps) saved offline; to sync: wandb sync {self.sync_dir}"
+
+
+def _synced(run, run_id: str, n_steps: int) -> dict[str, object]:
+    """`Synced`'s fields for a wandb run (not finished yet)."""
+    mode = "online" if run.settings.mode in ("online", "run") else "offline"
+    url = run.url if mode == "online" else None  # An offline run's url warns.
+    return {"id": run_id, "n_steps": n_steps, "mode": mode, "sync_dir": str(run.settings.sync_dir), "url": url}
 
 
 class ParallelWandbRun:
@@ -138,6 +173,11 @@ class ParallelWandbRun:
         resume: To continue runs a killed process left: their ids, in config order, each with
             its journal's byte position at the snapshot resumed from (`positions()` then).
             The live run resumes in wandb; the journals are cut back to those positions.
+        defer_replay: `finish()` closes the journals but replays nothing: `replay_finished` does,
+            later (training replays every group's runs after its summary table).
+
+    After `finish()`, `synced` holds one `Synced` per run it finished (the live one first; with
+    `defer_replay`, only the live one).
     """
 
     def __init__(
@@ -149,6 +189,7 @@ class ParallelWandbRun:
         queue_dpath: pathlib.Path,
         *,
         resume: dict[str, int] | None = None,
+        defer_replay: bool = False,
     ):
         if not cfgs:
             raise ValueError("ParallelWandbRun needs at least one config")
@@ -160,6 +201,8 @@ class ParallelWandbRun:
         self.queue_dpath = pathlib.Path(queue_dpath)
         self.ids: tuple[str, ...] = tuple(resume) if resume else tuple(make_id() for _ in cfgs)
         self._finished = False
+        self.defer_replay = defer_replay
+        self.synced: list[Synced] = []
         self._live_run = init_run(
             project=project, id=self.ids[0], config=config.to_dict(cfgs[0]), mode=mode, tags=self.tags,
             resume="allow" if resume else None,
@@ -234,20 +277,27 @@ class ParallelWandbRun:
 
         Ids come in config order, the live run's first. The queued runs get their own
         config, the tags plus "queued", and `exit_code`. Each journal is removed once
-        its run has finished. Calling `finish()` again does nothing and returns the ids.
+        its run has finished (with `defer_replay`, all stay, closed, for `replay_finished`).
+        Calling `finish()` again does nothing and returns the ids.
         """
         if self._finished:
             return list(self.ids)
         self._finished = True
-        for journal in self._journals:
-            journal.close(exit_code)
-        self._live_run.finish(exit_code=exit_code)
         if self._journals:
             live, *queued = self._journals
+            synced = _synced(self._live_run, self.ids[0], live.n_steps)
+            live.close(exit_code, synced)
+            for journal in queued:
+                journal.close(exit_code)
+        self._live_run.finish(exit_code=exit_code)
+        if self._journals:
+            self.synced.append(Synced(**synced))
+            if self.defer_replay:
+                return list(self.ids)
             remove_journal(live.fpath)
             try:
                 for journal in queued:
-                    replay_file(journal.fpath)
+                    self.synced.append(replay_file(journal.fpath))
             except BaseException:
                 logger.error(
                     "Replaying the queued wandb runs failed; replay what is left with `python -m saev_jax.replay %s`.",
@@ -289,6 +339,7 @@ class _Journal:
         """
         fpath.parent.mkdir(parents=True, exist_ok=True)
         self.fpath = fpath
+        self.n_steps = 0  # Step lines in the file (those of a resumed run's earlier process too).
         media_dpath = get_media_dpath(fpath)
         self._n_media = len(list(media_dpath.iterdir())) if media_dpath.is_dir() else 0
         if position is not None and fpath.is_file() and fpath.stat().st_size >= position > 0:
@@ -296,6 +347,8 @@ class _Journal:
             self._lock()
             self._fd.truncate(position)
             self._fd.seek(position)
+            kept = read_journal(fpath)
+            self.n_steps = len(kept.steps) if kept is not None else 0
             return
         self._fd = open(fpath, "x", encoding="utf-8")
         self._lock()
@@ -313,6 +366,7 @@ class _Journal:
         return self._fd.tell()
 
     def write(self, obj: dict[str, object]) -> None:
+        self.n_steps += "step" in obj
         self._fd.write(json.dumps(obj, separators=(",", ":")) + "\n")
         # Flushed to the OS: survives the process dying (not the machine losing power).
         self._fd.flush()
@@ -326,8 +380,9 @@ class _Journal:
         shutil.copyfile(src, dst)
         return dst.relative_to(self.fpath.parent).as_posix()
 
-    def close(self, exit_code: int) -> None:
-        self.write({"exit_code": exit_code})
+    def close(self, exit_code: int, synced: dict[str, object] | None = None) -> None:
+        """Writes the exit line (the live run's with `_synced`'s fields) and closes the file."""
+        self.write({"exit_code": exit_code} | ({"synced": synced} if synced else {}))
         self._fd.close()
 
     def release(self) -> None:
@@ -432,6 +487,8 @@ class Journal:
     """(step, encoded metrics) of every complete log line, in the order logged."""
     exit_code: int | None
     """What `finish()` recorded; None if the process died first."""
+    synced: dict[str, object] | None = None
+    """For a live run that finished: `Synced`'s fields, written by `finish()` (it logged every step itself)."""
 
 
 def read_journal(fpath: pathlib.Path) -> Journal | None:
@@ -456,27 +513,30 @@ def read_journal(fpath: pathlib.Path) -> Journal | None:
     header, *rest = objs
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise config.InputError(f"{fpath}: not a saev_jax wandb queue (no '{FORMAT}' header)")
-    steps, exit_code = [], None
+    steps, exit_code, synced = [], None, None
     for obj in rest:
         try:
             if "exit_code" in obj:
                 exit_code = int(obj["exit_code"])
+                synced = dict(obj["synced"]) if "synced" in obj else None
             else:
                 steps.append((int(obj["step"]), dict(obj["metrics"])))
         except (KeyError, TypeError, ValueError):
             raise config.InputError(f"{fpath}: corrupt line in a wandb queue: {json.dumps(obj)[:80]}") from None
-    return Journal(pathlib.Path(fpath), header, steps, exit_code)
+    return Journal(pathlib.Path(fpath), header, steps, exit_code, synced)
 
 
-def replay_file(fpath: pathlib.Path) -> str | None:
-    """Replays one journal into its wandb run, then deletes the journal; returns the run id.
+def replay_file(fpath: pathlib.Path) -> "Synced | None":
+    """Replays one journal into its wandb run, then deletes the journal; returns where the run went.
 
     The run gets the recorded id, project, config, mode and tags (plus "queued" unless
     it was the live run), every recorded step in order, and the recorded exit code (1
     if the process died before `finish()`). It is resumed if it exists already (a live
-    run, or a replay cut short), so steps wandb already has are not logged twice. A
-    journal with no complete header holds no metrics: it is deleted and None returned.
-    If replaying fails, the journal stays on disk.
+    run, or a replay cut short), so steps wandb already has are not logged twice. A live
+    run that finished (its exit line says where it went) logged every step itself: its
+    journal is deleted and the run reported, not replayed. A journal with no complete
+    header holds no metrics: it is deleted and None returned. If replaying fails, the
+    journal stays on disk. wandb prints nothing.
     """
     with open(fpath, encoding="utf-8") as fd:
         lock(fd, pathlib.Path(fpath))  # Held until the journal is removed: no writer, no second replay.
@@ -486,6 +546,9 @@ def replay_file(fpath: pathlib.Path) -> str | None:
             remove_journal(pathlib.Path(fpath))
             return None
         h = journal.header
+        if h["live"] and journal.synced is not None:
+            remove_journal(journal.fpath)
+            return Synced(**journal.synced)
         run = init_run(
             project=h["project"], id=h["id"], config=h["config"], mode=h["mode"],
             tags=list(h["tags"]) + ([] if h["live"] else ["queued"]), resume="allow",
@@ -498,6 +561,27 @@ def replay_file(fpath: pathlib.Path) -> str | None:
         except BaseException:
             run.finish(exit_code=1)
             raise
+        synced = Synced(**_synced(run, h["id"], len(journal.steps)))
         run.finish(exit_code=1 if journal.exit_code is None else journal.exit_code)
         remove_journal(journal.fpath)
-    return h["id"]
+    return synced
+
+
+def replay_finished(queue_dpath: pathlib.Path, ids: list[str]) -> list[Synced]:
+    """Replays the journals of the runs `ids` that are in `queue_dpath` (left there by `defer_replay`);
+    returns one `Synced` per run replayed or reported, in the order of `ids`.
+
+    Runs whose journal is gone (replayed already) are skipped; other journals are not touched.
+    The directory is removed if that leaves it empty.
+    """
+    queue_dpath = pathlib.Path(queue_dpath)
+    out = []
+    for run_id in ids:
+        fpath = queue_dpath / f"{run_id}{SUFFIX}"
+        if fpath.is_file() and (synced := replay_file(fpath)) is not None:
+            out.append(synced)
+    try:
+        queue_dpath.rmdir()  # Only when empty.
+    except OSError:
+        pass
+    return out
