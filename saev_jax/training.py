@@ -544,7 +544,7 @@ def train_round(
 
     # Skip if done (the configs were checked by `done_ids`).
     if (ids := snapshots.done_ids()) is not None:
-        logger.info("%s is complete (%d SAEs, %s): skipping.", label, len(ids), ", ".join(ids))
+        logger.info("%s is complete (snapshots/%s: %d SAEs, %s): skipping.", label, name, len(ids), ", ".join(ids))
         return ids if lead else []
 
     # Compile (seconds, in XLA, mostly without the GIL) while the statistics are read.

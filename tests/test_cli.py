@@ -386,6 +386,6 @@ def test_adding_a_sweep_file_skips_the_finished_group(tmp_path, shard_root, capl
     train.cli([str(a), str(b), "--dry-run"])
     assert f"snapshots/{name}/ (finished: skipped)" in capsys.readouterr().out
     caplog.clear()
-    with caplog.at_level("INFO", logger="saev_jax.train"):
+    with caplog.at_level("INFO", logger="saev_jax"):
         both = train.cli([str(a), str(b)])
-    assert f"{name} is complete (3 SAEs" in caplog.text and both[2:] == first
+    assert f"group-2 is complete (snapshots/{name}: 3 SAEs" in caplog.text and both[2:] == first

@@ -110,7 +110,7 @@ def test_tiny_budget_and_four_devices_train_the_same_saes(tmp_path, shard_root, 
         "four": ["--n-devices", "4"],
     }.items():
         sweep.write_text(text.replace(str(tmp_path / "ckpt"), str(tmp_path / name)))
-        with caplog.at_level(logging.INFO, logger="saev_jax.train"):
+        with caplog.at_level(logging.INFO, logger="saev_jax"):
             caplog.clear()
             ids = train.cli([str(sweep), *flags])
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stack ")]

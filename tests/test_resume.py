@@ -115,7 +115,7 @@ def test_sigterm_snapshots_and_exits_nonzero_then_resumes(tmp_path, shard_root, 
     assert f"resuming group-1 from step {step} (snapshots/{name})" in err
     # Run again: the finished group is skipped with one line.
     _, err = finish(start(sweep))
-    assert "group-1 is complete (4 SAEs" in err and "resuming" not in err
+    assert "group-1 is complete (snapshots/group-" in err and ": 4 SAEs" in err and "resuming" not in err
 
 
 @pytest.mark.slow
