@@ -120,8 +120,9 @@ def dry_run(cfgs: list[config.Train], sources: list[str], *, file=None) -> None:
         open_group(group)
         group_plan, _ = plan_group(group)
         cfg = group[0]
+        evaluated = f"{cfg.eval_n_patches:,}" if cfg.eval_n_patches else "all"
         print(f"\n{config.group_name(group)} ({i + 1}/{len(groups)}): {len(group)} SAEs, "
-              f"shards {cfg.data.shard_root} (layer {cfg.data.layer}, {cfg.data.patches}), n_patches {cfg.n_patches:,}, "
+              f"shards {cfg.data.shard_root} (layer {cfg.data.layer}, {cfg.data.patches}), n_patches {cfg.n_patches:,} (evaluated: {evaluated}), "
               f"batch {cfg.sae_batch_size}, {n_train_steps(cfg):,} steps, data seed {cfg.seed}", file=file)  # fmt: skip
         stack_of, n = {}, 0
         for r, rnd in enumerate(group_plan.rounds):
