@@ -45,7 +45,6 @@ from . import checkpoint, config, data
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("saev", "saelens", "sparsify")
 KINDS_BY_FORMAT = {
     "saev": ("relu",),
     "saelens": ("relu", "topk", "batchtopk", "matryoshka", "jumprelu"),
@@ -242,7 +241,7 @@ def export(run_dpath: str | os.PathLike, fmt: str, out: str | os.PathLike) -> li
     temporary sibling name and renamed to `out` at the end, so `out` is complete or absent.
     """
     if fmt not in WRITERS:
-        raise config.InputError(f"--format {fmt!r}: unknown format (one of {', '.join(FORMATS)})")
+        raise config.InputError(f"--format {fmt!r}: unknown format (one of {', '.join(WRITERS)})")
     out = pathlib.Path(out)
     if out.exists():
         raise config.InputError(f"{out}: exists already (not overwritten)")
@@ -290,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m saev_jax.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run_dir", help="a checkpoint (directory or sae.pt) or a sweep directory of them")
-    parser.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
+    parser.add_argument("--format", required=True, help=f"one of {', '.join(WRITERS)}")
     parser.add_argument(
         "--out", required=True, help="where to write (must not exist); a directory, or x.pt for one saev file"
     )
