@@ -7,7 +7,8 @@ loop moves every step, inside the jitted step, toward the L0 asked for:
     y_t   = log(1 + L0_t)                                   (the batch L0 of step t)
     m_t   = EMA of y with decay `ema_decay`, debiased       (as Adam debiases its moments)
     e_t   = m_t - log(1 + target_l0)
-    u_t+1 = u_t + clip(gain * lr_t * e_t, -max_change * lr_t, max_change * lr_t)   once t >= start
+    b_t   = max(max_change * lr_t, min_bound)
+    u_t+1 = u_t + clip(gain * lr_t * e_t, -b_t, b_t)         once t >= start
     coeff = configured coefficient * exp(u_t)               (then the sparsity warm-up, as without a target)
 
 where `lr_t` is the SAE's own learning rate at step t (its warm-up and decay included).
@@ -30,11 +31,13 @@ Why this form:
   learning rate decays. A loop faster than its plant overshoots, and a ReLU SAE pushed too
   sparse loses latents for good (nothing revives a dead ReLU latent), hence also the bound
   `max_change` on each step, which caps the drift while a far start (L0 in the thousands at
-  initialisation) is corrected: at lr 4e-3 a factor e takes at least 25 steps, at saev's
-  ReLU default lr 4e-4 at least 250. (A bound of 2.5 left saev's default lr and coefficient,
-  4e-4 both, still climbing at 4000 steps of batch 256: the L0 of a target of 16 ended at 34;
-  with 10 every target of 16, 64 and 256 was reached by step 2500; at lr 4e-3 both bounds end
-  within 4% of each target. `benchmarks/results/steer-wide-*.md`.)
+  initialisation) is corrected: at lr 4e-3 a factor e takes at least 100 steps. The bound
+  never falls below `MIN_BOUND` a step: at a small learning rate the gain term (which keeps
+  scaling with lr) sets the pace, not the bound. Without the floor, saev's ReLU defaults (lr and
+  coefficient 4e-4 both) left the coefficient climbing at its bound after 3000 steps of batch
+  256 (a target of 16 ended at L0 34); with it, targets 16, 64 and 256 were reached by step
+  2500 (`benchmarks/results/steer-wide-lr4e-4-cpu.md`). A bound of 10 per unit of lr instead of
+  the floor did as well there but made a JumpReLU at lr 1e-2 oscillate.
 - The EMA only smooths the batch-to-batch noise of L0 (small batches); it is short (about 20
   steps) against the SAE's response, so it adds little lag.
 - No update before `start`, the end of the sparsity warm-up: while the coefficient rises by
@@ -45,7 +48,7 @@ The constants (GAIN, MAX_CHANGE, EMA_DECAY) were set on synthetic data (`benchma
 lr 4e-3: targets 8, 32 and 128 in one stack, all from one starting coefficient, are within 6%
 from step 1500 on, mean of 200 steps). When the SAE cannot reach its target at any coefficient (a ReLU
 SAE asked for an L0 its dead latents no longer allow) the integral keeps going: the coefficient
-falls by decades, bounded only by `max_change` per step.
+falls by decades, bounded only by the bound per step.
 
 An SAE without a target keeps its configured coefficient bit for bit (`coefficient` selects
 it with `jnp.where`); its controller state is carried but never read.
@@ -68,8 +71,10 @@ from . import config, optim
 
 GAIN = 2.5
 """Change of log(coefficient) per unit of learning rate per unit of smoothed log-L0 error (at lr 4e-3, 0.01 a step)."""
-MAX_CHANGE = 10.0
-"""Bound on |change of log(coefficient)| per unit of learning rate (at lr 4e-3: 0.04 a step, a factor e in 25 steps)."""
+MAX_CHANGE = 2.5
+"""Bound on |change of log(coefficient)| per unit of learning rate (at lr 4e-3: 0.01 a step, a factor e in 100 steps)."""
+MIN_BOUND = 0.004
+"""The bound's floor per step (a factor e in 250 steps): `MAX_CHANGE * lr` is below it for lr < 1.6e-3."""
 EMA_DECAY = 0.95
 """Decay of the EMA of log(1 + batch L0): a time constant of 20 steps."""
 
@@ -85,13 +90,14 @@ class Hparams(eqx.Module):
     """First step whose L0 moves the coefficient (the end of the sparsity warm-up)."""
     gain: Float[Array, "*M"]
     max_change: Float[Array, "*M"]
+    min_bound: Float[Array, "*M"]
     ema_decay: Float[Array, "*M"]
     learning_rate: optim.LRSchedule
     """The SAE's learning-rate schedule, as the optimizer's: the controller runs on its clock."""
 
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
-        """One entry per config, with the module's GAIN, MAX_CHANGE and EMA_DECAY."""
+        """One entry per config, with the module's GAIN, MAX_CHANGE, MIN_BOUND and EMA_DECAY."""
         targets = [c.sae.target_l0 for c in cfgs]
         n = len(cfgs)
         return cls(
@@ -100,6 +106,7 @@ class Hparams(eqx.Module):
             start=jnp.array([c.n_sparsity_warmup for c in cfgs], jnp.int32),
             gain=jnp.full(n, GAIN, jnp.float32),
             max_change=jnp.full(n, MAX_CHANGE, jnp.float32),
+            min_bound=jnp.full(n, MIN_BOUND, jnp.float32),
             ema_decay=jnp.full(n, EMA_DECAY, jnp.float32),
             learning_rate=optim.LRSchedule.from_cfgs(cfgs),
         )
@@ -139,7 +146,8 @@ def update(state: ControllerState, hp: Hparams, l0: Float[ArrayLike, ""], step: 
     weight = hp.ema_decay * state.ema_weight + (1 - hp.ema_decay)
     error = ema / weight - jnp.log1p(hp.target_l0)
     lr = hp.learning_rate(step)
-    change = jnp.clip(hp.gain * lr * error, -hp.max_change * lr, hp.max_change * lr)
+    bound = jnp.maximum(hp.max_change * lr, hp.min_bound)
+    change = jnp.clip(hp.gain * lr * error, -bound, bound)
     moves = hp.on & (step >= hp.start)
     return ControllerState(
         log_scale=jnp.where(moves, state.log_scale + change, state.log_scale), log_l0_ema=ema, ema_weight=weight

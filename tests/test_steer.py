@@ -17,7 +17,7 @@ D = 8
 # The controller alone --------------------------------------------------------------------
 
 
-def numpy_controller(l0s, target, on, start, gain, max_change, decay, lr, n_lr_warmup):
+def numpy_controller(l0s, target, on, start, gain, max_change, decay, lr, n_lr_warmup, min_bound=steer.MIN_BOUND):
     """The update of steer.py's docstring, one SAE, a constant learning rate after a linear warm-up."""
     log_scale, ema, weight = 0.0, 0.0, 0.0
     out = []
@@ -26,7 +26,8 @@ def numpy_controller(l0s, target, on, start, gain, max_change, decay, lr, n_lr_w
         weight = decay * weight + (1 - decay)
         error = ema / weight - math.log(1 + target)
         lr_t = lr * min(t / n_lr_warmup, 1.0) if n_lr_warmup > 0 else lr
-        change = max(-max_change * lr_t, min(max_change * lr_t, gain * lr_t * error))
+        bound = max(max_change * lr_t, min_bound)
+        change = max(-bound, min(bound, gain * lr_t * error))
         if on and t >= start:
             log_scale += change
         out.append(log_scale)
@@ -46,27 +47,29 @@ def controller_hparams(target, on, start, lr, n_lr_warmup, gain=2.5, max_change=
 
 
 def test_update_matches_numpy_reference():
-    # Four SAEs: off; on from step 0; on after a sparsity warm-up of 5 with an lr warm-up; a large
-    # error that the per-step bound clips. Random L0s that straddle every target.
-    target, on, start = [16.0, 16.0, 4.0, 2.0], [False, True, True, True], [0, 0, 5, 0]
-    lr, n_lr_warmup = [0.01, 0.02, 0.05, 0.01], [0, 0, 8, 0]
+    # Five SAEs: off; on from step 0; on after a sparsity warm-up of 5 with an lr warm-up; a large
+    # error that the per-step bound clips; the same at a learning rate whose bound is the floor.
+    # Random L0s that straddle every target.
+    target, on, start = [16.0, 16.0, 4.0, 2.0, 2.0], [False, True, True, True, True], [0, 0, 5, 0, 0]
+    lr, n_lr_warmup = [0.01, 0.02, 0.05, 0.01, 0.001], [0, 0, 8, 0, 0]
     gain, max_change, decay = 3.0, 2.0, 0.8
     hp = controller_hparams(target, on, start, lr, n_lr_warmup, gain, max_change, decay)
     rng = np.random.default_rng(0)
-    l0s = rng.uniform(0, 60, size=(30, 4)).astype(np.float32)
-    l0s[:, 3] = 500.0  # log(501 / 3) * 3 = 15 >> max_change: every change is the bound
+    l0s = rng.uniform(0, 60, size=(30, 5)).astype(np.float32)
+    l0s[:, 3:] = 500.0  # log(501 / 3) * 3 = 15 >> max_change: every change is the bound
     update = jax.jit(jax.vmap(steer.update, in_axes=(0, 0, 0, None)))
-    state = jax.vmap(lambda _: steer.init_controller())(jnp.arange(4))
+    state = jax.vmap(lambda _: steer.init_controller())(jnp.arange(5))
     got = []
     for t in range(len(l0s)):
         state = update(state, hp, jnp.asarray(l0s[t]), jnp.int32(t))
         got.append(np.asarray(state.log_scale))
     got = np.array(got)
-    for m in range(4):
+    for m in range(5):
         want = numpy_controller(l0s[:, m], target[m], on[m], start[m], gain, max_change, decay, lr[m], n_lr_warmup[m])
         np.testing.assert_allclose(got[:, m], want, rtol=1e-5, atol=1e-7, err_msg=f"SAE {m}")
     assert np.all(got[:, 0] == 0) and np.all(got[:5, 2] == 0) and got[-1, 2] != 0
     np.testing.assert_allclose(np.diff(got[:, 3]), max_change * lr[3], rtol=1e-5)
+    np.testing.assert_allclose(np.diff(got[:, 4]), steer.MIN_BOUND, rtol=1e-5)  # 2.0 * 0.001 < MIN_BOUND
     # The smoothed L0 is the debiased EMA of log(1 + L0), back in L0 units.
     ema = 0.0
     for t in range(len(l0s)):
