@@ -14,11 +14,12 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .. import config
 from . import base, select, sparse, topk
 
-SPARSE_TRAINING = False
+SPARSE_TRAINING = True
 """Whether BatchTopK and Matryoshka train on the sparse path (`sparse_loss`) where the width allows.
-Off: that path picks from each example's `select.batch_candidates` largest and differs from exact
-BatchTopK when an example holds more of the batch's k * B (reported as `select_overflow`); until
-that case has an exact fallback that costs nothing without it, training stays dense and exact.
+That path picks from each example's `select.batch_candidates` largest and differs from exact
+BatchTopK when an example holds more of the batch's k * B (reported as `select_overflow`); the
+train step then redoes the chunk of SAEs with `dense_loss` (step._chunk_step), so training is
+exact, and pays for the dense form only on the (rare) batches that overflow.
 Evaluation's sparse form (`encode_sparse`) is exact either way (a dense remainder on overflow)."""
 
 
@@ -125,8 +126,7 @@ class BatchTopK(base.Kind):
         return threshold_code(self.pre_acts(x_BD), state.threshold, hp)
 
     def loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
-        # Dense, so training is exactly BatchTopK: `sparse_loss` equals it only while no example has more
-        # of the batch's k * B than its candidates (`select_overflow`), and no exact fallback is cheap yet.
+        # `sparse_loss` equals `dense_loss` unless it reports `select_overflow`; the train step then redoes it densely.
         if SPARSE_TRAINING and sparse.use_sparse(self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])):
             return self.sparse_loss(state, x_BD, hp, step)
         return self.dense_loss(state, x_BD, hp, step)
@@ -139,14 +139,13 @@ class BatchTopK(base.Kind):
         v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
         x_hat_BD = sparse.decode(v_N, row_N, col_N, self.W_dec, jnp.bool_(True), x_BD.shape[0]) + self.b_dec
         recon = base.fvu(x_hat_BD, x_BD)
-        total, metrics = topk.with_sparse_auxk(self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux)
-        new_state = state.update_sparse(v_N, col_N, x_BD.shape[0], hp.topk_threshold_lr)
-        # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
-        # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
-        return total, (
-            metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)},
-            new_state,
+        total, metrics = topk.with_sparse_auxk(
+            self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux, overflow
         )
+        new_state = state.update_sparse(v_N, col_N, x_BD.shape[0], hp.topk_threshold_lr)
+        # select_overflow: an example had more of the batch's k * B than its candidates (or AuxK's ties
+        # did not fit): then (only then) this differs from `dense_loss`; the train step redoes it with that.
+        return total, (metrics | {"threshold": new_state.threshold}, new_state)
 
     def dense_loss(
         self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]
@@ -158,7 +157,7 @@ class BatchTopK(base.Kind):
         recon = base.fvu(x_hat_BD, x_BD)
         total, metrics = topk.with_auxk(self, state.dead_counts, x_BD, h_BS, f_BS, x_hat_BD, recon, hp.aux)
         new_state = state.update(f_BS, hp.topk_threshold_lr)
-        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}, new_state)
+        return total, (metrics | {"threshold": new_state.threshold}, new_state)
 
 
 def threshold_code(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""], hp) -> sparse.Code:

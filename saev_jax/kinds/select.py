@@ -163,11 +163,13 @@ BATCH_CANDIDATES = 4
 class Picked(eqx.Module):
     """Selected latents as `[B, K]` candidate slots: which are kept, and their latent indices.
 
-    K is static (the stack's k_max, or BatchTopK's candidate count); a slot not kept is padding.
+    K is static (the stack's k_max + 1, or BatchTopK's candidate count); a slot not kept is padding.
     """
 
     keep_BK: Bool[Array, "B K"]
     cols_BK: Int[Array, "B K"]
+    overflow: Bool[Array, ""]
+    """Whether the dense form may keep a latent outside the slots (then these slots are not exact)."""
 
 
 def top_k(a_BS: Float[Array, "B S"], k: int) -> tuple[Float[Array, "B k"], Int[Array, "B k"]]:
@@ -186,12 +188,16 @@ def top_k(a_BS: Float[Array, "B S"], k: int) -> tuple[Float[Array, "B k"], Int[A
 def pick_rows(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> Picked:
     """Per row, the latents dense `topk_rows(relu(h), k)` keeps with a positive value, as slots.
 
-    `lax.top_k` with the static `k_max >= k`; the k-th value decides, and a tie with it is kept
-    as the dense form keeps it (as long as the ties fit in the k_max slots).
+    `lax.top_k` of the static `k_max + 1 > k` largest; the k-th value decides, and a tie with it is
+    kept as the dense form keeps it. The extra slot tells when the ties may not fit: if it is kept,
+    a tied latent may lie beyond it (`overflow`).
     """
-    vals_BK, cols_BK = top_k(h_BS, k_max)
+    n = min(k_max + 1, h_BS.shape[1])
+    vals_BK, cols_BK = top_k(h_BS, n)
     kth_B1 = jax.lax.dynamic_slice_in_dim(vals_BK, jnp.clip(k, 1, k_max) - 1, 1, axis=1)
-    return Picked(keep_BK=(vals_BK >= kth_B1) & (vals_BK > 0), cols_BK=cols_BK)
+    keep_BK = (vals_BK >= kth_B1) & (vals_BK > 0)
+    overflow = (n < h_BS.shape[1]) & jnp.any(keep_BK[:, -1])
+    return Picked(keep_BK=keep_BK, cols_BK=cols_BK, overflow=overflow)
 
 
 def batch_candidates(d_sae: int, k_max: int) -> int:
@@ -221,7 +227,7 @@ def pick_batch_from(
     threshold = kth_largest_nonneg(a_BC, k * B)
     last_B = a_BC[:, -1]
     overflow = (n_cand < d_sae) & jnp.any((last_B > 0) & (last_B >= threshold))
-    return Picked(keep_BK=(a_BC >= threshold) & (a_BC > 0), cols_BK=cols_BC), threshold, overflow
+    return Picked(keep_BK=(a_BC >= threshold) & (a_BC > 0), cols_BK=cols_BC, overflow=overflow), threshold, overflow
 
 
 def pick_auxk(h_BS: Float[Array, "B S"], dead_S: Bool[Array, " S"], k_aux: Int[Array, ""], k_aux_max: int) -> Picked:

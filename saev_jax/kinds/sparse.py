@@ -300,34 +300,3 @@ class Code(eqx.Module):
 
         return out_TbD + run_if(self.overflow, rest_product, jnp.zeros_like(out_TbD))
 
-
-def dense_where(flag: Bool[Array, ""], sae: eqx.Module, dense_loss, sparse_out):
-    """`sparse_out = (total, aux)` of a loss of `sae`, or, where `flag`, `dense_loss(sae)`'s (value, aux and gradient).
-
-    The exact fallback of a sparse step whose selection did not fit its slots: the dense loss
-    and its gradient run inside `run_if`. NOT USED: measured at d_sae 16384 it made BatchTopK's
-    step 4.7x slower with no overflow at all (XLA appears to hoist the loop-invariant dense
-    branch out of the while loop); tested, kept for a fix. Differentiable in `sae`'s arrays (the dense branch through a custom_vjp
-    that returns the gradient it computed).
-    """
-    params, static = eqx.partition(sae, eqx.is_inexact_array)
-
-    def run(p):
-        return eqx.filter_value_and_grad(lambda q: dense_loss(eqx.combine(q, static)), has_aux=True)(p)
-
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, params))
-
-    @jax.custom_vjp
-    def dense(p):
-        return run_if(flag, lambda: run(p), zeros)[0]
-
-    def fwd(p):
-        out, grads = run_if(flag, lambda: run(p), zeros)
-        return out, grads
-
-    def bwd(grads, g):
-        return (jax.tree.map(lambda d: g[0] * d, grads),)
-
-    dense.defvjp(fwd, bwd)
-    d_out = dense(params)
-    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), d_out, sparse_out)
