@@ -299,4 +299,3 @@ class Code(eqx.Module):
             return jnp.matmul(a_TbS * outside_bS, W_dec, precision=jax.lax.Precision.HIGHEST)
 
         return out_TbD + run_if(self.overflow, rest_product, jnp.zeros_like(out_TbD))
-
