@@ -14,7 +14,7 @@ the same number of examples, batches from `data.Loader`:
 - `random` with another seed: the spread that the seed alone gives;
 - `ordered`: no shuffling at all (class after class), a control that shows the set is adversarial.
 
-Each is evaluated on the whole set in one ordered pass (`evaluate.accumulate`). The claim is
+Each is evaluated on the whole set in one ordered pass (`evaluation.accumulate`). The claim is
 that `blocks` matches `random` within +-2% in eval MSE and L0 for every SAE.
 """
 
@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, evaluate, plan, step
+from saev_jax import config, data, evaluation, plan, step
 from saev_jax import sae as sae_lib
 
 sys.path.insert(
@@ -97,8 +97,8 @@ def train_and_eval(
             yield jnp.asarray(np.pad(x, ((0, B - len(x)), (0, 0)))), len(x)
 
     # quality (not reported here) costs extra decoder products per batch: take it on one batch only.
-    stats = evaluate.accumulate(state.stacks[0].saes, eval_batches(), preprocess, quality_stride=10**9)
-    results = evaluate.metrics_from_stats(stats)
+    stats = evaluation.accumulate(state.stacks[0].saes, eval_batches(), preprocess, quality_stride=10**9)
+    results = evaluation.metrics_from_stats(stats)
     name = {"blocks": f"blocks, {window_imgs}-image windows", "random": f"random, seed {seed}"}.get(mode, mode)
     return [dict(mode=name, lr=c.lr, sparsity_coeff=c.sae.sparsity_coeff, mse=r.mse, l0=r.l0, n_dead=r.n_dead)
             for c, r in zip(cfgs, results)]  # fmt: skip

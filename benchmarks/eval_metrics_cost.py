@@ -1,4 +1,4 @@
-"""What the evaluation metrics of issue 20 cost: one batch of `evaluate._accumulate` now against
+"""What the evaluation metrics of issue 20 cost: one batch of `evaluation._accumulate` now against
 an earlier commit's (before fvu, rel_bias and cos_sim were summed), and `dec_redundancy` once per pass.
 
     python benchmarks/eval_metrics_cost.py D_VIT EXP N_SAES BATCH [N_REPEATS] [--old-commit SHA]
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, evaluate, kinds
+from saev_jax import config, data, evaluation, kinds
 from saev_jax import sae as sae_lib
 
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
@@ -27,7 +27,7 @@ D, EXP, M, B = (int(a) for a in args[:4])
 repeats = int(args[4]) if len(args) > 4 else 9
 S = D * EXP
 
-# The earlier evaluate.py, imported beside the current one.
+# The earlier evaluate.py (the library before it moved to evaluation.py), imported beside the current one.
 source = subprocess.run(
     ["git", "show", f"{old_commit}:saev_jax/evaluate.py"], capture_output=True, text=True, check=True
 ).stdout
@@ -47,7 +47,7 @@ pre = data.Preprocess(clamp=1e5, act_mean=np.zeros(D, np.float32), scalar=1.0)
 x = jnp.asarray(np.random.default_rng(0).normal(size=(B, D)).astype(np.float32))
 n_valid, offset = jnp.asarray(B, jnp.int32), jnp.asarray(3, jnp.int32)
 fns = {}
-for name, mod in (("old", old), ("new", evaluate)):
+for name, mod in (("old", old), ("new", evaluation)):
     # XLA's own count of the compiled kernel's work: deterministic, unlike timings on a shared machine.
     compiled = mod._accumulate.lower(
         mod._zero_sums(M, S, D), saes, pre, x, n_valid, offset, stride=32, chunk=M
@@ -64,7 +64,7 @@ for name, mod in (("old", old), ("new", evaluate)):
         jax.block_until_ready((sums[0], code))
 
     fns[f"{name} batch"] = one_batch
-fns["dec_redundancy"] = lambda: jax.block_until_ready(evaluate.dec_redundancy(saes.W_dec))
+fns["dec_redundancy"] = lambda: jax.block_until_ready(evaluation.dec_redundancy(saes.W_dec))
 for f in fns.values():
     f(), f()
 times = {k: [] for k in fns}

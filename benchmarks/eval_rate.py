@@ -5,7 +5,7 @@
 
 For each kind, one stack of `--n-saes` SAEs: two training steps (so BatchTopK's threshold is
 set), then timed round-robin over kinds: one training step (`step.train_step`) and one
-evaluation batch (`evaluate._accumulate`, with `quality`'s sampled sums on 1 example in
+evaluation batch (`evaluation._accumulate`, with `quality`'s sampled sums on 1 example in
 `--stride`, the default on data sets of >= 65,536 examples) on the same batch. The rate ratio is
 training's time per batch over evaluation's: >= 1 means evaluating an example costs no more
 than training on it. Writes benchmarks/results/eval-rate-<platform>.{json,md} unless --out.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, evaluate, kinds, plan, step
+from saev_jax import config, data, evaluation, kinds, plan, step
 
 
 def make_runners(kind: str, args):
@@ -47,13 +47,13 @@ def make_runners(kind: str, args):
     train(), train()
     stack = box["state"].stacks[0]
     # Copies: the train step donates (and so deletes) the state it is given.
-    inference = jax.tree.map(jnp.copy, kinds.Inference(stack.saes, stack.state, hp[0].kind))
-    sums = [jax.device_put(evaluate._zero_sums(args.n_saes, sae.d_sae, args.d_vit))]
+    inference = jax.tree.map(jnp.copy, kinds.Inference(stack.saes, stack.kind_state, hp[0].kind))
+    sums = [jax.device_put(evaluation._zero_sums(args.n_saes, sae.d_sae, args.d_vit))]
     n_valid, offset = jnp.asarray(args.batch, jnp.int32), jnp.asarray(3, jnp.int32)
 
     def ev() -> float:
         t0 = time.perf_counter()
-        sums[0], code, n = evaluate._accumulate(
+        sums[0], code, n = evaluation._accumulate(
             sums[0], inference, pre, x, n_valid, offset, stride=args.stride, chunk=args.n_saes
         )
         jax.block_until_ready((sums[0], code, n))

@@ -2,7 +2,7 @@
 
 One group (ReLU at several sparsity coefficients, TopK at several k, BatchTopK, Matryoshka and
 JumpReLU) trains in one pass over the data (one `step.train_step` per batch for all stacks),
-then each stack is evaluated in its kind's inference form (`evaluate.accumulate`). Reports,
+then each stack is evaluated in its kind's inference form (`evaluation.accumulate`). Reports,
 per SAE, dictionary recovery (mean over true directions of the max |cosine| with a decoder
 row, as benchmarks/quality.py), `quality`, L0 (inference and batch mode) and MSE; and checks:
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks.quality import recovery, spearman
-from saev_jax import config, data, evaluate, plan, step, synthetic, train
+from saev_jax import config, data, evaluation, plan, step, synthetic, training
 
 SYNTH = synthetic.Synthetic(
     d_vit=64, n_features=256, k=8, noise=0.05, seed=2, n_imgs=2048, n_patches_per_img=64, layers=(-2,)
@@ -81,9 +81,9 @@ def main():
     stacks = tuple(
         plan.StackPlan(idx, SYNTH.d_vit, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)
     )
-    layout = train.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
-    state = layout.init_state(acts, preprocess)  # b_dec = the mean of the whole set
-    B, n_steps = args.batch, train.n_train_steps(base)
+    layout = training.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
+    state = layout.init_group_state(acts, preprocess)  # b_dec = the mean of the whole set
+    B, n_steps = args.batch, training.n_train_steps(base)
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-n_steps * B // n))])
     t0 = time.perf_counter()
@@ -104,8 +104,10 @@ def main():
     t0 = time.perf_counter()
     rows = [None] * len(cfgs)
     for indices, bundle, diverged_at in layout.real_saes(state):
-        stride = max(1, -(-n // B) // -(-evaluate.QUALITY_EXAMPLES // B))  # as evaluate() does
-        results = evaluate.metrics_from_stats(evaluate.accumulate(bundle, batches(), preprocess, quality_stride=stride))
+        stride = max(1, -(-n // B) // -(-evaluation.QUALITY_EXAMPLES // B))  # as evaluate() does
+        results = evaluation.metrics_from_stats(
+            evaluation.accumulate(bundle, batches(), preprocess, quality_stride=stride)
+        )
         for j, (i, r) in enumerate(zip(indices, results)):
             c = cfgs[i]
             rows[i] = dict(

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, plan, step, train
+from saev_jax import config, data, plan, step, training
 
 from . import harness
 
@@ -40,8 +40,8 @@ def make_runner(kind: str, d_vit: int, d_sae: int, k: int, args):
         config.validate(c)
     n = len(cfgs)
     stacks = (plan.StackPlan(tuple(range(n)), d_vit, sae.d_sae, n, n),)
-    layout = train.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
-    state = layout.init_state(None, None)
+    layout = training.Layout(cfgs, plan.Round(stacks, 0), plan.make_mesh(jax.devices()[:1]))
+    state = layout.init_group_state(None, None)
     hparams = layout.hparams
     if dense:  # k_max = d_sae: `kinds.sparse.use_sparse` sends the stack to its dense reference step.
         hparams = tuple(dataclasses.replace(hp, kind=dataclasses.replace(hp.kind, k_max=d_sae)) for hp in hparams)

@@ -1,8 +1,8 @@
 """Does `quality` rank SAEs the way ground-truth dictionary recovery does?
 
 For each synthetic setting (a shard set with a known dictionary, `saev_jax.synthetic`), train
-one sweep of SAEs over sparsity coefficient x learning rate as one stack (`train.train_step`),
-evaluate it in one pass (`evaluate.accumulate`, as `evaluate()` does), and compare, by Spearman correlation,
+one sweep of SAEs over sparsity coefficient x learning rate as one stack (`training.train_step`),
+evaluate it in one pass (`evaluation.accumulate`, as `evaluate()` does), and compare, by Spearman correlation,
 the ranking of every candidate score with the ranking by recovery = mean over true directions
 of the max |cosine| with a decoder row.
 
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from saev_jax import config, data, evaluate, plan, plots, step, synthetic, train
+from saev_jax import config, data, evaluation, plan, plots, step, synthetic, training
 from saev_jax import quality as quality_lib
 from saev_jax import sae as sae_lib
 
@@ -104,12 +104,12 @@ def run_setting(
     # b_dec starts at the data mean (SPEC 3), here of the whole set.
     whole = [dataclasses.replace(c, sae=dataclasses.replace(c.sae, n_reinit_samples=len(acts))) for c in cfgs]
     state = eqx.tree_at(
-        lambda s: s.stacks, state, tuple(train.init_b_dec(list(state.stacks), [whole], acts, preprocess))
+        lambda s: s.stacks, state, tuple(training.init_b_dec(list(state.stacks), [whole], acts, preprocess))
     )
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
-    B, n_steps = setting.batch_size, train.n_train_steps(base)
+    B, n_steps = setting.batch_size, training.n_train_steps(base)
     loaded = load_dpath / f"saes_{setting.name}.npz" if load_dpath is not None else None
     if loaded is not None and loaded.exists():  # The SAEs of an earlier run (--save-saes): evaluation only.
         tensors = np.load(loaded)
@@ -143,9 +143,9 @@ def run_setting(
             x = x_ND[start : start + B]
             yield jnp.asarray(np.pad(x, ((0, B - len(x)), (0, 0)))), len(x)
 
-    stride = evaluate.quality_stride(n, B) if quality_stride is None else quality_stride
-    stats = evaluate.accumulate(state.stacks[0].saes, batches(), preprocess, quality_stride=stride)
-    results = evaluate.metrics_from_stats(stats)
+    stride = evaluation.quality_stride(n, B) if quality_stride is None else quality_stride
+    stats = evaluation.accumulate(state.stacks[0].saes, batches(), preprocess, quality_stride=stride)
+    results = evaluation.metrics_from_stats(stats)
     t_eval = time.perf_counter() - t0
     print(
         f"{setting.name}: data {t_data:.0f}s, train {len(cfgs)} SAEs x {n_steps} steps {t_train:.0f}s, eval {t_eval:.0f}s",
@@ -184,11 +184,11 @@ def run_setting(
     )
 
 
-def scores(stats: evaluate.PassStats, m: int, r: evaluate.EvalMetrics) -> dict[str, float]:
+def scores(stats: evaluation.PassStats, m: int, r: evaluation.EvalMetrics) -> dict[str, float]:
     """Every candidate score of SAE m, oriented so that higher should be better."""
     n, d = stats.n, stats.d_vit
     freqs, norms = stats.n_fired[m] / n, stats.w_dec_norms[m]
-    levels = evaluate.code_bits(stats, m)
+    levels = evaluation.code_bits(stats, m)
     best = int(np.argmax([b.quality for b in levels]))
     as_is = levels[0]  # debiased, not pruned
     no_debias = quality_lib.description_bits(freqs, r.mean_values, r.mse, stats.data_var, d, norms)
@@ -285,7 +285,7 @@ def main():
         "--quality-stride",
         type=int,
         default=None,
-        help="sample every this many examples for quality (default: evaluate.quality_stride)",
+        help="sample every this many examples for quality (default: evaluation.quality_stride)",
     )
     parser.add_argument(
         "--figs", default="docs", help="where sweep_<setting>.png and sae_<setting>_{best,worst}.png go ('' for none)"

@@ -45,24 +45,24 @@ def run_case(
     import jax
     import numpy as np
 
-    from saev_jax import config, data, train
+    from saev_jax import config, data, training
 
     base = config.Train(
         sae_batch_size=batch, n_devices=n_devices, sae_chunk=chunk, precision=precision, track=False,
         sae=config.SparseAutoencoder(d_vit=d_vit, exp_factor=exp, n_reinit_samples=0, kind=kind),
     )  # fmt: skip
     cfgs = [dataclasses.replace(base, lr=1e-4 * (1 + i), sae=dataclasses.replace(base.sae, seed=i)) for i in range(m)]
-    group_plan, mesh = train.plan_group(cfgs)
+    group_plan, mesh = training.plan_group(cfgs)
     if len(group_plan.rounds) != 1:
         return {"skipped": f"needs {len(group_plan.rounds)} rounds"}
-    layout = train.Layout(cfgs, group_plan.rounds[0], mesh, group_plan.limit)
+    layout = training.Layout(cfgs, group_plan.rounds[0], mesh, group_plan.limit)
     preprocess = data.Preprocess(1e5, np.zeros(d_vit, np.float32), 1.0)
     t0 = time.perf_counter()
     compiled = layout.compile(preprocess)
     xla_peak = compiled.peak_bytes
     compile_s = time.perf_counter() - t0
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    state = layout.init_state(None, preprocess)
+    state = layout.init_group_state(None, preprocess)
     pre = jax.device_put(preprocess, layout.replicated)
     x = jax.device_put(jax.random.normal(jax.random.key(0), (batch, d_vit)), layout.replicated)
     times = []
@@ -101,7 +101,7 @@ def calibrate(real: bool = False) -> None:
 
     import jax
 
-    from saev_jax import config, plan, train
+    from saev_jax import config, plan, training
 
     shapes = ((256, 32, 16384, 16),) if real else ((64, 16, 512, 8), (64, 32, 4096, 4))
     for d_vit, exp, batch, m in shapes:
@@ -115,7 +115,7 @@ def calibrate(real: bool = False) -> None:
                 for chunk in (1, 4) if real else sorted({1, 2, m // n_dev}):
                     s = plan.StackPlan(tuple(range(m)), d_vit, d_vit * exp, m, chunk, kind)
                     xla = (
-                        train.Layout(cfgs, plan.Round((s,), 0), plan.make_mesh(jax.devices()[:n_dev]))
+                        training.Layout(cfgs, plan.Round((s,), 0), plan.make_mesh(jax.devices()[:n_dev]))
                         .compile()
                         .peak_bytes
                     )

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from saev_jax import config, data, evaluate, plan, steer, step, synthetic, train
+from saev_jax import config, data, evaluation, plan, steer, step, synthetic, training
 
 SYNTH = synthetic.Synthetic(
     d_vit=64, n_features=512, k=8, noise=0.05, seed=3, n_imgs=2048, n_patches_per_img=64, layers=(-2,)
@@ -61,15 +61,15 @@ def main():
     for c in cfgs:
         config.validate(c)
     assert len(config.split_cfgs(cfgs)) == 1 and len(plan.shapes_of(cfgs)) == 1, "one group, one stack"
-    n_steps = train.n_train_steps(base)
+    n_steps = training.n_train_steps(base)
     assert n_steps == args.steps
 
-    layout = train.Layout(
+    layout = training.Layout(
         cfgs,
         plan.Round((plan.StackPlan(tuple(range(len(cfgs))), SYNTH.d_vit, sae_cfg.d_sae, len(cfgs), len(cfgs)),), 0),
         plan.make_mesh(jax.devices()[:1]),
     )
-    state = layout.init_state(acts, preprocess)
+    state = layout.init_group_state(acts, preprocess)
     rng = np.random.default_rng(0)
     order = np.concatenate([rng.permutation(n) for _ in range(-(-n_steps * B // n))])
     steps, l0s, coeffs, pending = [], [], [], []
@@ -99,8 +99,8 @@ def main():
             yield jnp.asarray(np.pad(x, ((0, B - len(x)), (0, 0)))), len(x)
 
     ((indices, bundle, _),) = layout.real_saes(state)
-    results = evaluate.metrics_from_stats(evaluate.accumulate(bundle, batches(), preprocess, quality_stride=64))
-    final_state = jax.device_get(bundle.state)
+    results = evaluation.metrics_from_stats(evaluation.accumulate(bundle, batches(), preprocess, quality_stride=64))
+    final_state = jax.device_get(bundle.kind_state)
     tail = slice(int(0.9 * len(steps)), None)
     rows = []
     for j, i in enumerate(indices):

@@ -76,7 +76,7 @@ import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import harness, torch_baseline  # noqa: E402
-from saev_jax import config, data, evaluate, plan, step, synthetic, train  # noqa: E402
+from saev_jax import config, data, evaluation, plan, step, synthetic, training  # noqa: E402
 from saev_jax import sae as sae_lib  # noqa: E402
 
 logger = logging.getLogger("benchmarks.train")
@@ -187,7 +187,7 @@ def make_cfgs(d_vit: int, d_sae: int, n_saes: int, batch_size: int, precision: s
 
 
 class VmappedGroup:
-    """(a) One stack of M SAEs, one `train.train_step` per batch; metrics leave the device every `log_every` steps, as in `train.train`."""
+    """(a) One stack of M SAEs, one `training.train_step` per batch; metrics leave the device every `log_every` steps, as in `training.train`."""
 
     def __init__(self, cfgs: list[config.Train], x_BD: jax.Array, log_every: int):
         self.mesh = plan.make_mesh(jax.devices()[:1])
@@ -211,7 +211,7 @@ class VmappedGroup:
 
 
 class OneByOne:
-    """(b) M stacks of one SAE; each batch is M `train.train_step` calls."""
+    """(b) M stacks of one SAE; each batch is M `training.train_step` calls."""
 
     def __init__(self, cfgs: list[config.Train], x_BD: jax.Array, log_every: int):
         self.groups = [VmappedGroup([cfg], x_BD, log_every) for cfg in cfgs]
@@ -428,7 +428,7 @@ class Benchmark:
         self.save()
 
     def measure_end_to_end(self, shard_root: str) -> None:
-        """(a) through `train.train` with the Loader, float32 and bfloat16, then evaluated; (c) with saev's Dataset + DataLoader."""
+        """(a) through `training.train` with the Loader, float32 and bfloat16, then evaluated; (c) with saev's Dataset + DataLoader."""
         args = self.args
         d_vit, d_sae = SIZES[args.e2e_size]
         M, B = args.e2e_m, args.e2e_batch_size
@@ -448,7 +448,7 @@ class Benchmark:
         for precision in args.precisions:
             # The same step with the data already on the device, right before: the e2e run's ceiling.
             self.measure_in_memory(args.e2e_size, M, B, [("vmap", precision)])
-            row = base | {"variant": "vmap", "precision": precision, "path": "train.train + data.Loader"}
+            row = base | {"variant": "vmap", "precision": precision, "path": "training.train + data.Loader"}
             if self.over_budget():
                 self.skip(row, "end_to_end", "time budget spent")
                 continue
@@ -461,7 +461,7 @@ class Benchmark:
             ]
             clock = LogClock()
             t0 = time.perf_counter()
-            state = train.train(train.make_layout(cfgs), acts, preprocess, clock)
+            state = training.train(training.make_layout(cfgs), acts, preprocess, clock)
             jax.block_until_ready(state)
             wall = time.perf_counter() - t0
             seconds = clock.seconds_per_step()
@@ -512,8 +512,8 @@ class Benchmark:
                 dataclasses.replace(c, lr=1e-3, sae=dataclasses.replace(c.sae, sparsity_coeff=coeffs[m % len(coeffs)]))
                 for m, c in enumerate(cfgs)
             ]
-            state = train.train(train.make_layout(cfgs), acts, preprocess, LogClock())
-            finals[precision] = evaluate.evaluate(cfgs, state.stacks[0].saes, acts, preprocess, jax.devices()[0])
+            state = training.train(training.make_layout(cfgs), acts, preprocess, LogClock())
+            finals[precision] = evaluation.evaluate(cfgs, state.stacks[0].saes, acts, preprocess, jax.devices()[0])
             state = None
             free_memory()
         self.results["accuracy_setup"] = {
@@ -558,9 +558,9 @@ def rates(seconds_per_step: float, B: int, M: int, d_vit: int, d_sae: int) -> di
 
 
 class LogClock:
-    """Stands in for the wandb run in `train.train`: notes when each log step's metrics reached the host.
+    """Stands in for the wandb run in `training.train`: notes when each log step's metrics reached the host.
 
-    `train.train` fetches a log step's metrics with one `jax.device_get`, so every step up to
+    `training.train` fetches a log step's metrics with one `jax.device_get`, so every step up to
     that one has finished when `log` is called: the time between two calls is the time of the
     steps between them, data loading included.
     """
@@ -746,7 +746,7 @@ def to_markdown(results: dict) -> str:
             "## Accuracy of bfloat16",
             "",
             f"The same group ({setup.get('size')} SAEs, M = {setup.get('M')}, sparsity coefficients {setup.get('sparsity_coeffs')}, "
-            f"lr {setup.get('lr')}) trained {setup.get('n_steps')} steps of batch {setup.get('batch_size')} through `train.train` in "
+            f"lr {setup.get('lr')}) trained {setup.get('n_steps')} steps of batch {setup.get('batch_size')} through `training.train` in "
             f"each precision (same data order and seeds), then evaluated on all {setup.get('n_examples', 0):,} examples.",
             "",
         ]

@@ -86,18 +86,18 @@ def _timed(times: dict, key: str, fn):
 def child_jax(args, launched: float) -> dict:
     times = {"imports": time.time() - launched}  # interpreter start-up and imports, as a user waits for them
     t0 = time.perf_counter()
-    from saev_jax import data, evaluate, plots, summary, train
+    from saev_jax import data, evaluation, plots, summary, train, training
     from saev_jax import sae as sae_lib
 
     times["imports"] += time.perf_counter() - t0
 
     times_inner = {}
     data.make_preprocess = _timed(times, "statistics", data.make_preprocess)
-    train.init_b_dec = _timed(times, "b_dec init", train.init_b_dec)
-    train.Layout.compile_within_limit = _timed(times, "compile", train.Layout.compile_within_limit)
-    train.train = _timed(times_inner, "train+compile", train.train)
-    evaluate.accumulate = _timed(times, "eval", evaluate.accumulate)
-    evaluate.metrics_from_stats = _timed(times, "quality", evaluate.metrics_from_stats)
+    training.init_b_dec = _timed(times, "b_dec init", training.init_b_dec)
+    training.Layout.compile_within_limit = _timed(times, "compile", training.Layout.compile_within_limit)
+    training.train = _timed(times_inner, "train+compile", training.train)
+    evaluation.accumulate = _timed(times, "eval", evaluation.accumulate)
+    evaluation.metrics_from_stats = _timed(times, "quality", evaluation.metrics_from_stats)
     plots.save_plots = _timed(times, "plots", plots.save_plots)
     plots.wandb_images = _timed(times, "plots", plots.wandb_images)
     sae_lib.save = _timed(times, "writing", sae_lib.save)
@@ -111,7 +111,7 @@ def child_jax(args, launched: float) -> dict:
         "--no-track", "--ckpt-path", str(pathlib.Path(args.tmp) / "ckpt-jax"), "--n-workers", "2", "--log-every", "25",
     ])  # fmt: skip
     times["total in cli"] = time.perf_counter() - t0
-    # train.train's time includes the compile it calls and the b_dec init it may do; keep them apart.
+    # training.train's time includes the compile it calls and the b_dec init it may do; keep them apart.
     times["train"] = times_inner["train+compile"] - times.get("compile", 0.0) - times.get("b_dec init", 0.0)
     return times
 

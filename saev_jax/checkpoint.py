@@ -107,7 +107,7 @@ class Checkpoint(eqx.Module):
     def encode_raw(self, x_BD: Float[Array, "B d_vit"]) -> Float[Array, "B d_sae"]:
         """Feature activations of raw activations: preprocess, then the SAE's encoder."""
         x_BD = self._require_preprocess()(x_BD)
-        return self.sae.sae.encode(self.sae.state, x_BD, self.sae.hp)
+        return self.sae.sae.encode(self.sae.kind_state, x_BD, self.sae.hp)
 
     def decode_raw(self, f_BS: Float[Array, "B d_sae"]) -> Float[Array, "B d_vit"]:
         """Reconstructions in raw units: the SAE's decoder, then `* scalar + act_mean`."""
@@ -162,7 +162,7 @@ def save(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if isinstance(sae, kinds.Inference):
-        kind_tensors = sae.sae.inference_tensors(sae.state) if kind_tensors is None else kind_tensors
+        kind_tensors = sae.sae.inference_tensors(sae.kind_state) if kind_tensors is None else kind_tensors
         sae = sae.sae
     if type(sae).name != cfg.sae.kind:
         raise ValueError(f"save: a {type(sae).name} SAE but cfg.sae.kind = {cfg.sae.kind}")

@@ -143,7 +143,7 @@ def _threshold(ckpt: checkpoint.Checkpoint) -> np.ndarray:
     BatchTopK's `relu(h) * 1[relu(h) > theta]` is the same for theta >= 0; a threshold not yet set
     (negative: no training batch) is plain ReLU, which threshold 0 gives.
     """
-    (threshold,) = ckpt.sae.sae.inference_tensors(ckpt.sae.state).values()
+    (threshold,) = ckpt.sae.sae.inference_tensors(ckpt.sae.kind_state).values()
     return np.maximum(np.asarray(threshold, np.float32), 0.0)
 
 

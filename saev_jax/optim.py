@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import Array, ArrayLike, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from . import config
 
 
 def warmup(peak: ArrayLike, n_steps: ArrayLike) -> optax.Schedule:
@@ -55,6 +57,35 @@ def warmup_decay(
         return peak * rise * after
 
     return schedule_fn
+
+
+class LRSchedule(eqx.Module):
+    """The learning-rate schedule of each SAE (`[M]` arrays in a stack): `warmup_decay` with traced settings.
+
+    The optimizer steps by it and the L0 controller (`steer.py`) runs on its clock.
+    """
+
+    peak: Float[Array, "*M"]
+    """`lr`."""
+    n_warmup: Int[Array, "*M"]
+    n_steps: Int[Array, "*M"]
+    schedule: Int[Array, "*M"]
+    """Index into `SCHEDULES`."""
+    decay_frac: Float[Array, "*M"]
+
+    @classmethod
+    def from_cfgs(cls, cfgs: list[config.Train]) -> "LRSchedule":
+        return cls(
+            peak=jnp.array([c.lr for c in cfgs], jnp.float32),
+            n_warmup=jnp.array([c.n_lr_warmup for c in cfgs], jnp.int32),
+            n_steps=jnp.array([config.n_train_steps(c) for c in cfgs], jnp.int32),
+            schedule=jnp.array([SCHEDULES.index(c.lr_schedule) for c in cfgs], jnp.int32),
+            decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], jnp.float32),
+        )
+
+    def __call__(self, step: ArrayLike) -> Float[Array, ""]:
+        """The learning rate at `step` (call on one SAE's entry); an `optax.Schedule`."""
+        return warmup_decay(self.peak, self.n_warmup, self.n_steps, self.schedule, self.decay_frac)(step)
 
 
 def remove_parallel_grads(enabled: Bool[ArrayLike, ""]) -> optax.GradientTransformation:

@@ -244,7 +244,7 @@ def shapes_of(cfgs: list[config.Train]) -> list[tuple[int, ...]]:
 def make_plan(
     cfgs: list[config.Train], devices: list[jax.Device], limit: int, limit_source: str, *, correction: float = 1.0
 ) -> Plan:
-    """The plan of one group from sizes alone (no compilation; see `train.Layout.compile_within_limit`).
+    """The plan of one group from sizes alone (no compilation; see `training.Layout.compile_within_limit`).
 
     `correction` scales every estimate (XLA's peak over the estimate, when a compiled step
     showed the estimate low). Raises InputError, naming the smallest `memory_budget_gib` that

@@ -25,7 +25,7 @@ def loss(sae: SAE, x_BD: Float[Array, "B d_vit"], sparsity_coeff: Float[Array, "
     # saev's settings (no warm-up, no L0 target) for one SAE, with this coefficient.
     hp = jax.tree.map(lambda leaf: leaf[0], ReLU.make_hparams([config.Train(n_sparsity_warmup=0)]))
     hp = eqx.tree_at(lambda h: h.sparsity_coeff, hp, jnp.asarray(sparsity_coeff, jnp.float32))
-    total, (metrics, _) = sae.loss(steer.init_state(), x_BD, hp, jnp.int32(0))
+    total, (metrics, _) = sae.loss(steer.init_controller(), x_BD, hp, jnp.int32(0))
     return total, metrics
 
 

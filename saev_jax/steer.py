@@ -82,12 +82,8 @@ class Hparams(eqx.Module):
     gain: Float[Array, "*M"]
     max_change: Float[Array, "*M"]
     ema_decay: Float[Array, "*M"]
-    lr: Float[Array, "*M"]
-    """The SAE's learning-rate schedule, as `step.Hparams` has it: the controller runs on its clock."""
-    n_lr_warmup: Int[Array, "*M"]
-    n_steps: Int[Array, "*M"]
-    lr_schedule: Int[Array, "*M"]
-    lr_decay_frac: Float[Array, "*M"]
+    learning_rate: optim.LRSchedule
+    """The SAE's learning-rate schedule, as the optimizer's: the controller runs on its clock."""
 
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
@@ -101,19 +97,11 @@ class Hparams(eqx.Module):
             gain=jnp.full(n, GAIN, jnp.float32),
             max_change=jnp.full(n, MAX_CHANGE, jnp.float32),
             ema_decay=jnp.full(n, EMA_DECAY, jnp.float32),
-            lr=jnp.array([c.lr for c in cfgs], jnp.float32),
-            n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], jnp.int32),
-            n_steps=jnp.array([config.n_train_steps(c) for c in cfgs], jnp.int32),
-            lr_schedule=jnp.array([optim.SCHEDULES.index(c.lr_schedule) for c in cfgs], jnp.int32),
-            lr_decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], jnp.float32),
+            learning_rate=optim.LRSchedule.from_cfgs(cfgs),
         )
 
-    def learning_rate(self, step: Int[ArrayLike, ""]) -> Float[Array, ""]:
-        """The SAE's learning rate at `step` (call on one SAE's entry)."""
-        return optim.warmup_decay(self.lr, self.n_lr_warmup, self.n_steps, self.lr_schedule, self.lr_decay_frac)(step)
 
-
-class State(eqx.Module):
+class ControllerState(eqx.Module):
     """The controller's state of one SAE (a leading M axis in a stack)."""
 
     log_scale: Float[Array, "*M"]
@@ -124,23 +112,23 @@ class State(eqx.Module):
     """Sum of the EMA's weights, 1 - ema_decay^n after n steps; the EMA divided by it is debiased."""
 
 
-def init_state() -> State:
+def init_controller() -> ControllerState:
     """Step 0 of one SAE: the configured coefficient, an empty EMA."""
     zero = jnp.zeros((), jnp.float32)
-    return State(log_scale=zero, log_l0_ema=zero, ema_weight=zero)
+    return ControllerState(log_scale=zero, log_l0_ema=zero, ema_weight=zero)
 
 
-def coefficient(configured: Float[ArrayLike, ""], state: State, hp: Hparams) -> Float[Array, ""]:
+def coefficient(configured: Float[ArrayLike, ""], state: ControllerState, hp: Hparams) -> Float[Array, ""]:
     """The sparsity coefficient in use (before the sparsity warm-up): `configured` itself where off."""
     return jnp.where(hp.on, configured * jnp.exp(state.log_scale), configured)
 
 
-def smoothed_l0(state: State) -> Float[Array, "*M"]:
+def smoothed_l0(state: ControllerState) -> Float[Array, "*M"]:
     """The debiased EMA of the batch L0, back in L0 units (NaN before the first step)."""
     return jnp.expm1(state.log_l0_ema / state.ema_weight)
 
 
-def update(state: State, hp: Hparams, l0: Float[ArrayLike, ""], step: Int[ArrayLike, ""]) -> State:
+def update(state: ControllerState, hp: Hparams, l0: Float[ArrayLike, ""], step: Int[ArrayLike, ""]) -> ControllerState:
     """The state after a step whose batch L0 was `l0` (see the module docstring); traced, no branches."""
     y = jnp.log1p(jax.lax.stop_gradient(jnp.asarray(l0, jnp.float32)))
     ema = hp.ema_decay * state.log_l0_ema + (1 - hp.ema_decay) * y
@@ -149,7 +137,7 @@ def update(state: State, hp: Hparams, l0: Float[ArrayLike, ""], step: Int[ArrayL
     lr = hp.learning_rate(step)
     change = jnp.clip(hp.gain * lr * error, -hp.max_change * lr, hp.max_change * lr)
     moves = hp.on & (step >= hp.start)
-    return State(
+    return ControllerState(
         log_scale=jnp.where(moves, state.log_scale + change, state.log_scale), log_l0_ema=ema, ema_weight=weight
     )
 
@@ -161,7 +149,7 @@ def report(hp: eqx.Module, state: eqx.Module) -> dict[str, float | None]:
     for ReLU and JumpReLU (without a target, the configured coefficient); `{}` for a kind
     without a controller.
     """
-    if not isinstance(state, State):
+    if not isinstance(state, ControllerState):
         return {}
     # ReLU calls its coefficient sparsity_coeff, JumpReLU l0_coefficient.
     configured = hp.sparsity_coeff if hasattr(hp, "sparsity_coeff") else hp.l0_coefficient

@@ -38,12 +38,8 @@ class Hparams(eqx.Module):
     coefficient, TopK's k, ...); everything else here is the optimiser's.
     """
 
-    lr: Float[Array, " M"]
-    n_lr_warmup: Int[Array, " M"]
-    lr_schedule: Int[Array, " M"]
-    """Index into `optim.SCHEDULES`."""
-    lr_decay_frac: Float[Array, " M"]
-    n_steps: Int[Array, " M"]
+    learning_rate: optim.LRSchedule
+    """Each SAE's learning rate as a function of the step."""
     normalize_w_dec: Bool[Array, " M"]
     remove_parallel_grads: Bool[Array, " M"]
     max_grad_norm: Float[Array, " M"]
@@ -53,20 +49,12 @@ class Hparams(eqx.Module):
     @classmethod
     def from_cfgs(cls, cfgs: list[config.Train]) -> "Hparams":
         return cls(
-            lr=jnp.array([c.lr for c in cfgs], dtype=jnp.float32),
-            n_lr_warmup=jnp.array([c.n_lr_warmup for c in cfgs], dtype=jnp.int32),
-            lr_schedule=jnp.array([optim.SCHEDULES.index(c.lr_schedule) for c in cfgs], dtype=jnp.int32),
-            lr_decay_frac=jnp.array([c.lr_decay_frac for c in cfgs], dtype=jnp.float32),
-            n_steps=jnp.array([config.n_train_steps(c) for c in cfgs], dtype=jnp.int32),
+            learning_rate=optim.LRSchedule.from_cfgs(cfgs),
             normalize_w_dec=jnp.array([c.sae.normalize_w_dec for c in cfgs]),
             remove_parallel_grads=jnp.array([c.sae.remove_parallel_grads for c in cfgs]),
             max_grad_norm=jnp.array([c.max_grad_norm for c in cfgs], dtype=jnp.float32),
             kind=kinds.make_hparams(cfgs),
         )
-
-    def learning_rate(self) -> optax.Schedule:
-        """This SAE's learning rate as a function of the step (call on one SAE's entry)."""
-        return optim.warmup_decay(self.lr, self.n_lr_warmup, self.n_steps, self.lr_schedule, self.lr_decay_frac)
 
 
 class Stack(eqx.Module):
@@ -76,7 +64,7 @@ class Stack(eqx.Module):
     opt_state: optax.OptState
     diverged_at: Int[Array, " M"]
     """The step at which each SAE's update first was not finite or its loss blew up (it is frozen since); -1 if never."""
-    state: eqx.Module
+    kind_state: eqx.Module
     """The kind's non-trainable state (dead-latent counters, BatchTopK's threshold; empty for ReLU)."""
     first_loss: Float[Array, " M"]
     """Each SAE's loss at its first step (NaN before it): what `BLOWUP` compares against."""
@@ -86,7 +74,7 @@ class Stack(eqx.Module):
         return self.diverged_at.shape[0]
 
 
-class TrainState(eqx.Module):
+class GroupState(eqx.Module):
     """Everything that changes while a group trains.
 
     There is no PRNG key: nothing in the step is random. The only randomness after
@@ -101,34 +89,34 @@ def make_stack(saes: kinds.Kind, hparams: Hparams) -> Stack:
     """A fresh stack: each SAE's optimizer state initialised from its own parameters, its kind's state at step 0."""
 
     def init_one(sae, hp):
-        return optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads, hp.max_grad_norm).init(sae)
+        return optim.make_optimizer(hp.learning_rate, hp.remove_parallel_grads, hp.max_grad_norm).init(sae)
 
     opt_state = eqx.filter_vmap(init_one)(saes, hparams)
-    n = hparams.lr.shape[0]
+    n = hparams.max_grad_norm.shape[0]
     return Stack(
-        saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32), state=kinds.init_state(saes),
+        saes=saes, opt_state=opt_state, diverged_at=jnp.full(n, -1, jnp.int32), kind_state=kinds.init_kind_state(saes),
         first_loss=jnp.full(n, jnp.nan, jnp.float32),
     )  # fmt: skip
 
 
-def make_state(stacks: tuple[Stack, ...]) -> TrainState:
+def make_group_state(stacks: tuple[Stack, ...]) -> GroupState:
     """Step 0 of a group."""
-    return TrainState(stacks=tuple(stacks), step=jnp.zeros((), jnp.int32))
+    return GroupState(stacks=tuple(stacks), step=jnp.zeros((), jnp.int32))
 
 
-def state_sharding(state: TrainState, mesh: Mesh) -> TrainState:
-    """Where each leaf of a TrainState lives: every stack split over `'sae'`, the step count everywhere."""
+def group_state_sharding(state: GroupState, mesh: Mesh) -> GroupState:
+    """Where each leaf of a GroupState lives: every stack split over `'sae'`, the step count everywhere."""
     stacked = NamedSharding(mesh, PartitionSpec(SAE_AXIS))
-    return TrainState(stacks=jax.tree.map(lambda _: stacked, state.stacks), step=NamedSharding(mesh, PartitionSpec()))
+    return GroupState(stacks=jax.tree.map(lambda _: stacked, state.stacks), step=NamedSharding(mesh, PartitionSpec()))
 
 
-def init_single(saes: kinds.Kind, hparams: Hparams, mesh: Mesh) -> tuple[TrainState, tuple[Hparams]]:
+def init_single(saes: kinds.Kind, hparams: Hparams, mesh: Mesh) -> tuple[GroupState, tuple[Hparams]]:
     """A one-stack state and its hyper-parameters placed on `mesh` (for tests, benchmarks and tools).
 
     Then `train_step(state, hparams, preprocess, x_BD, chunks=(M,), mesh=mesh)`.
     """
-    state = make_state((make_stack(saes, hparams),))
-    state = jax.device_put(state, state_sharding(state, mesh))
+    state = make_group_state((make_stack(saes, hparams),))
+    state = jax.device_put(state, group_state_sharding(state, mesh))
     return state, (jax.device_put(hparams, NamedSharding(mesh, PartitionSpec(SAE_AXIS))),)
 
 
@@ -146,9 +134,9 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     sae = stack.saes
     W_dec = jnp.where(hp.normalize_w_dec, sae.normalize_w_dec().W_dec, sae.W_dec)
     normed = eqx.tree_at(lambda s: s.W_dec, sae, W_dec)
-    loss_fn = lambda s: (s.dense_loss if dense else s.loss)(stack.state, x_BD, hp.kind, step)  # noqa: E731
+    loss_fn = lambda s: (s.dense_loss if dense else s.loss)(stack.kind_state, x_BD, hp.kind, step)  # noqa: E731
     (loss, (metrics, kind_state)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(normed)
-    optimizer = optim.make_optimizer(hp.learning_rate(), hp.remove_parallel_grads, hp.max_grad_norm)
+    optimizer = optim.make_optimizer(hp.learning_rate, hp.remove_parallel_grads, hp.max_grad_norm)
     updates, opt_state = optimizer.update(grads, stack.opt_state, normed)
     updated = eqx.apply_updates(normed, updates)
 
@@ -159,11 +147,11 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     alive = stack.diverged_at < 0
     keep = ok & alive
     new = Stack(
-        saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at, state=kind_state, first_loss=first_loss
+        saes=updated, opt_state=opt_state, diverged_at=stack.diverged_at, kind_state=kind_state, first_loss=first_loss
     )
     new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, stack)
     new = eqx.tree_at(lambda s: s.diverged_at, new, jnp.where(alive & ~ok, step, stack.diverged_at))
-    metrics |= {"learning_rate": hp.learning_rate()(step), "diverged": ~(ok & alive)}
+    metrics |= {"learning_rate": hp.learning_rate(step), "diverged": ~(ok & alive)}
     return new, metrics
 
 
@@ -206,14 +194,14 @@ def _stack_step(stack: Stack, hp: Hparams, x_BD, step, *, chunk: int):
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("chunks", "mesh"))
 def train_step(
-    state: TrainState,
+    state: GroupState,
     hparams: tuple[Hparams, ...],
     preprocess: data.Preprocess,
     x_BD: Float[Array, "B d_vit"],
     *,
     chunks: tuple[int, ...],
     mesh: Mesh,
-) -> tuple[TrainState, tuple[dict[str, Float[Array, " M"]], ...]]:
+) -> tuple[GroupState, tuple[dict[str, Float[Array, " M"]], ...]]:
     """One optimizer step of every SAE of every stack on the same raw batch.
 
     `chunks[i]` is how many SAEs of stack i each device runs at once; `mesh` has an axis
@@ -233,4 +221,4 @@ def train_step(
         new, m = stack_step(stack, hp, x_BD, state.step)
         new_stacks.append(new)
         metrics.append(m)
-    return TrainState(stacks=tuple(new_stacks), step=state.step + 1), tuple(metrics)
+    return GroupState(stacks=tuple(new_stacks), step=state.step + 1), tuple(metrics)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from saev_jax import config, data, evaluate, step, synthetic, train
+from saev_jax import config, data, evaluate, step, synthetic, train, training
 from saev_jax import sae as sae_lib
 
 D = 16
@@ -110,7 +110,7 @@ def test_b_dec_is_the_mean_of_a_seeded_permutation(shard_root):
     cfgs[1] = dataclasses.replace(cfgs[1], sae=dataclasses.replace(cfgs[1].sae, exp_factor=4))
     stack_cfgs = [[cfgs[0], cfgs[2]], [cfgs[1]]]
     stacks = [step.make_stack(sae_lib.make_saes([c.sae for c in s]), step.Hparams.from_cfgs(s)) for s in stack_cfgs]
-    stacks = train.init_b_dec(stacks, stack_cfgs, acts, pre)
+    stacks = training.init_b_dec(stacks, stack_cfgs, acts, pre)
     perm = data.sample_indices(len(acts), 100, cfgs[0].sae.seed)
     x = np.asarray(pre(acts.read(perm[:100])), np.float64)
     np.testing.assert_allclose(stacks[0].saes.b_dec[0], x.mean(axis=0), rtol=1e-5, atol=1e-6)
@@ -178,7 +178,7 @@ def test_ungroupable_configs_name_the_keys(shard_root):
     a = config.Train(data=config.DataLoad(shard_root=str(shard_root), layer=-1), sae=config.SparseAutoencoder(d_vit=D))
     b = config.grid(a, {"sae_batch_size": 8, "log_every": 3})[0]
     with pytest.raises(config.InputError, match="log_every, sae_batch_size"):
-        train.open_group([a, b])
+        training.open_group([a, b])
 
 
 def test_cli_help_documents_fields():
@@ -222,8 +222,8 @@ def test_bad_values_are_caught_before_statistics_wandb_and_b_dec(tmp_path, shard
 
     monkeypatch.setattr(data, "make_preprocess", too_late)
     monkeypatch.setattr(data, "estimate_stats", too_late, raising=False)
-    monkeypatch.setattr(train, "init_b_dec", too_late)
-    monkeypatch.setattr(train.wandb_queue, "ParallelWandbRun", too_late)
+    monkeypatch.setattr(training, "init_b_dec", too_late)
+    monkeypatch.setattr(training.wandb_queue, "ParallelWandbRun", too_late)
     with pytest.raises(config.InputError) as info:
         train.cli([str(tmp_path / "sweep.toml")])
     assert str(info.value) == message
@@ -335,7 +335,7 @@ def test_d_vit_defaults_to_the_shards(tmp_path, shard_root):
     given, _, _ = train.parse_cli([str(tmp_path / "sweep.toml"), "--sae.d-vit", str(2 * D)])
     assert given[0].sae.d_vit == 2 * D
     with pytest.raises(config.InputError, match=f"sae.d_vit = {2 * D} but the shards .* have d_vit = {D}"):
-        train.open_group(given)
+        training.open_group(given)
 
 
 def two_files(tmp_path, shard_root):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import wandb
 
-from saev_jax import config, data, evaluate, plots, summary, synthetic
+from saev_jax import config, data, evaluation, plots, summary, synthetic
 from saev_jax import quality as quality_lib
 from saev_jax import sae as sae_lib
 
@@ -77,7 +77,7 @@ def padded_batches(x_ND: np.ndarray, batch_size: int, pad_value: float):
         yield jnp.asarray(np.concatenate([x, pad])), len(x)
 
 
-def check_against_reference(results: list[evaluate.EvalMetrics], ref: list[dict[str, object]]) -> None:
+def check_against_reference(results: list[evaluation.EvalMetrics], ref: list[dict[str, object]]) -> None:
     assert len(results) == M
     for r, e in zip(results, ref):
         np.testing.assert_allclose(r.freqs, e["freqs"], rtol=0, atol=1e-7)
@@ -96,7 +96,7 @@ def test_evaluate_batches_matches_numpy_with_padded_last_batch(pad_value):
     rng = np.random.default_rng(2)
     x_ND = (rng.normal(size=(37, D)) * 2 + 0.5).astype(np.float32)  # 37 = 2 * 16 + 5: the last batch is padded.
     saes, pre = make_saes(), make_preprocess()
-    results = evaluate.evaluate_batches(
+    results = evaluation.evaluate_batches(
         saes, padded_batches(x_ND, 16, pad_value), pre, almost_dead_threshold=ALMOST_DEAD, dense_threshold=DENSE
     )
     ref = reference(saes, pre, x_ND)
@@ -116,21 +116,21 @@ def test_dec_redundancy_counts_near_duplicates_in_blocks(monkeypatch):
     W[0, 3], W[0, 4] = u, 0.85 * u + np.sqrt(1 - 0.85**2) * v
     W[0, 5] = 0.0
     W[0, 6:] = np.eye(D)[2:7] * 3  # orthogonal to everything else above
-    whole = np.asarray(evaluate.dec_redundancy(jnp.asarray(W)))
+    whole = np.asarray(evaluation.dec_redundancy(jnp.asarray(W)))
     assert whole[0] == pytest.approx(3 / 11) and reference_redundancy(np.float64(W[0])) == pytest.approx(3 / 11)
     assert whole[1] == pytest.approx(reference_redundancy(np.float64(W[1])))
-    monkeypatch.setattr(evaluate, "REDUNDANCY_BLOCK_BYTES", 4 * 11 * 3)  # 3 rows per block
-    evaluate.dec_redundancy.clear_cache()
-    np.testing.assert_array_equal(np.asarray(evaluate.dec_redundancy(jnp.asarray(W))), whole)
-    evaluate.dec_redundancy.clear_cache()
+    monkeypatch.setattr(evaluation, "REDUNDANCY_BLOCK_BYTES", 4 * 11 * 3)  # 3 rows per block
+    evaluation.dec_redundancy.clear_cache()
+    np.testing.assert_array_equal(np.asarray(evaluation.dec_redundancy(jnp.asarray(W))), whole)
+    evaluation.dec_redundancy.clear_cache()
 
 
 def test_quality_stride_changes_only_quality():
     rng = np.random.default_rng(4)
     x_ND = rng.normal(size=(64, D)).astype(np.float32)
     saes, pre = make_saes(), make_preprocess()
-    every = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre)
-    strided = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2)
+    every = evaluation.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre)
+    strided = evaluation.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2)
     assert (every.code_n, strided.code_n) == (64, 32)
     np.testing.assert_array_equal(every.n_fired, strided.n_fired)
     np.testing.assert_array_equal(every.sq_err, strided.sq_err)
@@ -177,7 +177,7 @@ def test_code_sums_match_numpy_on_the_sampled_rows(stride):
     rng = np.random.default_rng(5)
     x_ND = (rng.normal(size=(70, D)) * 2 + 0.5).astype(np.float32)
     saes, pre = make_saes(), make_preprocess()
-    stats = evaluate.accumulate(saes, padded_batches(x_ND, 16, 1e3), pre, quality_stride=stride)
+    stats = evaluation.accumulate(saes, padded_batches(x_ND, 16, 1e3), pre, quality_stride=stride)
     n_code, n_fired, values, code = reference_code_sums(saes, pre, x_ND, 16, stride)
     assert stats.code_n == n_code and (stride > 1) == (n_code < 70)
     np.testing.assert_array_equal(stats.code_n_fired, n_fired)
@@ -191,18 +191,18 @@ def test_chunks_and_flushes_change_nothing(monkeypatch):
     rng = np.random.default_rng(6)
     x_ND = rng.normal(size=(100, D)).astype(np.float32)
     saes, pre = make_saes(), make_preprocess()
-    whole = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2)
+    whole = evaluation.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2)
     assert whole.n_fired.dtype == np.int64 and whole.code_n_fired.dtype == np.int64
-    monkeypatch.setattr(evaluate, "FLUSH_BATCHES", 1)
+    monkeypatch.setattr(evaluation, "FLUSH_BATCHES", 1)
     for chunk in (1, 2):
-        other = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2, chunk=chunk)
+        other = evaluation.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre, quality_stride=2, chunk=chunk)
         for f in dataclasses.fields(whole):
             np.testing.assert_allclose(
                 getattr(other, f.name), getattr(whole, f.name), rtol=1e-5, atol=1e-5, err_msg=f.name
             )
-    results = evaluate.metrics_from_stats(other)
+    results = evaluation.metrics_from_stats(other)
     assert [r.quality for r in results] == pytest.approx(
-        [r.quality for r in evaluate.metrics_from_stats(whole)], rel=1e-4
+        [r.quality for r in evaluation.metrics_from_stats(whole)], rel=1e-4
     )
 
 
@@ -211,16 +211,16 @@ def test_sampled_quality_reports_its_error():
     rng = np.random.default_rng(7)
     x_ND = (rng.normal(size=(1024, D)) * 2 + 0.5).astype(np.float32)
     saes, pre = make_saes(), make_preprocess()
-    exact = evaluate.evaluate_batches(saes, padded_batches(x_ND, 32, 0.0), pre)
-    sampled = evaluate.evaluate_batches(saes, padded_batches(x_ND, 32, 0.0), pre, quality_stride=4)
+    exact = evaluation.evaluate_batches(saes, padded_batches(x_ND, 32, 0.0), pre)
+    sampled = evaluation.evaluate_batches(saes, padded_batches(x_ND, 32, 0.0), pre, quality_stride=4)
     for e, s in zip(exact, sampled):
         assert e.quality_stderr == 0.0 and 0 < s.quality_stderr < 0.2 * abs(e.quality)
         assert abs(s.quality - e.quality) < 4 * s.quality_stderr
         assert (s.mse, s.l0, s.l1) == (e.mse, e.l0, e.l1)  # the plain statistics stay exact
         np.testing.assert_array_equal(s.freqs, e.freqs)
-    assert evaluate.quality_stride(10**6, 1024) == evaluate.QUALITY_MAX_STRIDE
-    assert evaluate.quality_stride(10**6, 16) == 16
-    assert evaluate.quality_stride(evaluate.QUALITY_EXAMPLES, 1024) == 1
+    assert evaluation.quality_stride(10**6, 1024) == evaluation.QUALITY_MAX_STRIDE
+    assert evaluation.quality_stride(10**6, 16) == 16
+    assert evaluation.quality_stride(evaluation.QUALITY_EXAMPLES, 1024) == 1
 
 
 def test_tensorfloat32_is_float32_on_a_cpu():
@@ -234,8 +234,8 @@ def test_tensorfloat32_is_float32_on_a_cpu():
     names = sae_lib.TENSOR_NAMES
     tf32 = eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), fresh, tuple(getattr(saes, n) for n in names))
     assert tf32.precision == "tensorfloat32"
-    a = evaluate.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre)
-    b = evaluate.accumulate(tf32, padded_batches(x_ND, 16, 0.0), pre)
+    a = evaluation.accumulate(saes, padded_batches(x_ND, 16, 0.0), pre)
+    b = evaluation.accumulate(tf32, padded_batches(x_ND, 16, 0.0), pre)
     np.testing.assert_allclose(b.sq_err, a.sq_err, rtol=1e-6)
     np.testing.assert_array_equal(b.n_fired, a.n_fired)
 
@@ -255,24 +255,24 @@ def test_evaluate_reads_shards_in_one_pass(tmp_path):
         data=data_cfg, sae=config.SparseAutoencoder(d_vit=D, exp_factor=EXP), sae_batch_size=16, n_workers=2
     )
     saes, pre = make_saes(), make_preprocess()
-    results = evaluate.evaluate([cfg] * M, saes, acts, pre, almost_dead_threshold=ALMOST_DEAD, dense_threshold=DENSE)
+    results = evaluation.evaluate([cfg] * M, saes, acts, pre, almost_dead_threshold=ALMOST_DEAD, dense_threshold=DENSE)
     check_against_reference(results, reference(saes, pre, acts.read(np.arange(len(acts)))))
 
 
-def make_metrics(**kw) -> evaluate.EvalMetrics:
+def make_metrics(**kw) -> evaluation.EvalMetrics:
     freqs = np.array([0.0, 1e-8, 0.2, 0.9], np.float32)
     fields = dict(
         l0=1.1, l1=2.5, mse=0.3, n_dead=1, n_almost_dead=2, n_dense=2, freqs=freqs,
         mean_values=np.array([np.nan, 0.5, 1.0, 2.0], np.float32), almost_dead_threshold=1e-7, dense_threshold=1e-2, quality=3.5, quality_stderr=0.25,
         fvu=0.25, explained_variance=0.75, rel_bias=0.9, cos_sim=0.8, dec_redundancy=0.0,
     )  # fmt: skip
-    return evaluate.EvalMetrics(**(fields | kw))
+    return evaluation.EvalMetrics(**(fields | kw))
 
 
 def test_for_wandb_keys_and_tables():
     metrics = make_metrics()
     logged = metrics.for_wandb()
-    assert set(logged) == {f"eval/{f.name}" for f in dataclasses.fields(evaluate.EvalMetrics)}
+    assert set(logged) == {f"eval/{f.name}" for f in dataclasses.fields(evaluation.EvalMetrics)}
     assert "eval/quality" in logged and logged["eval/quality"] == 3.5
     assert (logged["eval/fvu"], logged["eval/explained_variance"], logged["eval/cos_sim"]) == (0.25, 0.75, 0.8)
     # With the SAE's config: its kind, width and its kind's own sparsity setting, no other kind's.

@@ -56,7 +56,7 @@ def one(cfg: config.Train, p: dict[str, np.ndarray] | None = None):
         names = tuple(p)
         sae = eqx.tree_at(lambda s: tuple(getattr(s, n) for n in names), sae, tuple(jnp.asarray(p[n]) for n in names))
     hp = jax.tree.map(lambda leaf: leaf[0], kinds.make_hparams([cfg]))
-    return sae, hp, sae.init_state()
+    return sae, hp, sae.init_kind_state()
 
 
 @eqx.filter_jit
@@ -183,7 +183,7 @@ def test_auxk_uses_exactly_the_dead_latents():
 def dead_state(sae, dead_mask, cfg):
     """The kind's initial state with the latents of `dead_mask` past the dead threshold."""
     counts = jnp.where(jnp.asarray(dead_mask), cfg.sae.dead_threshold_tokens, 0).astype(jnp.int32)
-    state = sae.init_state()
+    state = sae.init_kind_state()
     where = (
         (lambda s: s.tokens_since_fired)
         if isinstance(state, select.DeadCounts)
@@ -318,7 +318,7 @@ def test_stack_equals_each_alone(kind):
         config._kind_checks(c)  # valid configs
         assert not any(bad for bad, _, _ in config._kind_checks(c))
     stack, hp, state = kinds.make_stack(cfgs), kinds.make_hparams(cfgs), None
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     x = jnp.asarray(batch(9))
 
     def run(sae, state, hp, x):
@@ -501,7 +501,7 @@ def test_sparse_stack_per_sae_k_equals_dense_alone(kind, chunked):
     dead = np.zeros((3, S), bool)
     dead[0, [2, 9]] = dead[2, [1, 4, 5, 6, 7, 30]] = True
     counts = jnp.where(jnp.asarray(dead), B, 0).astype(jnp.int32)
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     state = eqx.tree_at(
         lambda s: s.tokens_since_fired if kind == "topk" else s.dead_counts.tokens_since_fired, state, counts
     )
@@ -554,12 +554,12 @@ def test_pick_batch_overflow_is_reported():
 @pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
 @pytest.mark.parametrize("trained", [False, True])
 def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
-    """evaluate._one_sae on the sparse code gives the dense path's sums (BatchTopK before training: all overflow)."""
-    from saev_jax import evaluate
+    """evaluation._one_sae on the sparse code gives the dense path's sums (BatchTopK before training: all overflow)."""
+    from saev_jax import evaluation
 
     cfgs = [make_cfg(kind, seed=m, k=2 + m) for m in range(2)]
     stack, hp = kinds.make_stack(cfgs), kinds.make_hparams(cfgs)
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     x = jnp.asarray(batch(13))
     if trained and kind != "topk":
         state = eqx.tree_at(lambda s: s.threshold, state, jnp.array([0.4, 0.7], jnp.float32))
@@ -571,7 +571,7 @@ def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
     sampled = (rows < B - 3)[:, None]
 
     def sums():
-        one = lambda s: evaluate._one_sae(s, xv, valid, rms, rows, sampled, jnp.int32(B - 3))  # noqa: E731
+        one = lambda s: evaluation._one_sae(s, xv, valid, rms, rows, sampled, jnp.int32(B - 3))  # noqa: E731
         return eqx.filter_jit(jax.vmap(one))(inf)
 
     got = sums()
@@ -648,7 +648,7 @@ def test_train_step_falls_back_to_dense_exactly(kind, chunk, case, monkeypatch):
         for key in set(w) - {"select_overflow"}:
             np.testing.assert_allclose(np.asarray(g[key]), np.asarray(w[key]), rtol=RTOL, atol=1e-6, err_msg=key)
     np.testing.assert_array_equal(np.asarray(got_m[0]["select_overflow"]), [0.0, float(case == "overflow"), 0.0])
-    _assert_trees_close(got.state, want.state, rtol=0, atol=0)
+    _assert_trees_close(got.kind_state, want.kind_state, rtol=0, atol=0)
     _assert_trees_close(got.saes, want.saes, rtol=RTOL, atol=ATOL)
     _assert_trees_close(got.opt_state, want.opt_state, rtol=RTOL, atol=ATOL)
     if case == "ties":
@@ -684,6 +684,6 @@ def test_train_step_sparse_equals_dense(kind):
     assert float(jnp.max(results[0][1][0]["n_dead"])) > 0
     for got in results[:2]:
         _assert_trees_close(got[0].stacks[0].saes, results[2][0].stacks[0].saes, rtol=1e-5, atol=1e-6)
-        _assert_trees_close(got[0].stacks[0].state, results[2][0].stacks[0].state, rtol=0, atol=0)
+        _assert_trees_close(got[0].stacks[0].kind_state, results[2][0].stacks[0].kind_state, rtol=0, atol=0)
         for key in set(results[2][1][0]) - {"select_overflow"}:  # the dense step never overflows
             np.testing.assert_allclose(got[1][0][key], results[2][1][0][key], rtol=1e-5, atol=1e-6, err_msg=key)

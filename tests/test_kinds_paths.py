@@ -122,7 +122,7 @@ def test_checkpoint_kind_errors(tmp_path, capsys):
     """Missing, wrong-shape or unexplained kind tensors and an unknown kind: one line naming file and kind."""
     cfg = config.Train(sae=config.SparseAutoencoder(d_vit=8, exp_factor=4, kind="jumprelu"))
     stack = kinds.make_stack([cfg])
-    sae, state = jax.tree.map(lambda a: a[0], (stack, kinds.init_state(stack)))
+    sae, state = jax.tree.map(lambda a: a[0], (stack, kinds.init_kind_state(stack)))
     checkpoint.save(sae, tmp_path / "ok", cfg, {}, None, None, jax.device_get(sae.inference_tensors(state)))
     loaded = checkpoint.load(tmp_path / "ok")
     assert loaded.kind == "jumprelu"

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, evaluate, kinds, optim, plan, step, synthetic, train
+from saev_jax import config, evaluation, kinds, optim, plan, step, synthetic, train, training
 
 from .test_train import B, D, batches, identity_preprocess
 
@@ -48,8 +48,8 @@ def mixed_cfgs() -> list[config.Train]:
 def run(cfgs, xs):
     """Trains `cfgs` (one group) on `xs`; per config its final SAE, kind state and last metrics."""
     stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)]
-    layout = train.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
-    state = layout.init_state(None, identity_preprocess())
+    layout = training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
+    state = layout.init_group_state(None, identity_preprocess())
     pre = jax.device_put(identity_preprocess(), layout.replicated)
     for x in xs:
         state, metrics = step.train_step(
@@ -60,7 +60,7 @@ def run(cfgs, xs):
     for indices, bundle, diverged_at in layout.real_saes(state):
         assert np.all(diverged_at == -1)
         for j, i in enumerate(indices):
-            out[i] = (jax.tree.map(lambda leaf: np.asarray(leaf[j]), (bundle.sae, bundle.state)), metrics[i])
+            out[i] = (jax.tree.map(lambda leaf: np.asarray(leaf[j]), (bundle.sae, bundle.kind_state)), metrics[i])
     return out, layout
 
 
@@ -88,7 +88,7 @@ def test_mixed_group_trains_in_one_step(mixed):
     for i in (1, 5, 6):
         c = cfgs[i]
         lr = optim.warmup_decay(
-            c.lr, c.n_lr_warmup, train.n_train_steps(c), optim.SCHEDULES.index(c.lr_schedule), c.lr_decay_frac
+            c.lr, c.n_lr_warmup, training.n_train_steps(c), optim.SCHEDULES.index(c.lr_schedule), c.lr_decay_frac
         )(3)
         assert together[i][1]["learning_rate"] == pytest.approx(float(lr), rel=1e-6)
 
@@ -112,16 +112,16 @@ def test_evaluation_uses_the_inference_form():
     cfg = config.Train(sae_batch_size=B, sae=config.SparseAutoencoder(d_vit=D, exp_factor=4, kind="batchtopk", k=3))
     stack = kinds.make_stack([cfg])
     hp = kinds.make_hparams([cfg])
-    state = kinds.init_state(stack)
+    state = kinds.init_kind_state(stack)
     state = dataclasses.replace(state, threshold=jnp.array([0.4], jnp.float32))
     bundle = kinds.Inference(stack, state, hp)
     xs = batches(3, seed=4)
     padded = np.zeros_like(xs[0])
     padded[:5] = xs[0][:5]
-    stats = evaluate.accumulate(
+    stats = evaluation.accumulate(
         bundle, [(jnp.asarray(x), B) for x in xs] + [(jnp.asarray(padded), 5)], identity_preprocess()
     )
-    (result,) = evaluate.metrics_from_stats(stats)
+    (result,) = evaluation.metrics_from_stats(stats)
     # Reference: relu(h) > 0.4, per example, in NumPy.
     W_enc, b_enc, b_dec = (np.asarray(getattr(stack, n)[0], np.float64) for n in ("W_enc", "b_enc", "b_dec"))
     x_all = np.concatenate(xs + [xs[0][:5]]).astype(np.float64)
@@ -132,8 +132,8 @@ def test_evaluation_uses_the_inference_form():
     relu = kinds.as_inference(
         kinds.make_stack([dataclasses.replace(cfg, sae=config.SparseAutoencoder(d_vit=D, exp_factor=4))])
     )
-    (r,) = evaluate.metrics_from_stats(
-        evaluate.accumulate(relu, [(jnp.asarray(x), B) for x in xs], identity_preprocess())
+    (r,) = evaluation.metrics_from_stats(
+        evaluation.accumulate(relu, [(jnp.asarray(x), B) for x in xs], identity_preprocess())
     )
     assert r.l0_batch == r.l0
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from saev_jax import config, plan, train
+from saev_jax import config, plan, train, training
 from saev_jax import sae as sae_lib
 
 from .test_cli import D, shard_root, write_sweep  # noqa: F401 (fixture)
@@ -72,7 +72,7 @@ def test_budget_smaller_than_one_sae_is_a_clear_error():
         config.InputError,
         match=r"one relu SAE of 64x256 at sae_batch_size 256 needs about .* the smallest memory_budget_gib that fits is [0-9.e-]+ ",
     ):
-        train.plan_group(cfgs)
+        training.plan_group(cfgs)
 
 
 def test_more_devices_than_exist_is_a_clear_error():
@@ -86,7 +86,7 @@ def test_xla_confirms_chunking_shrinks_the_step():
     peaks = {}
     for chunk in (1, 4):
         s = plan.StackPlan(tuple(range(4)), 64, 256, 4, chunk)
-        peaks[chunk] = train.Layout(cfgs, plan.Round((s,), 0), mesh).compile(_identity(64)).peak_bytes
+        peaks[chunk] = training.Layout(cfgs, plan.Round((s,), 0), mesh).compile(_identity(64)).peak_bytes
     assert peaks[1] < peaks[4]
 
 
@@ -147,7 +147,7 @@ def test_estimate_tracks_xla(kind):
         mesh = plan.make_mesh(jax.devices()[:n_dev])
         for chunk in sorted({1, 2, M // n_dev}):
             s = plan.StackPlan(tuple(range(M)), d_vit, d_vit * exp, M, chunk, kind)
-            xla = train.Layout(cfgs, plan.Round((s,), 0), mesh).compile(_identity(d_vit)).peak_bytes
+            xla = training.Layout(cfgs, plan.Round((s,), 0), mesh).compile(_identity(d_vit)).peak_bytes
             ratios[n_dev, chunk] = plan.estimate([s], n_dev, B) / xla
     assert all(0.95 <= r <= 1.15 for r in ratios.values()), ratios
 

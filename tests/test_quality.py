@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import data, evaluate, quality
+from saev_jax import data, evaluation, quality
 from saev_jax import sae as sae_lib
 
 
@@ -105,7 +105,7 @@ def test_evaluated_quality_ranks_constructed_saes():
     stack = jax.tree.map(lambda *leaves: jnp.stack(leaves), perfect, dense, collapsed)
     pre = data.Preprocess(clamp=1e5, act_mean=np.zeros(D, np.float32), scalar=1.0)
     batches = [(jnp.asarray(x_ND[i : i + 1024]), 1024) for i in range(0, N, 1024)]
-    good, bad_dense, bad_collapsed = evaluate.evaluate_batches(stack, batches, pre)
+    good, bad_dense, bad_collapsed = evaluation.evaluate_batches(stack, batches, pre)
     assert bad_dense.mse < good.mse and bad_dense.l0 == S  # The dense SAE reconstructs better ...
     assert bad_collapsed.l0 < good.l0  # ... and the collapsed one is sparser,
     assert good.quality > 0  # but only the true dictionary saves bits,
@@ -124,8 +124,8 @@ def test_uniform_shrinkage_is_not_penalised():
     shrunk = sae_from(truth_FD.T, np.full(N_FEAT, -0.7), truth_FD)
     stack = jax.tree.map(lambda *leaves: jnp.stack(leaves), perfect, shrunk)
     pre = data.Preprocess(clamp=1e5, act_mean=np.zeros(D, np.float32), scalar=1.0)
-    stats = evaluate.accumulate(stack, [(jnp.asarray(x_ND), N)], pre)
-    good, bad = evaluate.metrics_from_stats(stats)
+    stats = evaluation.accumulate(stack, [(jnp.asarray(x_ND), N)], pre)
+    good, bad = evaluation.metrics_from_stats(stats)
     assert bad.mse > 5 * good.mse  # shrinkage dominates the raw error ...
     scale, shift, sq_err = quality.debias(stats.code_sq_err[1, 0], stats.code_gram[1, 0], stats.code_cross[1, 0])
     assert shift == pytest.approx(0.7, abs=0.03) and scale == pytest.approx(1.0, abs=0.02)
@@ -134,7 +134,9 @@ def test_uniform_shrinkage_is_not_penalised():
         stats.code_sq_err[0, 0], stats.code_gram[0, 0], stats.code_cross[0, 0]
     )[2] / (N * D)  # ... and the shared shift removes it,
     assert bad.quality == pytest.approx(good.quality, abs=1.0)  # so both are the same code, give or take a bit.
-    assert evaluate.code_bits(stats, 1)[0].quality == pytest.approx(bad.quality, abs=1.0)  # level 0: no pruning needed
+    assert evaluation.code_bits(stats, 1)[0].quality == pytest.approx(
+        bad.quality, abs=1.0
+    )  # level 0: no pruning needed
     # The quality without the correction would have ranked the shrunk SAE far lower.
     no_debias = quality.quality(bad.freqs, bad.mean_values, bad.mse, stats.data_var, D, stats.w_dec_norms[1])
     assert no_debias < bad.quality - 10
@@ -159,10 +161,10 @@ def test_pruning_ignores_spurious_small_activations():
     clean = sae_from(truth_FD.T, np.full(N_FEAT, -0.2), truth_FD)
     stack = jax.tree.map(lambda *leaves: jnp.stack(leaves), noisy, clean)
     pre = data.Preprocess(clamp=1e5, act_mean=np.zeros(D, np.float32), scalar=1.0)
-    stats = evaluate.accumulate(stack, [(jnp.asarray(x_ND), N)], pre)
-    m_noisy, m_clean = evaluate.metrics_from_stats(stats)
+    stats = evaluation.accumulate(stack, [(jnp.asarray(x_ND), N)], pre)
+    m_noisy, m_clean = evaluation.metrics_from_stats(stats)
     assert m_noisy.l0 > 3 * m_clean.l0
-    as_is = evaluate.code_bits(stats, 0)[0].quality
+    as_is = evaluation.code_bits(stats, 0)[0].quality
     assert as_is < m_clean.quality - 10  # As it is, the noisy code is much worse; pruned on the
     # coarse doubling grid of levels, it closes most of the gap and never beats the clean code.
     assert as_is + 0.75 * (m_clean.quality - as_is) < m_noisy.quality <= m_clean.quality

@@ -179,7 +179,7 @@ def test_killed_under_one_budget_resumes_under_another_with_the_stored_plan(tmp_
 @pytest.mark.slow
 def test_a_resume_that_cannot_fit_the_stored_plan_says_what_to_do(tmp_path, shard_root, monkeypatch):
     """Killed under one plan, resumed where XLA says even chunk 1 of the stored round is over: one line, `--fresh`."""
-    from saev_jax import config, train
+    from saev_jax import config, train, training
 
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(sweep_text(shard_root, tmp_path / "ckpt").replace("n_patches = 12000", "n_patches = 60000"))
@@ -187,11 +187,11 @@ def test_a_resume_that_cannot_fit_the_stored_plan_says_what_to_do(tmp_path, shar
     wait_for_snapshot(tmp_path / "ckpt", proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
-    compile_ = train.Layout.compile
+    compile_ = training.Layout.compile
 
     def no_room(self, preprocess=None):  # Less memory now: every chunk is over the limit.
         return dataclasses.replace(compile_(self, preprocess), peak_bytes=self.limit)
 
-    monkeypatch.setattr(train.Layout, "compile", no_room)
+    monkeypatch.setattr(training.Layout, "compile", no_room)
     with pytest.raises(config.InputError, match=r"resuming group-1 needs .* usable now; .*--fresh"):
         train.cli([str(sweep), "--n-devices", "1"])

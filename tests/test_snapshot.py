@@ -32,8 +32,8 @@ class State(eqx.Module):
     scale: jax.Array
 
 
-def make_state(seed: int) -> State:
-    """A TrainState-like pytree: float32 with NaN, bfloat16, int32, bool, an Optax state."""
+def make_group_state(seed: int) -> State:
+    """A GroupState-like pytree: float32 with NaN, bfloat16, int32, bool, an Optax state."""
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     stacks = []
     for m, (d, d_sae) in enumerate([(4, 8), (4, 12)]):
@@ -62,7 +62,7 @@ def assert_bit_equal(a, b):
 
 
 def test_round_trip_is_bit_exact_with_meta(tmp_path):
-    state = make_state(3)
+    state = make_group_state(3)
     meta = {
         "group": "abc",
         "step": 30,
@@ -73,11 +73,11 @@ def test_round_trip_is_bit_exact_with_meta(tmp_path):
     fpath = snapshot.save(tmp_path, 30, state, meta)
     assert fpath == tmp_path / "snapshot-000000000030" and fpath.is_dir()
     assert snapshot.latest(tmp_path) == (30, fpath)
-    got, got_meta = snapshot.restore(fpath, like=make_state(0))
+    got, got_meta = snapshot.restore(fpath, like=make_group_state(0))
     assert_bit_equal(got, state)
     assert got_meta == meta
     # An abstract `like` (eqx.filter_eval_shape) works as well and gives JAX arrays.
-    got, _ = snapshot.restore(fpath, like=eqx.filter_eval_shape(make_state, 0))
+    got, _ = snapshot.restore(fpath, like=eqx.filter_eval_shape(make_group_state, 0))
     assert isinstance(got.stacks[1].opt_state[0].mu["W"], jax.Array)
     assert_bit_equal(got, state)
 
@@ -95,14 +95,14 @@ def test_state_file_is_plain_safetensors_keyed_by_tree_path(tmp_path):
 
 def test_keeps_the_saved_snapshot_and_the_one_before(tmp_path):
     for step in (10, 20, 30):
-        snapshot.save(tmp_path, step, make_state(step), {"step": step})
+        snapshot.save(tmp_path, step, make_group_state(step), {"step": step})
     assert [s for s, _ in snapshot.list_snapshots(tmp_path)] == [20, 30]
     # Saving the same step again replaces it.
-    snapshot.save(tmp_path, 30, make_state(4), {"step": 30, "again": True})
+    snapshot.save(tmp_path, 30, make_group_state(4), {"step": 30, "again": True})
     assert [s for s, _ in snapshot.list_snapshots(tmp_path)] == [20, 30]
-    assert snapshot.restore(snapshot.get_dpath(tmp_path, 30), make_state(0))[1]["again"]
+    assert snapshot.restore(snapshot.get_dpath(tmp_path, 30), make_group_state(0))[1]["again"]
     # Resumed from 20 and saved 25: 30 belongs to an abandoned timeline.
-    snapshot.save(tmp_path, 25, make_state(25), {"step": 25})
+    snapshot.save(tmp_path, 25, make_group_state(25), {"step": 25})
     assert [s for s, _ in snapshot.list_snapshots(tmp_path)] == [20, 25]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     snapshot.clear(tmp_path)
@@ -138,9 +138,9 @@ def damage_missing_file(fpath):
     "damage", [damage_truncate, damage_flip_byte, damage_meta, damage_manifest, damage_missing_file]
 )
 def test_damaged_newest_snapshot_is_skipped_with_one_line(tmp_path, caplog, damage):
-    state10 = make_state(10)
+    state10 = make_group_state(10)
     snapshot.save(tmp_path, 10, state10, {"step": 10})
-    newest = snapshot.save(tmp_path, 20, make_state(20), {"step": 20})
+    newest = snapshot.save(tmp_path, 20, make_group_state(20), {"step": 20})
     damage(newest)
     with caplog.at_level(logging.WARNING, logger="saev_jax.snapshot"):
         step, fpath = snapshot.latest(tmp_path)
@@ -148,32 +148,32 @@ def test_damaged_newest_snapshot_is_skipped_with_one_line(tmp_path, caplog, dama
     (record,) = caplog.records
     assert "snapshot-000000000020" in record.getMessage() and "using snapshot-000000000010" in record.getMessage()
     assert "\n" not in record.getMessage()
-    assert_bit_equal(snapshot.restore(fpath, make_state(0))[0], state10)
+    assert_bit_equal(snapshot.restore(fpath, make_group_state(0))[0], state10)
     with pytest.raises(config.InputError, match="damaged snapshot"):
-        snapshot.restore(newest, make_state(0))
+        snapshot.restore(newest, make_group_state(0))
 
 
 def test_only_damaged_snapshots_gives_none(tmp_path, caplog):
-    damage_flip_byte(snapshot.save(tmp_path, 5, make_state(5), {}))
+    damage_flip_byte(snapshot.save(tmp_path, 5, make_group_state(5), {}))
     assert snapshot.latest(tmp_path) is None
     assert "no earlier snapshot" in caplog.text
     assert snapshot.latest(tmp_path / "absent") is None
 
 
 def test_restore_names_the_key_that_does_not_fit(tmp_path):
-    fpath = snapshot.save(tmp_path, 1, make_state(1), {})
-    wider = make_state(1)
+    fpath = snapshot.save(tmp_path, 1, make_group_state(1), {})
+    wider = make_group_state(1)
     wider = eqx.tree_at(lambda s: s.stacks[1].W_enc, wider, jnp.zeros((3, 4, 16)))
     with pytest.raises(
         config.InputError, match=r"\.stacks\[1\]\.W_enc is float32\[3, 4, 12\] in the snapshot, float32\[3, 4, 16\] now"
     ):
         snapshot.restore(fpath, wider)
     with pytest.raises(config.InputError, match=r"holds \.stacks\[1\]"):
-        snapshot.restore(fpath, eqx.tree_at(lambda s: s.stacks, make_state(1), make_state(1).stacks[:1]))
+        snapshot.restore(fpath, eqx.tree_at(lambda s: s.stacks, make_group_state(1), make_group_state(1).stacks[:1]))
 
 
 def test_full_disk_leaves_no_partial_snapshot_and_keeps_the_last(tmp_path, monkeypatch):
-    state10 = make_state(10)
+    state10 = make_group_state(10)
     snapshot.save(tmp_path, 10, state10, {"step": 10})
     real_write = snapshot._write_bytes
 
@@ -183,14 +183,14 @@ def test_full_disk_leaves_no_partial_snapshot_and_keeps_the_last(tmp_path, monke
 
     monkeypatch.setattr(snapshot, "_write_bytes", full)
     with pytest.raises(config.InputError, match=r"could not write the snapshot of step 20: No space left on device"):
-        snapshot.save(tmp_path, 20, make_state(20), {"step": 20})
+        snapshot.save(tmp_path, 20, make_group_state(20), {"step": 20})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot-000000000010"]
     assert snapshot.latest(tmp_path)[0] == 10
     # Failing to replace a snapshot of the same step keeps the old one.
     with pytest.raises(config.InputError):
-        snapshot.save(tmp_path, 10, make_state(11), {"step": 10})
+        snapshot.save(tmp_path, 10, make_group_state(11), {"step": 10})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["snapshot-000000000010"]
-    assert_bit_equal(snapshot.restore(snapshot.latest(tmp_path)[1], make_state(0))[0], state10)
+    assert_bit_equal(snapshot.restore(snapshot.latest(tmp_path)[1], make_group_state(0))[0], state10)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, kinds, plan, steer, step, train
+from saev_jax import config, kinds, plan, steer, step, train, training
 
 D = 8
 
@@ -56,7 +56,7 @@ def test_update_matches_numpy_reference():
     l0s = rng.uniform(0, 60, size=(30, 4)).astype(np.float32)
     l0s[:, 3] = 500.0  # log(501 / 3) * 3 = 15 >> max_change: every change is the bound
     update = jax.jit(jax.vmap(steer.update, in_axes=(0, 0, 0, None)))
-    state = jax.vmap(lambda _: steer.init_state())(jnp.arange(4))
+    state = jax.vmap(lambda _: steer.init_controller())(jnp.arange(4))
     got = []
     for t in range(len(l0s)):
         state = update(state, hp, jnp.asarray(l0s[t]), jnp.int32(t))
@@ -76,7 +76,7 @@ def test_update_matches_numpy_reference():
 
 def test_coefficient_without_target_is_the_configured_one_bit_for_bit():
     hp = controller_hparams([0.0, 8.0], [False, True], [0, 0], [0.01, 0.01], [0, 0])
-    state = steer.State(log_scale=jnp.array([0.7, 0.7]), log_l0_ema=jnp.zeros(2), ema_weight=jnp.zeros(2))
+    state = steer.ControllerState(log_scale=jnp.array([0.7, 0.7]), log_l0_ema=jnp.zeros(2), ema_weight=jnp.zeros(2))
     configured = jnp.array([4e-4, 4e-4], jnp.float32)
     coeff = jax.vmap(steer.coefficient)(configured, state, hp)
     assert coeff[0] == configured[0]
@@ -86,7 +86,7 @@ def test_coefficient_without_target_is_the_configured_one_bit_for_bit():
 def test_update_is_traced_once_for_any_values():
     update = jax.jit(steer.update)
     hp = jax.tree.map(lambda a: a[0], controller_hparams([8.0], [True], [3], [0.01], [2]))
-    state = steer.init_state()
+    state = steer.init_controller()
     for t, l0 in enumerate([0.0, 1.0, 1e6, 8.0]):
         state = update(state, hp, jnp.float32(l0), jnp.int32(t))
     assert update._cache_size() == 1
@@ -134,10 +134,10 @@ def train_stack(cfgs, xs):
     """One stack on one device through step.train_step; its final stack and per-step metrics (real SAEs only)."""
     stacks = [plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, len(idx), len(idx)) for idx in plan.shapes_of(cfgs)]
     assert len(stacks) == 1
-    layout = train.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
+    layout = training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:1]))
     from .test_train import identity_preprocess
 
-    state = layout.init_state(None, identity_preprocess())
+    state = layout.init_group_state(None, identity_preprocess())
     pre = jax.device_put(identity_preprocess(), layout.replicated)
     history = []
     for x in xs:
@@ -179,7 +179,7 @@ def test_each_coefficient_is_its_own():
     for m, cfg in enumerate(cfgs):
         alone, hist_alone = train_stack([cfg], xs)
         for got, want in zip(
-            jax.tree.leaves((alone.saes, alone.state)), jax.tree.leaves((together.saes, together.state))
+            jax.tree.leaves((alone.saes, alone.kind_state)), jax.tree.leaves((together.saes, together.kind_state))
         ):
             np.testing.assert_allclose(got[0], want[m], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(
@@ -216,7 +216,7 @@ def test_the_logged_coefficient_is_the_steered_one():
     xs = sparse_data(n_steps, 32)
     coeffs = [h["sparsity_coeff"][0] for h in train_stack(cfgs, xs)[1]]
     before_last, _ = train_stack(cfgs, xs[:-1])
-    np.testing.assert_allclose(coeffs[-1], 0.02 * np.exp(before_last.state.log_scale[0]), rtol=1e-6)
+    np.testing.assert_allclose(coeffs[-1], 0.02 * np.exp(before_last.kind_state.log_scale[0]), rtol=1e-6)
     assert coeffs[-1] > coeffs[0]  # L0 starts far above 2: the coefficient rises
 
 
@@ -226,12 +226,12 @@ def test_report_gives_target_and_final_coefficient():
     stack, hist = train_stack(cfgs, sparse_data(n_steps, 32))
     hp = kinds.make_hparams(cfgs)
     one = lambda tree, m: jax.tree.map(lambda a: a[m], tree)  # noqa: E731
-    steered, plain = (steer.report(one(hp, m), one(stack.state, m)) for m in (0, 1))
+    steered, plain = (steer.report(one(hp, m), one(stack.kind_state, m)) for m in (0, 1))
     assert steered["target_l0"] == 2.0 and plain == {"target_l0": None, "final_sparsity_coeff": float(np.float32(0.02))}
-    np.testing.assert_allclose(steered["final_sparsity_coeff"], 0.02 * np.exp(stack.state.log_scale[0]), rtol=1e-6)
+    np.testing.assert_allclose(steered["final_sparsity_coeff"], 0.02 * np.exp(stack.kind_state.log_scale[0]), rtol=1e-6)
     assert steered["final_sparsity_coeff"] > 0.02
     topk = kinds.TopK.make_stack([with_sae(kind="topk")], "float32")
-    assert steer.report(None, kinds.init_state(topk)) == {}
+    assert steer.report(None, kinds.init_kind_state(topk)) == {}
 
 
 # Config ----------------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_halving_rejects_keep_outside_the_open_interval():
 def test_prune_halving_is_refused_by_training_until_it_acts(tmp_path):
     """A valid prune config must not be silently ignored: training refuses it with one line, before reading data."""
     with pytest.raises(config.InputError, match=r"prune = 'halving': .*set prune = \"none\""):
-        train.main([config.Train(prune="halving", ckpt_path=str(tmp_path / "ckpt"), track=False)])
+        training.main([config.Train(prune="halving", ckpt_path=str(tmp_path / "ckpt"), track=False)])
 
 
 def test_metrics_json_and_summary_report_the_target_and_final_coefficient(tmp_path):

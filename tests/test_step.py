@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, plan, step, train
+from saev_jax import config, plan, step, training
 from saev_jax import sae as sae_lib
 
 from .test_train import D, batches, identity_preprocess, make_cfgs
@@ -25,19 +25,19 @@ def group_cfgs() -> list[config.Train]:
     return [cfgs[0], narrow[0], cfgs[1], cfgs[2], narrow[1]]
 
 
-def make_layout(cfgs, n_devices: int, chunk: int) -> train.Layout:
+def make_layout(cfgs, n_devices: int, chunk: int) -> training.Layout:
     n_dev = n_devices
     stacks = [
         plan.StackPlan(idx, D, cfgs[idx[0]].sae.d_sae, -(-len(idx) // n_dev) * n_dev, chunk)
         for idx in plan.shapes_of(cfgs)
     ]
-    return train.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:n_devices]))
+    return training.Layout(cfgs, plan.Round(tuple(stacks), 0), plan.make_mesh(jax.devices()[:n_devices]))
 
 
 def run(cfgs, xs, *, n_devices=1, chunk=8, poison_pads=False):
     """Trains `cfgs` on `xs`; returns per config (in config order) its SAE as numpy arrays and its diverged_at."""
     layout = make_layout(cfgs, n_devices, chunk)
-    state = layout.init_state(None, identity_preprocess())
+    state = layout.init_group_state(None, identity_preprocess())
     if poison_pads:
         stacks = []
         for s, stack in zip(layout.round.stacks, state.stacks):
@@ -134,7 +134,7 @@ def test_a_finite_blow_up_is_frozen_too():
 
     # The rule itself: a first loss far below today's (finite) loss freezes SAE 1 at this step, not SAE 0.
     layout = make_layout([tame, tame], 1, 2)
-    state = layout.init_state(None, identity_preprocess())
+    state = layout.init_group_state(None, identity_preprocess())
     pre = jax.device_put(identity_preprocess(), layout.replicated)
     state, _ = step.train_step(state, layout.hparams, pre, jnp.asarray(xs[0]), chunks=layout.chunks, mesh=layout.mesh)
     first = np.asarray(state.stacks[0].first_loss)

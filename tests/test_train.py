@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from saev_jax import config, data, plan, step, train
+from saev_jax import config, data, plan, step, training
 from saev_jax import sae as sae_lib
 
 from . import reference
@@ -52,8 +52,8 @@ def run_steps(cfgs, xs, *, chunk=None):
     mesh = plan.make_mesh(jax.devices()[:1])
     stacked = jax.sharding.NamedSharding(mesh, jax.P(step.SAE_AXIS))
     hparams = jax.device_put(step.Hparams.from_cfgs(cfgs), stacked)
-    state = step.make_state((step.make_stack(sae_lib.make_saes([c.sae for c in cfgs]), hparams),))
-    state = jax.device_put(state, step.state_sharding(state, mesh))
+    state = step.make_group_state((step.make_stack(sae_lib.make_saes([c.sae for c in cfgs]), hparams),))
+    state = jax.device_put(state, step.group_state_sharding(state, mesh))
     history = []
     for x in xs:
         state, (metrics,) = step.train_step(
@@ -151,7 +151,7 @@ def test_n_train_steps_matches_saev_batch_limiter():
             seen += batch_size
             if seen > n_patches:
                 break
-        assert train.n_train_steps(cfg) == steps == expected
+        assert training.n_train_steps(cfg) == steps == expected
 
 
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
@@ -163,18 +163,18 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_and_leaves_nothing(t
         (tmp / "sae.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train.checkpoint, "save", full_disk)
+    monkeypatch.setattr(training.checkpoint, "save", full_disk)
     with pytest.raises(
         config.InputError,
         match=r"ckpt/run1: could not write the checkpoint: No space left on device; .*run the same command again",
     ) as err:
-        train.save_checkpoint(None, tmp_path / "ckpt" / "run1", config.Train(), None, {})
+        training.save_checkpoint(None, tmp_path / "ckpt" / "run1", config.Train(), None, {})
     assert "\n" not in str(err.value)
     assert not (tmp_path / "ckpt" / ".run1.tmp").exists() and not (tmp_path / "ckpt" / "run1").exists()
 
 
 def test_the_training_bar_shows_the_best_and_median_live_loss():
-    from saev_jax import train
+    from saev_jax import training
 
     metrics = [
         {"loss": 3.0, "diverged": False},
@@ -182,5 +182,5 @@ def test_the_training_bar_shows_the_best_and_median_live_loss():
         {"loss": 1.0, "diverged": False},
         {"loss": 2.0, "diverged": False},
     ]
-    assert train.loss_postfix(metrics) == {"best_loss": "1", "median_loss": "2"}
-    assert train.loss_postfix([{"loss": float("nan"), "diverged": True}]) == {"loss": "all diverged"}
+    assert training.loss_postfix(metrics) == {"best_loss": "1", "median_loss": "2"}
+    assert training.loss_postfix([{"loss": float("nan"), "diverged": True}]) == {"loss": "all diverged"}

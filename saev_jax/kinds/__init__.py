@@ -1,9 +1,9 @@
 """SAE kinds behind one interface (`base.Kind`): one file each, selected by `sae.kind`.
 
-stack = kinds.make_stack(cfgs, precision)      # one kind, one d_sae
-hparams = kinds.make_hparams(cfgs)             # [M] arrays
-state = kinds.init_state(stack)                # [M] non-trainable state
-total, (metrics, state) = sae.loss(state, x_BD, hp, step)   # one SAE (vmap for a stack)
+stack = kinds.make_stack(cfgs, precision)          # one kind, one d_sae
+hparams = kinds.make_hparams(cfgs)                 # [M] arrays
+kind_state = kinds.init_kind_state(stack)          # [M] non-trainable state
+total, (metrics, kind_state) = sae.loss(kind_state, x_BD, hp, step)   # one SAE (vmap for a stack)
 """
 
 import equinox as eqx
@@ -46,9 +46,9 @@ def make_hparams(cfgs: list[config.Train]) -> eqx.Module:
     return kind_class(cfgs).make_hparams(cfgs)
 
 
-def init_state(stack: Kind) -> eqx.Module:
+def init_kind_state(stack: Kind) -> eqx.Module:
     """The kind's state at step 0 for every SAE of a stack."""
-    return eqx.filter_vmap(lambda sae: sae.init_state())(stack)
+    return eqx.filter_vmap(lambda sae: sae.init_kind_state())(stack)
 
 
 class Inference(eqx.Module):
@@ -60,7 +60,7 @@ class Inference(eqx.Module):
     """
 
     sae: Kind
-    state: eqx.Module
+    kind_state: eqx.Module
     hp: eqx.Module
 
     @property
@@ -80,7 +80,7 @@ class Inference(eqx.Module):
         return self.sae.b_dec
 
     def encode(self, x_D: Float[Array, " d_vit"]) -> Float[Array, " d_sae"]:
-        return self.sae.encode(self.state, x_D[None], self.hp)[0]
+        return self.sae.encode(self.kind_state, x_D[None], self.hp)[0]
 
     def decode(self, f: Float[Array, "*B d_sae"]) -> Float[Array, "*B d_vit"]:
         return self.sae.decode(f)
@@ -91,12 +91,12 @@ class Inference(eqx.Module):
 
     def encode_batch(self, x_BD: Float[Array, "B d_vit"]) -> Float[Array, "B d_sae"]:
         """The activations training sees on this batch (BatchTopK: the k * B largest)."""
-        return self.sae.encode_train(self.state, x_BD, self.hp)
+        return self.sae.encode_train(self.kind_state, x_BD, self.hp)
 
     def encode_sparse(self, x_BD: Float[Array, "B d_vit"]):
         """The inference form on a batch as a `sparse.Code` for kinds that have one (the TopK family), else None."""
         encode = getattr(self.sae, "encode_sparse", None)
-        return None if encode is None else encode(self.state, x_BD, self.hp)
+        return None if encode is None else encode(self.kind_state, x_BD, self.hp)
 
 
 def as_inference(saes: "Inference | ReLU") -> Inference:
@@ -106,7 +106,7 @@ def as_inference(saes: "Inference | ReLU") -> Inference:
         return saes
     if not isinstance(saes, ReLU):
         raise TypeError(f"as_inference: a {type(saes).__name__} stack needs its state and hparams; build Inference")
-    return Inference(saes, init_state(saes), ReLU.make_hparams([config.Train()] * saes.b_enc.shape[0]))
+    return Inference(saes, init_kind_state(saes), ReLU.make_hparams([config.Train()] * saes.b_enc.shape[0]))
 
 
 def make_inference(
@@ -125,7 +125,7 @@ def make_inference(
         template,
         [jnp.asarray(tensors[n], jnp.float32) for n in TENSOR_NAMES],
     )
-    expected = jax.eval_shape(lambda s: s.inference_tensors(s.init_state()), template)
+    expected = jax.eval_shape(lambda s: s.inference_tensors(s.init_kind_state()), template)
     problems = [f"missing {n}" for n in expected if n not in kind_tensors]
     problems += [f"unknown {n}" for n in kind_tensors if n not in expected]
     problems += [
@@ -143,4 +143,4 @@ def make_inference(
 
 
 __all__ = ["Inference", "as_inference", "make_inference", "KINDS", "TENSOR_NAMES", "BatchTopK", "JumpReLU", "Kind", "Matryoshka",
-           "NoState", "ReLU", "TopK", "init_state", "kind_class", "make_hparams", "make_stack", "stack_key"]  # fmt: skip
+           "NoState", "ReLU", "TopK", "init_kind_state", "kind_class", "make_hparams", "make_stack", "stack_key"]  # fmt: skip

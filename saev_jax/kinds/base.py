@@ -1,7 +1,7 @@
 """What every SAE kind shares: the interface, the tensors' initialisation and the loss helpers.
 
 A kind is an `eqx.Module` holding one SAE's parameters. The train step only calls its
-methods, so it never branches on the kind: `init_state` (the kind's non-trainable state),
+methods, so it never branches on the kind: `init_kind_state` (the kind's non-trainable state),
 `loss` (on a whole batch, since BatchTopK couples the examples), `encode` (the inference
 form), `encode_train` (the training form) and `decode`. Per-SAE hyper-parameters come in as
 an `eqx.Module` of arrays (`[M]` for a stack) built by the kind's `make_hparams`.
@@ -50,7 +50,7 @@ class Kind(eqx.Module):
         """The per-SAE hyper-parameters of a stack of this kind, as `[M]` arrays."""
 
     @abc.abstractmethod
-    def init_state(self) -> eqx.Module:
+    def init_kind_state(self) -> eqx.Module:
         """This SAE's non-trainable state at step 0 (call under `filter_vmap` for a stack)."""
 
     @abc.abstractmethod

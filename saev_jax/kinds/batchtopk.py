@@ -110,7 +110,7 @@ class BatchTopK(base.Kind):
     def with_inference_tensors(self, tensors) -> tuple["BatchTopK", ThresholdState]:
         return self, ThresholdState.from_tensors(tensors)
 
-    def init_state(self) -> ThresholdState:
+    def init_kind_state(self) -> ThresholdState:
         return ThresholdState.initial(self.b_enc.shape[-1])
 
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams) -> Float[Array, "B d_sae"]:

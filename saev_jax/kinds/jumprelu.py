@@ -120,14 +120,14 @@ class JumpReLU(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         return {"threshold": jnp.exp(self.log_threshold)}
 
-    def with_inference_tensors(self, tensors) -> tuple["JumpReLU", steer.State]:
+    def with_inference_tensors(self, tensors) -> tuple["JumpReLU", steer.ControllerState]:
         threshold = jnp.asarray(tensors["threshold"], jnp.float32)
         if not jnp.all(threshold > 0):
             raise ValueError("threshold must be positive (it is exp(log_threshold))")
-        return eqx.tree_at(lambda s: s.log_threshold, self, jnp.log(threshold)), steer.init_state()
+        return eqx.tree_at(lambda s: s.log_threshold, self, jnp.log(threshold)), steer.init_controller()
 
-    def init_state(self) -> steer.State:
-        return steer.init_state()
+    def init_kind_state(self) -> steer.ControllerState:
+        return steer.init_controller()
 
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: JumpReLUHparams) -> Float[Array, "B d_sae"]:
         return jumprelu(self.pre_acts(x_BD), jnp.exp(self.log_threshold), hp.bandwidth)

@@ -94,7 +94,7 @@ class Matryoshka(base.Kind):
     def with_inference_tensors(self, tensors) -> tuple["Matryoshka", batchtopk.ThresholdState]:
         return self, batchtopk.ThresholdState.from_tensors(tensors)
 
-    def init_state(self) -> batchtopk.ThresholdState:
+    def init_kind_state(self) -> batchtopk.ThresholdState:
         return batchtopk.ThresholdState.initial(self.b_enc.shape[-1])
 
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams) -> Float[Array, "B d_sae"]:

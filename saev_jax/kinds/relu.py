@@ -53,16 +53,16 @@ class ReLU(base.Kind):
     def inference_tensors(self, state) -> dict[str, Array]:
         return {}
 
-    def with_inference_tensors(self, tensors) -> tuple["ReLU", steer.State]:
-        return self, steer.init_state()
+    def with_inference_tensors(self, tensors) -> tuple["ReLU", steer.ControllerState]:
+        return self, steer.init_controller()
 
     def __call__(self, x_D: Float[Array, " d_vit"]) -> tuple[Float[Array, " d_vit"], Float[Array, " d_sae"]]:
         """(reconstruction, features) of one example: ReLU needs no state or settings."""
         f_S = jax.nn.relu(self.pre_acts(x_D[None]))[0]
         return self.decode(f_S[None])[0], f_S
 
-    def init_state(self) -> steer.State:
-        return steer.init_state()
+    def init_kind_state(self) -> steer.ControllerState:
+        return steer.init_controller()
 
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: ReLUHparams) -> Float[Array, "B d_sae"]:
         return jax.nn.relu(self.pre_acts(x_BD))

@@ -57,9 +57,9 @@ class TopK(base.Kind):
         return {}
 
     def with_inference_tensors(self, tensors) -> tuple["TopK", select.DeadCounts]:
-        return self, self.init_state()
+        return self, self.init_kind_state()
 
-    def init_state(self) -> select.DeadCounts:
+    def init_kind_state(self) -> select.DeadCounts:
         return select.DeadCounts.zeros(self.b_enc.shape[-1])
 
     def encode_train(self, state, x_BD: Float[Array, "B d_vit"], hp: TopKHparams) -> Float[Array, "B d_sae"]:
