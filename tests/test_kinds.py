@@ -623,8 +623,8 @@ def test_train_step_falls_back_to_dense_exactly(kind, chunk, case, monkeypatch):
     ]
     params = [_tied_params(30 + m, 3) if case == "ties" else random_params(30 + m) for m in range(3)]
     xs = [batch(30), batch(31)]
-    if case == "overflow" and kind == "topk":  # SAE 1 (k 1): 5 tied largest per example, more than its 4 slots
-        params[1] = _tied_params(31, 5)
+    if case == "overflow" and kind == "topk":  # SAE 1 (k 1): 6 tied largest per example, more than its 5 slots
+        params[1] = _tied_params(31, 6)
     elif case == "overflow":  # SAE 1 (k 1): example 0 holds more of the batch's 16 than its 4 k_max = 12 candidates
         p = params[1]
         x0 = xs[0][0] - p["b_dec"]

@@ -64,15 +64,43 @@ def _loop(n: int, active: Bool[Array, ""], body, init, *refs: Array):
 def run_if(active: Bool[Array, ""], fn, default):
     """`fn()` if `active`, else `default` (same structure), without paying for `fn` when not active.
 
-    A `lax.cond` under `vmap` computes both branches; a while loop of at most one iteration
-    computes `fn` only when some SAE of the vmapped chunk needs it. Not differentiable.
+    A `lax.cond`, and under `vmap` still one: its predicate becomes "any SAE of the vmapped chunk
+    is active" (a `lax.cond` whose predicate is batched would compute both branches), and the
+    inactive ones get `default`. (A while loop of at most one iteration did this before, but XLA
+    hoisted the loop-invariant `fn` out of it and so computed it always.) Not differentiable:
+    `fn` may close over arrays only as data (stop their gradients).
     """
     out = jax.eval_shape(fn)
     # Inside shard_map both must vary over `active`'s mesh axes (see `_zero`).
     vary = lambda tree: jax.tree.map(lambda d, o: jnp.asarray(d, o.dtype) + _zero(o.dtype, active), tree, out)  # noqa: E731
     default = vary(default)
-    body = lambda carry: (carry[0] & False, vary(fn()))  # noqa: E731
-    return jax.lax.while_loop(lambda carry: carry[0], body, (active, default))[1]
+    # Whatever `fn` reads (batched or not) becomes an explicit argument, as custom_vmap needs.
+    closed = jax.make_jaxpr(lambda: vary(fn()))()
+    consts = list(closed.consts)
+    body = lambda *c: jax.tree.unflatten(jax.tree.structure(out), jax.core.eval_jaxpr(closed.jaxpr, c))  # noqa: E731
+
+    @jax.custom_batching.custom_vmap
+    def cond(active, default, consts):
+        return jax.lax.cond(active, lambda: body(*consts), lambda: default)
+
+    @cond.def_vmap
+    def rule(axis_size, in_batched, active, default, consts):
+        active_b, default_b, consts_b = in_batched
+        bcast = lambda tree, batched: jax.tree.map(  # noqa: E731
+            lambda a, b: a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))), tree, batched
+        )
+        active, default = bcast(active, active_b), bcast(default, default_b)
+        axes = jax.tree.map(lambda b: 0 if b else None, consts_b)
+
+        def run():
+            got = jax.vmap(lambda c: body(*c), in_axes=(axes,))(consts)
+            pick = lambda g, d: jnp.where(active.reshape(-1, *[1] * (g.ndim - 1)), g, d)  # noqa: E731
+            return jax.tree.map(pick, got, default)
+
+        out = jax.lax.cond(jnp.any(active), run, lambda: default)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return cond(active, default, consts)
 
 
 def one_at_a_time(fn):
