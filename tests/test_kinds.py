@@ -522,6 +522,19 @@ def test_sparse_stack_per_sae_k_equals_dense_alone(kind, chunked):
         _assert_trees_close(got[3], alone[3], rtol=RTOL, atol=ATOL)
 
 
+def test_run_if_runs_fn_only_when_some_sae_is_active():
+    """sparse.run_if under vmap: fn's result where active, the default elsewhere, and fn not run at all when none is."""
+    calls = []
+    fn = lambda x: jax.debug.callback(lambda: calls.append(1)) or x * 2 + 1  # noqa: E731
+    f = eqx.filter_jit(jax.vmap(lambda a, x: kinds.sparse.run_if(a, lambda: fn(x), jnp.zeros_like(x))))
+    x = jnp.arange(6.0).reshape(3, 2)
+    np.testing.assert_array_equal(np.asarray(f(jnp.array([True, False, True]), x)), [[1, 3], [0, 0], [9, 11]])
+    assert calls
+    calls.clear()
+    np.testing.assert_array_equal(np.asarray(f(jnp.array([False, False, False]), x)), np.zeros((3, 2)))
+    assert not calls
+
+
 def test_pick_rows_keeps_ties_like_the_dense_form():
     a = np.array([[5.0, 3.0, 3.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 1.0]], np.float32)
     picked = select.pick_rows(jnp.asarray(a), jnp.int32(2), 5)

@@ -7,10 +7,12 @@ different k. Two forms, both exact:
   on the float bits (research/sae-kinds.md 7.1), then a mask over `[B, d_sae]`. The reference.
 - sparse (`pick_rows`, `pick_batch`, `pick_auxk`, used by the train step and evaluation):
   `lax.top_k` with the stack's static k_max (a traced k <= k_max picks its k-th value out of
-  the sorted k_max), giving `[B, k_max]` slots. BatchTopK takes each example's
+  the sorted k_max), giving `[B, k_max + TIE_SLOTS]` slots. BatchTopK takes each example's
   `BATCH_CANDIDATES * k_max` largest and finds the batch's (k * B)-th largest among those by
   bisection on `[B, 4 k_max]`; that is the batch's threshold unless an example's last
-  candidate reaches it (`overflow`, reported as the metric `select_overflow`).
+  candidate reaches it. Either selection reports when the dense form may keep a latent outside
+  its slots (`Picked.overflow`, the metric `select_overflow`); the train step then redoes the
+  SAE's chunk densely (step._chunk_step), so training stays exact.
 
 Measured side by side on the 2-core CPU at [4096, 16384] (benchmarks/results/kinds-speed-cpu.md):
 `lax.top_k` k 32: 0.25 s, k 128: 0.53 s, k 512: 1.2 s; `lax.approx_max_k` k 32: 0.27 s (on CPU
@@ -194,8 +196,8 @@ def pick_rows(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> Picke
 
     `lax.top_k` of the static `k_max + TIE_SLOTS` largest; the k-th value decides, and a tie with
     it is kept as the dense form keeps it. If the last slot is kept, a tied latent may lie beyond
-    it (`overflow`): with 1 extra slot that happened on ~8% of TopK's steps at B 4096, d_sae
-    16384, k 32 (float32 ties of the 32nd and 33rd largest), with 2 it needs three equal values.
+    it (`overflow`). With 1 extra slot that happened on 1 of 5 TopK steps at B 4096, d_sae 16384,
+    k 32 (float32 ties of the 32nd and 33rd largest of some row, ~1e-5 per row); with 2 it takes three equal values.
     """
     n = min(k_max + TIE_SLOTS, h_BS.shape[1])
     vals_BK, cols_BK = top_k(h_BS, n)
