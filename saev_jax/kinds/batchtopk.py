@@ -136,7 +136,7 @@ class BatchTopK(base.Kind):
     ):
         """`loss` from each example's `select.batch_candidates` largest pre-activations (kinds/sparse.py)."""
         picked, h_BS, overflow = sparse_batch_pick(self, x_BD, hp)
-        v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
+        v_N, row_N, col_N, overflow = take_kept(self, x_BD, h_BS, picked, overflow, hp)
         x_hat_BD = sparse.decode(v_N, row_N, col_N, self.W_dec, jnp.bool_(True), x_BD.shape[0]) + self.b_dec
         recon = base.fvu(x_hat_BD, x_BD)
         total, metrics = topk.with_sparse_auxk(
@@ -187,6 +187,17 @@ def threshold_code(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""], h
         jnp.sum(picked.keep_BK, dtype=jnp.int32),
     )
     return sparse.Code(jnp.where(keep_BC, a_BC, 0.0), cols_BC, overflow, rest_BS, n_train, d_sae=S)
+
+
+def take_kept(sae: base.Kind, x_BD, h_BS, picked: select.Picked, overflow, hp):
+    """`topk.take_picked` of the kept candidates only, as `(k_max + select.TIE_SLOTS) * B` entries: the
+    sparse passes then cost what TopK's do, not 4x (the candidates are 4 k_max per example, the batch keeps
+    k * B). Also `overflow`, or'ed with whether the kept ones did not fit (ties at the threshold)."""
+    B, S = h_BS.shape
+    n = (topk.k_max_of(hp, S) + select.TIE_SLOTS) * B
+    keep_N, row_N, col_N, more = sparse.compact(picked.keep_BK, picked.cols_BK, n)
+    v_N = sparse.take(h_BS, x_BD, sae.b_dec, sae.W_enc, sae.b_enc, row_N, col_N, jnp.bool_(True))
+    return jnp.where(keep_N, jax.nn.relu(v_N), 0.0), row_N, col_N, overflow | more
 
 
 def sparse_batch_pick(sae: base.Kind, x_BD, hp) -> tuple[select.Picked, Float[Array, "B d_sae"], Bool[Array, ""]]:

@@ -129,7 +129,7 @@ class Matryoshka(base.Kind):
         """`loss` from BatchTopK's sparse selection; each prefix's reconstruction is a partial sum of the kept entries."""
         B = x_BD.shape[0]
         picked, h_BS, overflow = batchtopk.sparse_batch_pick(self, x_BD, hp)
-        v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
+        v_N, row_N, col_N, overflow = batchtopk.take_kept(self, x_BD, h_BS, picked, overflow, hp)
         # Decode each block of the grid into its own rows, then add the blocks up: prefix g is blocks 0..g.
         block_N = jnp.searchsorted(jnp.asarray(self.block_ends), col_N, side="right").astype(jnp.int32)
         G = len(self.block_ends)

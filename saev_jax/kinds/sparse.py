@@ -248,6 +248,20 @@ def flat(cols_BK: Int[Array, "B K"]) -> tuple[Int[Array, " N"], Int[Array, " N"]
     return jnp.repeat(jnp.arange(B, dtype=jnp.int32), K), cols_BK.reshape(-1).astype(jnp.int32)
 
 
+def compact(
+    keep_BK: Bool[Array, "B K"], cols_BK: Int[Array, "B K"], n: int
+) -> tuple[Bool[Array, " n"], Int[Array, " n"], Int[Array, " n"], Bool[Array, ""]]:
+    """The kept slots of a `[B, K]` selection as n entries `(keep, row, col)` (unused ones not kept),
+    and whether more than n were kept (then some are missing)."""
+    row_N, col_N = flat(cols_BK)
+    keep_N = keep_BK.reshape(-1)
+    if n >= keep_N.shape[0]:
+        return keep_N, row_N, col_N, jnp.bool_(False)
+    (idx_n,) = jnp.nonzero(keep_N, size=n, fill_value=0)
+    count = jnp.sum(keep_N, dtype=jnp.int32)
+    return keep_N[idx_n] & (jnp.arange(n) < count), row_N[idx_n], col_N[idx_n], count > n
+
+
 def fired(v_N: Float[Array, " N"], col_N: Int[Array, " N"], d_sae: int) -> Bool[Array, " S"]:
     """Which latents have a positive entry."""
     positive_N = (jax.lax.stop_gradient(v_N) > 0).astype(jnp.int32)  # custom_vmap takes no differentiable input
