@@ -4,7 +4,7 @@
         [--stride 32] [--repeats 5] [--kinds relu,topk,batchtopk,matryoshka,jumprelu] [--out PATH]
 
 For each kind, one stack of `--n-saes` SAEs: two training steps (so BatchTopK's threshold is
-set), then timed round-robin over kinds: one training step (`step.train_step`) and one
+set), then timed round-robin over kinds (`harness.time_interleaved`, each call ended by a device sync): one training step (`step.train_step`) and one
 evaluation batch (`evaluation._accumulate`, with `quality`'s sampled sums on 1 example in
 `--stride`, the default on data sets of >= 65,536 examples) on the same batch. The rate ratio is
 training's time per batch over evaluation's: >= 1 means evaluating an example costs no more
@@ -13,9 +13,6 @@ than training on it. Writes benchmarks/results/eval-rate-<platform>.{json,md} un
 
 import argparse
 import dataclasses
-import json
-import pathlib
-import statistics
 import time
 
 import jax
@@ -23,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from saev_jax import config, data, evaluation, kinds, plan, step
+
+from . import harness
 
 
 def make_runners(kind: str, args):
@@ -38,28 +37,25 @@ def make_runners(kind: str, args):
     x = jnp.asarray(rng.normal(size=(args.batch, args.d_vit)), jnp.float32)
     box = {"state": state}
 
-    def train() -> float:
-        t0 = time.perf_counter()
+    def train():
         box["state"], metrics = step.train_step(box["state"], hp, pre, x, chunks=(args.n_saes,), mesh=mesh)
-        jax.block_until_ready((box["state"], metrics))
-        return time.perf_counter() - t0
+        box["out"] = (box["state"], metrics)
 
-    train(), train()
+    train.sync = lambda: harness.sync(box["out"])
+    train(), train(), train.sync()
     stack = box["state"].stacks[0]
     # Copies: the train step donates (and so deletes) the state it is given.
     inference = jax.tree.map(jnp.copy, kinds.Inference(stack.saes, stack.kind_state, hp[0].kind))
     sums = [jax.device_put(evaluation._zero_sums(args.n_saes, sae.d_sae, args.d_vit))]
     n_valid, offset = jnp.asarray(args.batch, jnp.int32), jnp.asarray(3, jnp.int32)
 
-    def ev() -> float:
-        t0 = time.perf_counter()
+    def ev():
         sums[0], code, n = evaluation._accumulate(
             sums[0], inference, pre, x, n_valid, offset, stride=args.stride, chunk=args.n_saes
         )
-        jax.block_until_ready((sums[0], code, n))
-        return time.perf_counter() - t0
+        box["ev"] = (sums[0], code, n)
 
-    ev(), ev()
+    ev.sync = lambda: harness.sync(box["ev"])
     return train, ev
 
 
@@ -76,16 +72,17 @@ def main():
     parser.add_argument("--out", default="")
     args = parser.parse_args()
     platform, device = jax.devices()[0].platform, jax.devices()[0].device_kind
-    runners = {kind: make_runners(kind, args) for kind in args.kinds.split(",")}
-    times = {kind: ([], []) for kind in runners}
-    for _ in range(args.repeats):
-        for kind, (train, ev) in runners.items():
-            times[kind][0].append(train())
-            times[kind][1].append(ev())
+    runners = {}
+    for kind in args.kinds.split(","):
+        runners[kind, "train"], runners[kind, "eval"] = make_runners(kind, args)
+    timed = harness.time_interleaved(runners, n_warmup=1, n_repeats=args.repeats, min_repeat_s=0.0, max_s=1e9)
     rows = []
-    for kind, (tr, ev) in times.items():
-        t, e = statistics.median(tr), statistics.median(ev)
-        rows.append(dict(kind=kind, train_s=t, eval_s=e, eval_rate_vs_train=t / e, train_times_s=tr, eval_times_s=ev))
+    for kind in args.kinds.split(","):
+        tr, ev = timed[kind, "train"], timed[kind, "eval"]
+        t, e = tr["seconds"], ev["seconds"]
+        rows.append(dict(kind=kind, train_s=t, eval_s=e, eval_rate_vs_train=t / e, train_times_s=tr["times"],
+                         eval_times_s=ev["times"]))  # fmt: skip
+    machine = harness.machine()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lines = [
         f"Evaluation vs training per example, {device} ({platform}), {when}: {args.n_saes} SAEs per kind, d_vit {args.d_vit}, "
@@ -96,18 +93,15 @@ def main():
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
         + "`",
         "",
-        "| kind | train step (s) | eval batch (s) | eval rate / train rate |",
-        "|---|---|---|---|",
+        *harness.table(["kind", "train step (s)", "eval batch (s)", "eval rate / train rate"]),
     ]
-    lines += [f"| {r['kind']} | {r['train_s']:.3f} | {r['eval_s']:.3f} | {r['eval_rate_vs_train']:.2f} |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    out = pathlib.Path(args.out or f"benchmarks/results/eval-rate-{platform}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps(dict(args=vars(args), device=device, when=when, rows=rows), indent=1) + "\n"
+    lines += [harness.row([r["kind"], f"{r['train_s']:.3f}", f"{r['eval_s']:.3f}", f"{r['eval_rate_vs_train']:.2f}"])
+              for r in rows]  # fmt: skip
+    lines += ["", harness.machine_line(machine)]
+    out = args.out or f"benchmarks/results/eval-rate-{platform}"
+    harness.write(
+        out, dict(args=vars(args), device=device, when=when, machine=machine, rows=rows), "\n".join(lines) + "\n"
     )
-    out.with_suffix(".md").write_text(md)
-    print(md)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 
 Each kind trains as its own one-stack group of `--n-saes` SAEs (one compiled step each). All
 kinds are compiled and warmed up first (two steps each); then the timed steps go round-robin
-over the kinds, `--repeats` rounds (each step ended by `block_until_ready`), so a shared
-machine's load falls on every kind alike. Medians are reported with the ratio to ReLU measured
+over the kinds, `--repeats` rounds (`harness.time_interleaved`: each repeat ended by a device
+sync), so a shared machine's load falls on every kind alike. Medians are reported with the ratio to ReLU measured
 in the same run. `--dense` also times the TopK family's dense reference step (`dense_loss`),
 as `<kind>-dense`. Several `--d-sae`/`--k` values (comma-separated) give a grid; results are
 appended to the json/md at `--out` (default benchmarks/results/kinds-speed-<platform>).
@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import statistics
 import time
 
 import jax
@@ -24,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from saev_jax import config, data, plan, step, training
+
+from . import harness
 
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
@@ -52,17 +53,21 @@ def make_runner(kind: str, d_vit: int, d_sae: int, k: int, args):
         jax.device_put(jnp.asarray(rng.normal(size=(args.batch, d_vit)), jnp.float32), layout.replicated)
         for _ in range(2)
     ]
-    box = {"state": state, "i": 0}
+    box = {"state": state, "i": 0, "out": None, "overflow": []}
 
-    def run() -> float:
-        t0 = time.perf_counter()
+    def run():
         box["state"], metrics = step.train_step(
             box["state"], hparams, pre, xs[box["i"] % 2], chunks=layout.chunks, mesh=layout.mesh
         )
-        jax.block_until_ready((box["state"], metrics))
         box["i"] += 1
-        return time.perf_counter() - t0
+        box["out"] = (box["state"], metrics)
+        if "select_overflow" in metrics[0]:  # steps the sparse loss redid densely (kinds' exact fallback)
+            box["overflow"].append(metrics[0]["select_overflow"])
 
+    run.sync = lambda: harness.sync(box["out"])
+    run.overflow = lambda: (
+        float(np.mean([np.any(np.asarray(o) > 0) for o in box["overflow"]])) if box["overflow"] else None
+    )
     return run
 
 
@@ -91,43 +96,41 @@ def main():
         kinds += [f"{k}-dense" for k in kinds if k in TOPK_FAMILY]
     for d_sae in [int(s) for s in args.d_sae.split(",")]:
         for k in [int(s) for s in args.k.split(",")]:
-            runners = {}
-            for kind in kinds:
-                runners[kind] = make_runner(kind, args.d_vit, d_sae, k, args)
-                runners[kind]()  # compile
-                runners[kind]()  # warm
-            times = {kind: [] for kind in kinds}
-            for _ in range(args.repeats):
-                for kind in kinds:
-                    times[kind].append(runners[kind]())
-            del runners
-            med = {kind: statistics.median(t) for kind, t in times.items()}
+            runners = {kind: make_runner(kind, args.d_vit, d_sae, k, args) for kind in kinds}
+            timed = harness.time_interleaved(runners, n_warmup=1, n_repeats=args.repeats, min_repeat_s=0.0, max_s=1e9)
+            med = {kind: t["seconds"] for kind, t in timed.items()}
             base = med.get("relu")
             rows = [
-                dict(kind=kind, median_s=med[kind], vs_relu=med[kind] / base if base else None, times_s=times[kind])
+                dict(kind=kind, median_s=med[kind], vs_relu=med[kind] / base if base else None,
+                     times_s=timed[kind]["times"], overflow_frac=runners[kind].overflow())
                 for kind in kinds
-            ]
+            ]  # fmt: skip
+            del runners
             run = dict(d_vit=args.d_vit, d_sae=d_sae, k=k, batch=args.batch, n_saes=args.n_saes, repeats=args.repeats,
-                       device=device, platform=platform, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows)  # fmt: skip
+                       device=device, platform=platform, when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       machine=harness.machine(), rows=rows)  # fmt: skip
             runs.append(run)
             print(f"d_vit {args.d_vit} d_sae {d_sae} k {k} batch {args.batch}: " + ", ".join(
                 f"{r['kind']} {r['median_s']:.2f}s" + (f" ({r['vs_relu']:.2f}x)" if r["vs_relu"] else "") for r in rows), flush=True)  # fmt: skip
-            json_path.write_text(json.dumps(runs, indent=1) + "\n")
+            json_path.write_text(json.dumps(runs, indent=1, default=str) + "\n")
     lines = [
         f"Train step time per kind against ReLU's, {device} ({platform}). One stack of n SAEs per kind; all kinds "
         "compiled and warmed up, then timed round-robin; medians; `vs relu` measured in the same run.",
         "",
-        "| d_vit | d_sae | k | batch | n | kind | median step (s) | vs relu |",
-        "|---|---|---|---|---|---|---|---|",
+        *sorted({harness.machine_line(run["machine"]) for run in runs if "machine" in run}),
+        "",
+        "`fallback`: the fraction of this kind's steps (all, warm-up included) that some SAE's sparse loss "
+        "overflowed, so its chunk was redone densely (`select_overflow`); - for kinds without a sparse loss.",
+        "",
+        *harness.table(["d_vit", "d_sae", "k", "batch", "n", "kind", "median step (s)", "vs relu", "fallback", "when"]),
     ]
     for run in runs:
         for r in run["rows"]:
             ratio = f"{r['vs_relu']:.2f}x" if r["vs_relu"] else "-"
-            lines.append(
-                f"| {run['d_vit']} | {run['d_sae']} | {run['k']} | {run['batch']} | {run['n_saes']} | {r['kind']} | {r['median_s']:.3f} | {ratio} |"
-            )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            fallback = "-" if r.get("overflow_frac") is None else f"{r['overflow_frac']:.2f}"
+            cells = [run["d_vit"], run["d_sae"], run["k"], run["batch"], run["n_saes"], r["kind"]]
+            lines.append(harness.row([*cells, f"{r['median_s']:.3f}", ratio, fallback, run["when"]]))
+    harness.write(out, runs, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

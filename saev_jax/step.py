@@ -125,15 +125,16 @@ def _all_finite(tree) -> Bool[Array, ""]:
     return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
 
 
-def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: Int[Array, ""]):
+def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: Int[Array, ""], dense: bool = False):
     """One SAE's update (SPEC 3 steps 1-4, the loss being its kind's), dropped if anything came out non-finite.
 
     `stack` and `hp` are this SAE's own (no leading axis); returns its new Stack entry and metrics.
+    `dense`: with the kind's `dense_loss` (the exact form a sparse loss falls back to) instead of `loss`.
     """
     sae = stack.saes
     W_dec = jnp.where(hp.normalize_w_dec, sae.normalize_w_dec().W_dec, sae.W_dec)
     normed = eqx.tree_at(lambda s: s.W_dec, sae, W_dec)
-    loss_fn = lambda s: s.loss(stack.kind_state, x_BD, hp.kind, step)  # noqa: E731
+    loss_fn = lambda s: (s.dense_loss if dense else s.loss)(stack.kind_state, x_BD, hp.kind, step)  # noqa: E731
     (loss, (metrics, kind_state)), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(normed)
     optimizer = optim.make_optimizer(hp.learning_rate, hp.remove_parallel_grads, hp.max_grad_norm)
     updates, opt_state = optimizer.update(grads, stack.opt_state, normed)
@@ -154,12 +155,41 @@ def _step_one(stack: Stack, hp: Hparams, x_BD: Float[Array, "B d_vit"], step: In
     return new, metrics
 
 
+OVERFLOW = "select_overflow"
+"""The metric by which a kind's sparse loss says it was not exact for an SAE (`kinds.select.pick_batch`)."""
+
+
+def _chunk_step(args: tuple[Stack, Hparams], x_BD, step):
+    """The SAEs of one chunk (vmapped); redone densely, all of them, if any one's sparse loss overflowed.
+
+    The condition is one flag for the whole chunk, outside the vmap, so the dense redo is a real
+    branch that runs only when needed (a per-SAE `lax.cond` under vmap computes both branches).
+    """
+    new, metrics = jax.vmap(lambda a: _step_one(*a, x_BD, step))(args)
+    if OVERFLOW not in metrics:
+        return new, metrics
+
+    def dense():
+        new_d, metrics_d = jax.vmap(lambda a: _step_one(*a, x_BD, step, dense=True))(args)
+        return new_d, metrics_d | {OVERFLOW: metrics[OVERFLOW]}  # still reported: this step fell back
+
+    return jax.lax.cond(jnp.any(metrics[OVERFLOW] > 0), dense, lambda: (new, metrics))
+
+
 def _stack_step(stack: Stack, hp: Hparams, x_BD, step, *, chunk: int):
     """Every SAE of a (device-local) stack, `chunk` at a time; one compiled program whatever M is."""
-    one = lambda args: _step_one(*args, x_BD, step)  # noqa: E731
-    if chunk >= stack.n_saes:
-        return jax.vmap(one)((stack, hp))
-    return jax.lax.map(one, (stack, hp), batch_size=chunk)
+    one_chunk = lambda args: _chunk_step(args, x_BD, step)  # noqa: E731
+    n = stack.n_saes
+    if chunk >= n:
+        return one_chunk((stack, hp))
+    # As `lax.map(..., batch_size=chunk)`, but with the chunk's function (and its one cond) outside the vmap.
+    n_full = n - n % chunk
+    head = jax.tree.map(lambda a: a[:n_full].reshape(n_full // chunk, chunk, *a.shape[1:]), (stack, hp))
+    out = jax.tree.map(lambda a: a.reshape(n_full, *a.shape[2:]), jax.lax.map(one_chunk, head))
+    if n_full == n:
+        return out
+    tail = one_chunk(jax.tree.map(lambda a: a[n_full:], (stack, hp)))
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("chunks", "mesh"))

@@ -522,6 +522,19 @@ def test_sparse_stack_per_sae_k_equals_dense_alone(kind, chunked):
         _assert_trees_close(got[3], alone[3], rtol=RTOL, atol=ATOL)
 
 
+def test_run_if_runs_fn_only_when_some_sae_is_active():
+    """sparse.run_if under vmap: fn's result where active, the default elsewhere, and fn not run at all when none is."""
+    calls = []
+    fn = lambda x: jax.debug.callback(lambda: calls.append(1)) or x * 2 + 1  # noqa: E731
+    f = eqx.filter_jit(jax.vmap(lambda a, x: kinds.sparse.run_if(a, lambda: fn(x), jnp.zeros_like(x))))
+    x = jnp.arange(6.0).reshape(3, 2)
+    np.testing.assert_array_equal(np.asarray(f(jnp.array([True, False, True]), x)), [[1, 3], [0, 0], [9, 11]])
+    assert calls
+    calls.clear()
+    np.testing.assert_array_equal(np.asarray(f(jnp.array([False, False, False]), x)), np.zeros((3, 2)))
+    assert not calls
+
+
 def test_pick_rows_keeps_ties_like_the_dense_form():
     a = np.array([[5.0, 3.0, 3.0, 1.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0, 0.0, 1.0]], np.float32)
     picked = select.pick_rows(jnp.asarray(a), jnp.int32(2), 5)
@@ -580,37 +593,91 @@ def test_sparse_evaluation_equals_dense(kind, trained, monkeypatch):
     _assert_trees_close(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_dense_where_is_the_dense_loss_where_flagged():
-    """sparse.dense_where (the exact overflow fallback, not yet used by the kinds): value and gradient of the dense loss."""
-    cfg = make_cfg("batchtopk", k=1, k_aux=4, auxk_alpha=0.25, dead_threshold_tokens=100)
-    sae, hp, _ = one(cfg, random_params(14))
-    state = dead_state(sae, np.isin(np.arange(S), [2, 7]), cfg)
-    x = batch(14)
-    x[0] *= 30  # example 0 takes most of the batch's 16: more than its 4 candidates
-    x = jnp.asarray(x)
-    assert bool(select.pick_batch(sae.pre_acts(x), hp.k, 1)[2])
-    de = eqx.filter_jit(_value_grads)(sae, state, x, hp, "dense_loss")
-    for flag in (True, False):
+def _train_steps(cfgs, params, xs, chunk, hp=None):
+    """`step.train_step` of a stack of `cfgs` (SAE m with `params[m]`) on the batches `xs`: final state, all metrics."""
+    from saev_jax import data, plan, step
 
-        def fn(s):
-            out = s.sparse_loss(state, x, hp, jnp.int32(0))
-            return kinds.sparse.dense_where(jnp.bool_(flag), s, lambda t: t.dense_loss(state, x, hp, jnp.int32(0)), out)
+    stack = kinds.make_stack(cfgs)
+    names = tuple(params[0])
+    stack = eqx.tree_at(
+        lambda s: tuple(getattr(s, n) for n in names), stack,
+        tuple(jnp.asarray(np.stack([p[n] for p in params])) for n in names),
+    )  # fmt: skip
+    mesh = plan.make_mesh(jax.devices()[:1])
+    step.train_step.clear_cache()  # the tests flip module settings the compiled step was traced with
+    state, hps = step.init_single(stack, hp or step.Hparams.from_cfgs(cfgs), mesh)
+    pre = data.Preprocess(clamp=1e5, act_mean=jnp.zeros(D), scalar=jnp.float32(1.0))
+    metrics = []
+    for x in xs:
+        state, m = step.train_step(state, hps, pre, jnp.asarray(x), chunks=(chunk,), mesh=mesh)
+        metrics.append(m[0])
+    return state.stacks[0], metrics
 
-        (total, (metrics, new_state)), grads = eqx.filter_jit(eqx.filter_value_and_grad(fn, has_aux=True))(sae)
-        sp = eqx.filter_jit(_value_grads)(sae, state, x, hp, "sparse_loss")
-        want = de if flag else sp
-        np.testing.assert_allclose(float(total), float(want[0]), rtol=RTOL)
-        _assert_trees_close(grads, want[3], rtol=RTOL, atol=ATOL)
-    assert (
-        float(sp[1]["select_overflow"]) == 1.0 and abs(float(sp[0]) - float(de[0])) > 1e-4
-    )  # reported, and it matters
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind, chunk, case",
+    [("batchtopk", 3, "overflow"), ("batchtopk", 2, "overflow"), ("batchtopk", 3, "ties"), ("matryoshka", 2, "overflow"),
+     ("matryoshka", 3, "ties"), ("topk", 2, "overflow")],
+)  # fmt: skip
+def test_train_step_falls_back_to_dense_exactly(kind, chunk, case, monkeypatch):
+    """The sparse train step (forced at this tiny width) of per-SAE k equals the dense step, and where an SAE's
+    selection overflows its candidates the fallback is what makes it so. chunk 2 of 3 SAEs: a vmapped chunk
+    of 2 and a remainder of 1, one of which overflows and the other not."""
+    from saev_jax import step
+    from saev_jax.kinds import batchtopk
+
+    monkeypatch.setattr(kinds.sparse, "SPARSE_MAX_FRACTION", 1.0)  # k_max 3 of d_sae 32: sparse
+    extra = {"matryoshka_widths": (4, 8, 16, 32)} if kind == "matryoshka" else {}
+    ks = (3, 1, 2)
+    cfgs = [
+        make_cfg(kind, seed=m, k=k, k_aux=4, auxk_alpha=0.25, dead_threshold_tokens=B, **extra)
+        for m, k in enumerate(ks)
+    ]
+    params = [_tied_params(30 + m, 3) if case == "ties" else random_params(30 + m) for m in range(3)]
+    xs = [batch(30), batch(31)]
+    if case == "overflow" and kind == "topk":  # SAE 1 (k 1): 6 tied largest per example, more than its 5 slots
+        params[1] = _tied_params(31, 6)
+    elif case == "overflow":  # SAE 1 (k 1): example 0 holds more of the batch's 16 than its 4 k_max = 12 candidates
+        p = params[1]
+        x0 = xs[0][0] - p["b_dec"]
+        proj = (xs[0] - p["b_dec"]) @ x0 / (x0 @ x0)  # 1 for example 0
+        p["W_enc"] = (5 * np.outer(x0 / (x0 @ x0), np.ones(S)) + 0.05 * p["W_enc"]).astype(np.float32)
+        p["b_enc"] = np.full(S, -5 * (1 + np.sort(proj)[-2]) / 2, np.float32)  # every latent fires on example 0 alone
+    hp = kinds.make_hparams(cfgs)
+    h = [jnp.asarray((xs[0] - p["b_dec"]) @ p["W_enc"] + p["b_enc"]) for p in params]
+    pick = select.pick_rows if kind == "topk" else lambda *a: select.pick_batch(*a)[0]
+    over = [bool(pick(h[m], hp.k[m], hp.k_max).overflow) for m in range(3)]
+    if case == "overflow":
+        assert over == [False, True, False]
+    else:  # the batch's threshold is tied: some SAE keeps more than its k * B
+        assert not any(over)
+        assert any(int(jnp.sum(select.topk_batch(jax.nn.relu(h[m]), hp.k[m])[0] > 0)) > ks[m] * B for m in range(3))
+    got, got_m = _train_steps(cfgs, params, xs, chunk)
+    monkeypatch.setattr(batchtopk, "SPARSE_TRAINING", False)
+    want, want_m = _train_steps(cfgs, params, xs, chunk)
+    monkeypatch.setattr(batchtopk, "SPARSE_TRAINING", True)
+    for g, w in zip(got_m, want_m, strict=True):
+        for key in set(w) - {"select_overflow"}:
+            np.testing.assert_allclose(np.asarray(g[key]), np.asarray(w[key]), rtol=RTOL, atol=1e-6, err_msg=key)
+    np.testing.assert_array_equal(np.asarray(got_m[0]["select_overflow"]), [0.0, float(case == "overflow"), 0.0])
+    _assert_trees_close(got.kind_state, want.kind_state, rtol=0, atol=0)
+    _assert_trees_close(got.saes, want.saes, rtol=RTOL, atol=ATOL)
+    _assert_trees_close(got.opt_state, want.opt_state, rtol=RTOL, atol=ATOL)
+    if case == "ties":
+        return
+    # Without the fallback, the overflowing SAE trains differently (the test can fail).
+    monkeypatch.setattr(step, "OVERFLOW", "no such metric")
+    plain, _ = _train_steps(cfgs, params, xs, chunk)
+    assert not np.allclose(np.asarray(plain.saes.W_dec[1]), np.asarray(want.saes.W_dec[1]), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["topk", "batchtopk", "matryoshka"])
 def test_train_step_sparse_equals_dense(kind):
-    """Two `step.train_step`s (shard_map, then vmap or lax.map chunks) of a stack wide enough to train sparsely
-    (d_sae 1024, k <= 16) equal the same steps forced dense (k_max = d_sae), per-SAE k and k_aux."""
+    """Two `step.train_step`s (shard_map, then vmap or chunks of 2) of a stack wide enough to train sparsely
+    (d_sae 1024, k <= 16) equal the same steps forced dense (k_max = d_sae), per-SAE k and k_aux (an SAE whose
+    selection overflowed its candidates, as BatchTopK's on 16 examples do, through the dense fallback)."""
     from saev_jax import data, plan, step
 
     d_sae = 1024
@@ -622,23 +689,14 @@ def test_train_step_sparse_equals_dense(kind):
     mesh = plan.make_mesh(jax.devices()[:1])
     pre = data.Preprocess(clamp=1e5, act_mean=jnp.zeros(D), scalar=jnp.float32(1.0))
     results = []
-    overflowed = np.zeros(3, bool)
     for h, chunk in ((hp, 3), (hp, 2), (dense_hp, 3)):
         state, hps = step.init_single(kinds.make_stack(cfgs), h, mesh)
         for i in range(2):  # after one batch every latent that did not fire is dead (threshold B): AuxK runs
             state, metrics = step.train_step(state, hps, pre, jnp.asarray(batch(20 + i)), chunks=(chunk,), mesh=mesh)
-            if h is hp and "select_overflow" in metrics[0]:
-                overflowed |= np.asarray(metrics[0]["select_overflow"]) > 0
         results.append((state, metrics))
     assert float(jnp.max(results[0][1][0]["n_dead"])) > 0
-    # BatchTopK on 16 examples: an SAE whose selection overflowed its candidates (reported) differs; compare the rest.
-    same = np.flatnonzero(~overflowed)
-    assert len(same) >= 1
-    pick = lambda tree: jax.tree.map(lambda leaf: np.asarray(leaf)[same], tree)  # noqa: E731
     for got in results[:2]:
-        _assert_trees_close(pick(got[0].stacks[0].saes), pick(results[2][0].stacks[0].saes), rtol=1e-5, atol=1e-6)
-        _assert_trees_close(pick(got[0].stacks[0].kind_state), pick(results[2][0].stacks[0].kind_state), rtol=0, atol=0)
+        _assert_trees_close(got[0].stacks[0].saes, results[2][0].stacks[0].saes, rtol=1e-5, atol=1e-6)
+        _assert_trees_close(got[0].stacks[0].kind_state, results[2][0].stacks[0].kind_state, rtol=0, atol=0)
         for key in set(results[2][1][0]) - {"select_overflow"}:  # the dense step never overflows
-            np.testing.assert_allclose(
-                got[1][0][key][same], results[2][1][0][key][same], rtol=1e-5, atol=1e-6, err_msg=key
-            )
+            np.testing.assert_allclose(got[1][0][key], results[2][1][0][key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -67,6 +67,13 @@ class Kind(eqx.Module):
     ) -> tuple[Float[Array, ""], tuple[dict[str, Float[Array, ""]], eqx.Module]]:
         """`(total, (metrics, new_state))` on a batch: differentiate `total`; metrics are scalars."""
 
+    def dense_loss(
+        self, state: eqx.Module, x_BD: Float[Array, "B d_vit"], hp: eqx.Module, step: Int[Array, ""]
+    ) -> tuple[Float[Array, ""], tuple[dict[str, Float[Array, ""]], eqx.Module]]:
+        """`loss` computed densely: what a step redoes when `loss` reports `select_overflow` (a sparse
+        loss that was not exact on this batch). A kind without a sparse loss: `loss` itself."""
+        return self.loss(state, x_BD, hp, step)
+
     @abc.abstractmethod
     def inference_tensors(self, state: eqx.Module) -> dict[str, Float[Array, "..."]]:
         """What inference needs besides the four tensors and the config, for checkpoints (ReLU, TopK: none)."""

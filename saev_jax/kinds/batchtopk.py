@@ -14,11 +14,12 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from .. import config
 from . import base, select, sparse, topk
 
-SPARSE_TRAINING = False
+SPARSE_TRAINING = True
 """Whether BatchTopK and Matryoshka train on the sparse path (`sparse_loss`) where the width allows.
-Off: that path picks from each example's `select.batch_candidates` largest and differs from exact
-BatchTopK when an example holds more of the batch's k * B (reported as `select_overflow`); until
-that case has an exact fallback that costs nothing without it, training stays dense and exact.
+That path picks from each example's `select.batch_candidates` largest and differs from exact
+BatchTopK when an example holds more of the batch's k * B (reported as `select_overflow`); the
+train step then redoes the chunk of SAEs with `dense_loss` (step._chunk_step), so training is
+exact, and pays for the dense form only on the (rare) batches that overflow.
 Evaluation's sparse form (`encode_sparse`) is exact either way (a dense remainder on overflow)."""
 
 
@@ -125,8 +126,7 @@ class BatchTopK(base.Kind):
         return threshold_code(self.pre_acts(x_BD), state.threshold, hp)
 
     def loss(self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]):
-        # Dense, so training is exactly BatchTopK: `sparse_loss` equals it only while no example has more
-        # of the batch's k * B than its candidates (`select_overflow`), and no exact fallback is cheap yet.
+        # `sparse_loss` equals `dense_loss` unless it reports `select_overflow`; the train step then redoes it densely.
         if SPARSE_TRAINING and sparse.use_sparse(self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])):
             return self.sparse_loss(state, x_BD, hp, step)
         return self.dense_loss(state, x_BD, hp, step)
@@ -136,17 +136,16 @@ class BatchTopK(base.Kind):
     ):
         """`loss` from each example's `select.batch_candidates` largest pre-activations (kinds/sparse.py)."""
         picked, h_BS, overflow = sparse_batch_pick(self, x_BD, hp)
-        v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
+        v_N, row_N, col_N, overflow = take_kept(self, x_BD, h_BS, picked, overflow, hp)
         x_hat_BD = sparse.decode(v_N, row_N, col_N, self.W_dec, jnp.bool_(True), x_BD.shape[0]) + self.b_dec
         recon = base.fvu(x_hat_BD, x_BD)
-        total, metrics = topk.with_sparse_auxk(self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux)
-        new_state = state.update_sparse(v_N, col_N, x_BD.shape[0], hp.topk_threshold_lr)
-        # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
-        # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
-        return total, (
-            metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)},
-            new_state,
+        total, metrics = topk.with_sparse_auxk(
+            self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux, overflow
         )
+        new_state = state.update_sparse(v_N, col_N, x_BD.shape[0], hp.topk_threshold_lr)
+        # select_overflow: an example had more of the batch's k * B than its candidates (or AuxK's ties
+        # did not fit): then (only then) this differs from `dense_loss`; the train step redoes it with that.
+        return total, (metrics | {"threshold": new_state.threshold}, new_state)
 
     def dense_loss(
         self, state: ThresholdState, x_BD: Float[Array, "B d_vit"], hp: BatchTopKHparams, step: Int[Array, ""]
@@ -158,7 +157,7 @@ class BatchTopK(base.Kind):
         recon = base.fvu(x_hat_BD, x_BD)
         total, metrics = topk.with_auxk(self, state.dead_counts, x_BD, h_BS, f_BS, x_hat_BD, recon, hp.aux)
         new_state = state.update(f_BS, hp.topk_threshold_lr)
-        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}, new_state)
+        return total, (metrics | {"threshold": new_state.threshold}, new_state)
 
 
 def threshold_code(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""], hp) -> sparse.Code:
@@ -188,6 +187,17 @@ def threshold_code(h_BS: Float[Array, "B d_sae"], threshold: Float[Array, ""], h
         jnp.sum(picked.keep_BK, dtype=jnp.int32),
     )
     return sparse.Code(jnp.where(keep_BC, a_BC, 0.0), cols_BC, overflow, rest_BS, n_train, d_sae=S)
+
+
+def take_kept(sae: base.Kind, x_BD, h_BS, picked: select.Picked, overflow, hp):
+    """`topk.take_picked` of the kept candidates only, as `(k_max + select.TIE_SLOTS) * B` entries: the
+    sparse passes then cost what TopK's do, not 4x (the candidates are 4 k_max per example, the batch keeps
+    k * B). Also `overflow`, or'ed with whether the kept ones did not fit (ties at the threshold)."""
+    B, S = h_BS.shape
+    n = (topk.k_max_of(hp, S) + select.TIE_SLOTS) * B
+    keep_N, row_N, col_N, more = sparse.compact(picked.keep_BK, picked.cols_BK, n)
+    v_N = sparse.take(h_BS, x_BD, sae.b_dec, sae.W_enc, sae.b_enc, row_N, col_N, jnp.bool_(True))
+    return jnp.where(keep_N, jax.nn.relu(v_N), 0.0), row_N, col_N, overflow | more
 
 
 def sparse_batch_pick(sae: base.Kind, x_BD, hp) -> tuple[select.Picked, Float[Array, "B d_sae"], Bool[Array, ""]]:

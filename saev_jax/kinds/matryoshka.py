@@ -118,8 +118,7 @@ class Matryoshka(base.Kind):
         return jnp.stack(fvus), x_hat_BD
 
     def loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
-        # Dense, so training is exactly BatchTopK: `sparse_loss` equals it only while no example has more
-        # of the batch's k * B than its candidates (`select_overflow`), and no exact fallback is cheap yet.
+        # `sparse_loss` equals `dense_loss` unless it reports `select_overflow`; the train step then redoes it densely.
         if batchtopk.SPARSE_TRAINING and sparse.use_sparse(
             self.b_enc.shape[-1], topk.k_max_of(hp, self.b_enc.shape[-1])
         ):
@@ -130,7 +129,7 @@ class Matryoshka(base.Kind):
         """`loss` from BatchTopK's sparse selection; each prefix's reconstruction is a partial sum of the kept entries."""
         B = x_BD.shape[0]
         picked, h_BS, overflow = batchtopk.sparse_batch_pick(self, x_BD, hp)
-        v_N, row_N, col_N = topk.take_picked(self, x_BD, h_BS, picked)
+        v_N, row_N, col_N, overflow = batchtopk.take_kept(self, x_BD, h_BS, picked, overflow, hp)
         # Decode each block of the grid into its own rows, then add the blocks up: prefix g is blocks 0..g.
         block_N = jnp.searchsorted(jnp.asarray(self.block_ends), col_N, side="right").astype(jnp.int32)
         G = len(self.block_ends)
@@ -141,14 +140,13 @@ class Matryoshka(base.Kind):
         fvus_G = jnp.stack([base.fvu(x_hats_GBD[g], x_BD) for g in range(G)])
         x_hat_BD = x_hats_GBD[-1]
         recon = jnp.sum(hp.prefix_weights * fvus_G)
-        total, metrics = topk.with_sparse_auxk(self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux)
-        new_state = state.update_sparse(v_N, col_N, B, hp.topk_threshold_lr)
-        # 1 when an example had more of the batch's k * B than its candidates: then (only then) the
-        # step differs from the dense one (sparse.dense_where would fix it, but XLA hoists its dense branch).
-        return total, (
-            metrics | {"threshold": new_state.threshold, "select_overflow": overflow.astype(jnp.float32)},
-            new_state,
+        total, metrics = topk.with_sparse_auxk(
+            self, state.dead_counts, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux, overflow
         )
+        new_state = state.update_sparse(v_N, col_N, B, hp.topk_threshold_lr)
+        # select_overflow: an example had more of the batch's k * B than its candidates (or AuxK's ties
+        # did not fit): then (only then) this differs from `dense_loss`; the train step redoes it with that.
+        return total, (metrics | {"threshold": new_state.threshold}, new_state)
 
     def dense_loss(self, state: batchtopk.ThresholdState, x_BD: Float[Array, "B d_vit"], hp: MatryoshkaHparams, step):
         """`loss` computed on dense `[B, d_sae]` activations."""
@@ -158,4 +156,4 @@ class Matryoshka(base.Kind):
         recon = jnp.sum(hp.prefix_weights * fvus_G)
         total, metrics = topk.with_auxk(self, state.dead_counts, x_BD, h_BS, f_BS, x_hat_BD, recon, hp.aux)
         new_state = state.update(f_BS, hp.topk_threshold_lr)
-        return total, (metrics | {"threshold": new_state.threshold, "select_overflow": jnp.float32(0)}, new_state)
+        return total, (metrics | {"threshold": new_state.threshold}, new_state)

@@ -7,10 +7,12 @@ different k. Two forms, both exact:
   on the float bits (research/sae-kinds.md 7.1), then a mask over `[B, d_sae]`. The reference.
 - sparse (`pick_rows`, `pick_batch`, `pick_auxk`, used by the train step and evaluation):
   `lax.top_k` with the stack's static k_max (a traced k <= k_max picks its k-th value out of
-  the sorted k_max), giving `[B, k_max]` slots. BatchTopK takes each example's
+  the sorted k_max), giving `[B, k_max + TIE_SLOTS]` slots. BatchTopK takes each example's
   `BATCH_CANDIDATES * k_max` largest and finds the batch's (k * B)-th largest among those by
   bisection on `[B, 4 k_max]`; that is the batch's threshold unless an example's last
-  candidate reaches it (`overflow`, reported as the metric `select_overflow`).
+  candidate reaches it. Either selection reports when the dense form may keep a latent outside
+  its slots (`Picked.overflow`, the metric `select_overflow`); the train step then redoes the
+  SAE's chunk densely (step._chunk_step), so training stays exact.
 
 Measured side by side on the 2-core CPU at [4096, 16384] (benchmarks/results/kinds-speed-cpu.md):
 `lax.top_k` k 32: 0.25 s, k 128: 0.53 s, k 512: 1.2 s; `lax.approx_max_k` k 32: 0.27 s (on CPU
@@ -160,14 +162,20 @@ BATCH_CANDIDATES = 4
 """BatchTopK's candidates per example, in multiples of the stack's k_max (see `batch_candidates`)."""
 
 
+TIE_SLOTS = 2
+"""Slots beyond k_max that `pick_rows` takes, for ties at the k-th value (see there)."""
+
+
 class Picked(eqx.Module):
     """Selected latents as `[B, K]` candidate slots: which are kept, and their latent indices.
 
-    K is static (the stack's k_max, or BatchTopK's candidate count); a slot not kept is padding.
+    K is static (the stack's k_max + TIE_SLOTS, or BatchTopK's candidate count); a slot not kept is padding.
     """
 
     keep_BK: Bool[Array, "B K"]
     cols_BK: Int[Array, "B K"]
+    overflow: Bool[Array, ""]
+    """Whether the dense form may keep a latent outside the slots (then these slots are not exact)."""
 
 
 def top_k(a_BS: Float[Array, "B S"], k: int) -> tuple[Float[Array, "B k"], Int[Array, "B k"]]:
@@ -186,12 +194,17 @@ def top_k(a_BS: Float[Array, "B S"], k: int) -> tuple[Float[Array, "B k"], Int[A
 def pick_rows(h_BS: Float[Array, "B S"], k: Int[Array, ""], k_max: int) -> Picked:
     """Per row, the latents dense `topk_rows(relu(h), k)` keeps with a positive value, as slots.
 
-    `lax.top_k` with the static `k_max >= k`; the k-th value decides, and a tie with it is kept
-    as the dense form keeps it (as long as the ties fit in the k_max slots).
+    `lax.top_k` of the static `k_max + TIE_SLOTS` largest; the k-th value decides, and a tie with
+    it is kept as the dense form keeps it. If the last slot is kept, a tied latent may lie beyond
+    it (`overflow`). With 1 extra slot that happened on 1 of 5 TopK steps at B 4096, d_sae 16384,
+    k 32 (float32 ties of the 32nd and 33rd largest of some row, ~1e-5 per row); with 2 it takes three equal values.
     """
-    vals_BK, cols_BK = top_k(h_BS, k_max)
+    n = min(k_max + TIE_SLOTS, h_BS.shape[1])
+    vals_BK, cols_BK = top_k(h_BS, n)
     kth_B1 = jax.lax.dynamic_slice_in_dim(vals_BK, jnp.clip(k, 1, k_max) - 1, 1, axis=1)
-    return Picked(keep_BK=(vals_BK >= kth_B1) & (vals_BK > 0), cols_BK=cols_BK)
+    keep_BK = (vals_BK >= kth_B1) & (vals_BK > 0)
+    overflow = (n < h_BS.shape[1]) & jnp.any(keep_BK[:, -1])
+    return Picked(keep_BK=keep_BK, cols_BK=cols_BK, overflow=overflow)
 
 
 def batch_candidates(d_sae: int, k_max: int) -> int:
@@ -221,7 +234,7 @@ def pick_batch_from(
     threshold = kth_largest_nonneg(a_BC, k * B)
     last_B = a_BC[:, -1]
     overflow = (n_cand < d_sae) & jnp.any((last_B > 0) & (last_B >= threshold))
-    return Picked(keep_BK=(a_BC >= threshold) & (a_BC > 0), cols_BK=cols_BC), threshold, overflow
+    return Picked(keep_BK=(a_BC >= threshold) & (a_BC > 0), cols_BK=cols_BC, overflow=overflow), threshold, overflow
 
 
 def pick_auxk(h_BS: Float[Array, "B S"], dead_S: Bool[Array, " S"], k_aux: Int[Array, ""], k_aux_max: int) -> Picked:

@@ -64,15 +64,43 @@ def _loop(n: int, active: Bool[Array, ""], body, init, *refs: Array):
 def run_if(active: Bool[Array, ""], fn, default):
     """`fn()` if `active`, else `default` (same structure), without paying for `fn` when not active.
 
-    A `lax.cond` under `vmap` computes both branches; a while loop of at most one iteration
-    computes `fn` only when some SAE of the vmapped chunk needs it. Not differentiable.
+    A `lax.cond`, and under `vmap` still one: its predicate becomes "any SAE of the vmapped chunk
+    is active" (a `lax.cond` whose predicate is batched would compute both branches), and the
+    inactive ones get `default`. (A while loop of at most one iteration did this before, but XLA
+    hoisted the loop-invariant `fn` out of it and so computed it always.) Not differentiable:
+    `fn` may close over arrays only as data (stop their gradients).
     """
     out = jax.eval_shape(fn)
     # Inside shard_map both must vary over `active`'s mesh axes (see `_zero`).
     vary = lambda tree: jax.tree.map(lambda d, o: jnp.asarray(d, o.dtype) + _zero(o.dtype, active), tree, out)  # noqa: E731
     default = vary(default)
-    body = lambda carry: (carry[0] & False, vary(fn()))  # noqa: E731
-    return jax.lax.while_loop(lambda carry: carry[0], body, (active, default))[1]
+    # Whatever `fn` reads (batched or not) becomes an explicit argument, as custom_vmap needs.
+    closed = jax.make_jaxpr(lambda: vary(fn()))()
+    consts = list(closed.consts)
+    body = lambda *c: jax.tree.unflatten(jax.tree.structure(out), jax.core.eval_jaxpr(closed.jaxpr, c))  # noqa: E731
+
+    @jax.custom_batching.custom_vmap
+    def cond(active, default, consts):
+        return jax.lax.cond(active, lambda: body(*consts), lambda: default)
+
+    @cond.def_vmap
+    def rule(axis_size, in_batched, active, default, consts):
+        active_b, default_b, consts_b = in_batched
+        bcast = lambda tree, batched: jax.tree.map(  # noqa: E731
+            lambda a, b: a if b else jnp.broadcast_to(a, (axis_size, *jnp.shape(a))), tree, batched
+        )
+        active, default = bcast(active, active_b), bcast(default, default_b)
+        axes = jax.tree.map(lambda b: 0 if b else None, consts_b)
+
+        def run():
+            got = jax.vmap(lambda c: body(*c), in_axes=(axes,))(consts)
+            pick = lambda g, d: jnp.where(active.reshape(-1, *[1] * (g.ndim - 1)), g, d)  # noqa: E731
+            return jax.tree.map(pick, got, default)
+
+        out = jax.lax.cond(jnp.any(active), run, lambda: default)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return cond(active, default, consts)
 
 
 def one_at_a_time(fn):
@@ -220,6 +248,20 @@ def flat(cols_BK: Int[Array, "B K"]) -> tuple[Int[Array, " N"], Int[Array, " N"]
     return jnp.repeat(jnp.arange(B, dtype=jnp.int32), K), cols_BK.reshape(-1).astype(jnp.int32)
 
 
+def compact(
+    keep_BK: Bool[Array, "B K"], cols_BK: Int[Array, "B K"], n: int
+) -> tuple[Bool[Array, " n"], Int[Array, " n"], Int[Array, " n"], Bool[Array, ""]]:
+    """The kept slots of a `[B, K]` selection as n entries `(keep, row, col)` (unused ones not kept),
+    and whether more than n were kept (then some are missing)."""
+    row_N, col_N = flat(cols_BK)
+    keep_N = keep_BK.reshape(-1)
+    if n >= keep_N.shape[0]:
+        return keep_N, row_N, col_N, jnp.bool_(False)
+    (idx_n,) = jnp.nonzero(keep_N, size=n, fill_value=0)
+    count = jnp.sum(keep_N, dtype=jnp.int32)
+    return keep_N[idx_n] & (jnp.arange(n) < count), row_N[idx_n], col_N[idx_n], count > n
+
+
 def fired(v_N: Float[Array, " N"], col_N: Int[Array, " N"], d_sae: int) -> Bool[Array, " S"]:
     """Which latents have a positive entry."""
     positive_N = (jax.lax.stop_gradient(v_N) > 0).astype(jnp.int32)  # custom_vmap takes no differentiable input
@@ -299,35 +341,3 @@ class Code(eqx.Module):
             return jnp.matmul(a_TbS * outside_bS, W_dec, precision=jax.lax.Precision.HIGHEST)
 
         return out_TbD + run_if(self.overflow, rest_product, jnp.zeros_like(out_TbD))
-
-
-def dense_where(flag: Bool[Array, ""], sae: eqx.Module, dense_loss, sparse_out):
-    """`sparse_out = (total, aux)` of a loss of `sae`, or, where `flag`, `dense_loss(sae)`'s (value, aux and gradient).
-
-    The exact fallback of a sparse step whose selection did not fit its slots: the dense loss
-    and its gradient run inside `run_if`. NOT USED: measured at d_sae 16384 it made BatchTopK's
-    step 4.7x slower with no overflow at all (XLA appears to hoist the loop-invariant dense
-    branch out of the while loop); tested, kept for a fix. Differentiable in `sae`'s arrays (the dense branch through a custom_vjp
-    that returns the gradient it computed).
-    """
-    params, static = eqx.partition(sae, eqx.is_inexact_array)
-
-    def run(p):
-        return eqx.filter_value_and_grad(lambda q: dense_loss(eqx.combine(q, static)), has_aux=True)(p)
-
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, params))
-
-    @jax.custom_vjp
-    def dense(p):
-        return run_if(flag, lambda: run(p), zeros)[0]
-
-    def fwd(p):
-        out, grads = run_if(flag, lambda: run(p), zeros)
-        return out, grads
-
-    def bwd(grads, g):
-        return (jax.tree.map(lambda d: g[0] * d, grads),)
-
-    dense.defvjp(fwd, bwd)
-    d_out = dense(params)
-    return jax.tree.map(lambda a, b: jnp.where(flag, a, b), d_out, sparse_out)

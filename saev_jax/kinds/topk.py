@@ -11,7 +11,7 @@ import typing
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from .. import config
 from . import base, select, sparse
@@ -87,9 +87,11 @@ class TopK(base.Kind):
         """`loss` from the k_max largest pre-activations per example (kinds/sparse.py)."""
         k_max = k_max_of(hp, self.b_enc.shape[-1])
         h_BS = jax.lax.stop_gradient(self.pre_acts(x_BD))  # its gradient comes sparsely, through sparse.take
-        v_N, row_N, col_N = take_picked(self, x_BD, h_BS, select.pick_rows(h_BS, hp.k, k_max))
+        picked = select.pick_rows(h_BS, hp.k, k_max)
+        v_N, row_N, col_N = take_picked(self, x_BD, h_BS, picked)
         x_hat_BD = sparse.decode(v_N, row_N, col_N, self.W_dec, jnp.bool_(True), x_BD.shape[0]) + self.b_dec
-        total, metrics = with_sparse_auxk(self, state, x_BD, h_BS, v_N, x_hat_BD, base.fvu(x_hat_BD, x_BD), hp.aux)
+        recon = base.fvu(x_hat_BD, x_BD)
+        total, metrics = with_sparse_auxk(self, state, x_BD, h_BS, v_N, x_hat_BD, recon, hp.aux, picked.overflow)
         return total, (metrics, state.update_fired(sparse.fired(v_N, col_N, self.b_enc.shape[-1]), x_BD.shape[0]))
 
     def dense_loss(
@@ -116,32 +118,43 @@ def take_picked(sae: base.Kind, x_BD, h_BS, picked: select.Picked, active=True):
     return jnp.where(picked.keep_BK.reshape(-1), jax.nn.relu(v_N), 0.0), row_N, col_N
 
 
-def sparse_auxk_loss(sae: base.Kind, dead_S, x_BD, h_BS, x_hat_BD, aux_hp: select.AuxKHparams) -> Float[Array, ""]:
-    """`select.auxk_loss` from the dead latents' k_aux largest per example; nothing runs without dead latents."""
+def sparse_auxk_loss(
+    sae: base.Kind, dead_S, x_BD, h_BS, x_hat_BD, aux_hp: select.AuxKHparams
+) -> tuple[Float[Array, ""], Bool[Array, ""]]:
+    """`select.auxk_loss` from the dead latents' k_aux largest per example; nothing runs without dead latents.
+
+    Also whether its selection overflowed (ties beyond its slots: then it is not exact).
+    """
     B, S = h_BS.shape
     k_aux_max = min(aux_hp.k_aux_max, S)
     active = jnp.any(dead_S)
-    none = select.Picked(jnp.zeros((B, k_aux_max), bool), jnp.zeros((B, k_aux_max), jnp.int32))
-    picked = sparse.run_if(active, lambda: select.pick_auxk(h_BS, dead_S, aux_hp.k_aux, k_aux_max), none)
+    pick = lambda: select.pick_auxk(h_BS, dead_S, aux_hp.k_aux, k_aux_max)  # noqa: E731
+    none = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(pick))
+    picked = sparse.run_if(active, pick, none)
     a_N, row_N, col_N = take_picked(sae, x_BD, h_BS, picked, active)
     e_hat_BD = sparse.decode(a_N, row_N, col_N, sae.W_dec, active, B)
     e_BD = jax.lax.stop_gradient(x_BD - x_hat_BD)
     var = jnp.maximum(jnp.sum((e_BD - jnp.mean(e_BD, axis=0)) ** 2), jnp.finfo(jnp.float32).tiny)
-    return active * jnp.sum((e_hat_BD - e_BD) ** 2) / var
+    return active * jnp.sum((e_hat_BD - e_BD) ** 2) / var, active & picked.overflow
 
 
 def with_sparse_auxk(
-    sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, v_N, x_hat_BD, recon, aux_hp: select.AuxKHparams
+    sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, v_N, x_hat_BD, recon, aux_hp: select.AuxKHparams, overflow
 ):
-    """`with_auxk` from the kept entries' values `v_N` instead of dense activations."""
+    """`with_auxk` from the kept entries' values `v_N` instead of dense activations.
+
+    `overflow`: whether the selection of `v_N` overflowed its slots; the metric `select_overflow`
+    is 1 if it or AuxK's did (then the loss is not exact and the train step redoes it densely).
+    """
     dead_S = counts.dead(aux_hp.dead_threshold_tokens)
-    aux = sparse_auxk_loss(sae, dead_S, x_BD, h_BS, x_hat_BD, aux_hp)
+    aux, aux_overflow = sparse_auxk_loss(sae, dead_S, x_BD, h_BS, x_hat_BD, aux_hp)
     total = recon + aux_hp.auxk_alpha * aux
     B = x_BD.shape[0]
     metrics = {
         "mse": base.safe_mse(x_hat_BD, x_BD), "fvu": base.fvu(x_hat_BD, x_BD), "recon": recon, "aux_loss": aux,
         "l0": jnp.sum(v_N > 0, dtype=jnp.float32) / B, "l1": jnp.sum(v_N) / B,
         "n_dead": jnp.sum(dead_S, dtype=jnp.float32), "loss": total,
+        "select_overflow": (overflow | aux_overflow).astype(jnp.float32),
     }  # fmt: skip
     return total, metrics
 
@@ -157,5 +170,6 @@ def with_auxk(sae: base.Kind, counts: select.DeadCounts, x_BD, h_BS, f_BS, x_hat
     metrics = {
         "mse": base.safe_mse(x_hat_BD, x_BD), "fvu": base.fvu(x_hat_BD, x_BD), "recon": recon, "aux_loss": aux,
         "l0": base.l0(f_BS), "l1": base.l1(f_BS), "n_dead": jnp.sum(dead_S, dtype=jnp.float32), "loss": total,
+        "select_overflow": jnp.float32(0),
     }  # fmt: skip
     return total, metrics
