@@ -148,7 +148,9 @@ class Layout:
 
     `read_mode` is the data's resolved read mode (None: the config's, `auto` resolved by the
     loader) and `b_dec_seed` keys the b_dec sample (None: the first config's `sae.seed`); the
-    group fixes both once (`GroupPlan`), whatever its rounds.
+    group fixes both once (`GroupPlan`), whatever its rounds. `data_seed` keys the data order
+    (None: the first config's `seed`): a layout repacked at a rung keeps its round's, so the
+    batches do not change with which SAEs are left.
     """
 
     def __init__(
@@ -160,8 +162,10 @@ class Layout:
         *,
         read_mode: str | None = None,
         b_dec_seed: int | None = None,
+        data_seed: int | None = None,
     ):
         self.cfgs = cfgs
+        self.data_seed = cfgs[0].seed if data_seed is None else data_seed
         self.round = rnd
         self.mesh = mesh
         self.limit = limit
@@ -204,7 +208,8 @@ class Layout:
         """This layout with other chunk sizes (same stacks, configs and data settings)."""
         stacks = tuple(dataclasses.replace(st, chunk=c) for st, c in zip(self.round.stacks, chunks, strict=True))
         rnd = dataclasses.replace(self.round, stacks=stacks)
-        return Layout(self.cfgs, rnd, self.mesh, self.limit, read_mode=self.read_mode, b_dec_seed=self.b_dec_seed)
+        return Layout(self.cfgs, rnd, self.mesh, self.limit, read_mode=self.read_mode, b_dec_seed=self.b_dec_seed,
+                      data_seed=self.data_seed)  # fmt: skip
 
     def usable(self) -> int | None:
         """Bytes per device the step may use (None without a limit)."""
@@ -477,7 +482,7 @@ def repacked_round(layout: Layout, keep: list[int]) -> plan.Round:
 def layout_for(layout: Layout, alive: list[int], rnd: plan.Round) -> Layout:
     """The layout of the round configs `alive` (positions in `layout.cfgs`) laid out as `rnd`, with `layout`'s data settings."""
     return Layout([layout.cfgs[i] for i in alive], rnd, layout.mesh, layout.limit,
-                  read_mode=layout.read_mode, b_dec_seed=layout.b_dec_seed)  # fmt: skip
+                  read_mode=layout.read_mode, b_dec_seed=layout.b_dec_seed, data_seed=layout.data_seed)  # fmt: skip
 
 
 def repack_state(old: Layout, old_alive: list[int], state: step.GroupState, new: Layout, new_alive: list[int]) -> step.GroupState:
@@ -554,7 +559,7 @@ def train_pruned(
     rungs = rung_steps(cfg)
     B = cfg.sae_batch_size
     loader = data.Loader(
-        acts, batch_size=B, shuffle=True, seed=cfg.seed, n_threads=cfg.n_workers, device=layout.replicated,
+        acts, batch_size=B, shuffle=True, seed=layout.data_seed, n_threads=cfg.n_workers, device=layout.replicated,
         start_batch=start, read_mode=layout.read_mode,
     )  # fmt: skip
     batches = iter(loader)

@@ -140,9 +140,6 @@ def run_process(script: str, *args: str, **env: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="open: a run killed after rung 1 and resumed ends within float32 noise "
-                   "(eval MSE within 0.2%) of the uninterrupted run, not bit for bit; the state at the snapshot is "
-                   "identical and a resume of the uninterrupted run's own snapshot matches it (see the halving report)")
 def test_a_resume_across_a_rung_is_bit_identical(tmp_path, shards, uninterrupted):
     """Killed right after the snapshot of step 15 (after rung 1, in the repacked layout), then the same command again."""
     sweep = tmp_path / "sweep.toml"
@@ -208,7 +205,7 @@ print(json.dumps(ids))
 @pytest.mark.parametrize("n_devices", [2, 4])
 def test_several_devices_chunks_mixed_kinds_and_divergence(tmp_path, shards, n_devices):
     """One group of ReLU (with targets, one diverging) and TopK SAEs on several CPU devices, one SAE at a time:
-    every checkpoint finished; per tier lr 0 stops at rung 1; the diverged SAE is marked, not stopped."""
+    every checkpoint finished; one SAE per tier stops at each rung; the diverged SAE is marked, not stopped."""
     relu = tmp_path / "relu.toml"
     relu.write_text(sweep_text(shards, tmp_path / "ckpt", extra="sae_chunk = 1").replace(
         f"lr = {list(LRS)}", f"lr = {list(LRS) + [1e30]}"))  # fmt: skip
@@ -222,10 +219,16 @@ def test_several_devices_chunks_mixed_kinds_and_divergence(tmp_path, shards, n_d
                           text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = checkpoints(tmp_path / "ckpt")
-    assert len(got) == 4 * 2 + 3
+    assert len(got) == 4 * 2 + 3  # ReLU: 4 learning rates x 2 targets; TopK: 3 learning rates.
+    tiers: dict[tuple, list] = {}
     for (kind, lr, target), (_params, metrics) in got.items():
         if lr == 1e30:
             assert metrics["diverged"] is True and "stopped_at_step" not in metrics
-        elif lr == 0.0:
-            assert metrics["stopped_at_step"] == 12, (kind, lr, target)
-        assert np.isfinite(metrics["mse"]) or lr == 1e30
+            continue
+        assert metrics["diverged"] is False and np.isfinite(metrics["mse"])
+        tiers.setdefault((kind, target), []).append((metrics.get("stopped_at_step"), lr))
+    assert len(tiers) == 3
+    for tier, stops in tiers.items():
+        # Each tier of 3: one stops at each rung; the fastest learner goes on to the end.
+        assert sorted(stops, key=lambda s: (s[0] is None, s[0]))[2] == (None, 1e-2), (tier, stops)
+        assert sorted(s for s, _ in stops if s is not None) == [12, 25], (tier, stops)
