@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from saev_jax import config, rows, synthetic, train, training
+from saev_jax import config, rows, summary, synthetic, train, training
 
 D = 8
 LRS = (0.0, 3e-4, 1e-2)
@@ -191,6 +191,13 @@ def test_a_stopped_sae_is_never_best():
     table = [rows.make_row("a", cfg, good | {"stopped_at_step": 10}), rows.make_row("b", cfg, good | {"quality": 1.0})]
     assert table[0]["stopped_at_step"] == 10 and table[1]["stopped_at_step"] == ""
     assert rows.best(table) == [1]
+    text = summary.format_table(table) + "\n" + summary.legend(table)
+    header = text.splitlines()[0].split()
+    assert header[-2:] == ["stopped", "note"]
+    assert text.splitlines()[2].split()[-1] == "10"  # Row "a": stopped at step 10, no note.
+    assert "stopped: the step at which prune = halving stopped" in text
+    # Without a stopped SAE the table is as before.
+    assert "stopped" not in summary.format_table(table[1:]).splitlines()[0]
 
 
 SLOW_DEVICES = """
