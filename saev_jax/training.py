@@ -778,9 +778,12 @@ def train_round(
     what log lines call the round (`group-1`: its place in this run).
 
     The phases, in order: skip if done; compile (within the memory limit) while the
-    statistics are read; find the snapshot to resume from; train; copy the real SAEs off the
-    training state and free it; write the parameters; evaluate (chunks checked against the
-    same limit); write the metrics, log and plot.
+    statistics are read; find the snapshot to resume from (in the layout its `Progress` says);
+    train (`train_pruned`: under `prune = "halving"` the rungs write the SAEs they stop and
+    repack the rest); copy the real SAEs off the training state and free it; write the
+    parameters; evaluate, the stopped SAEs read back from their checkpoints and evaluated with
+    their kind and width (chunks checked against the same limit); write the metrics
+    (`stopped_at_step` for the stopped ones), log and plot.
     """
     cfg = cfgs[0]
     ckpt_dpath = pathlib.Path(cfg.ckpt_path)
