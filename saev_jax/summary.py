@@ -47,7 +47,11 @@ def _fmt(value: object) -> str:
 
 def _table_cells(row: dict[str, object], columns: tuple[str, ...] = TABLE_COLUMNS) -> list[str]:
     own = config.SETTINGS.get(row["kind"], "sparsity_coeff")
-    shown = row | {"sparsity": row[own], "expl_var": row["explained_variance"], "stopped": row.get("stopped_at_step", "")}
+    shown = row | {
+        "sparsity": row[own],
+        "expl_var": row["explained_variance"],
+        "stopped": row.get("stopped_at_step", ""),
+    }
     return [_fmt(shown[c]) for c in columns]
 
 

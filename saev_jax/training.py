@@ -485,7 +485,9 @@ def layout_for(layout: Layout, alive: list[int], rnd: plan.Round) -> Layout:
                   read_mode=layout.read_mode, b_dec_seed=layout.b_dec_seed, data_seed=layout.data_seed)  # fmt: skip
 
 
-def repack_state(old: Layout, old_alive: list[int], state: step.GroupState, new: Layout, new_alive: list[int]) -> step.GroupState:
+def repack_state(
+    old: Layout, old_alive: list[int], state: step.GroupState, new: Layout, new_alive: list[int]
+) -> step.GroupState:
     """`state` (laid out as `old`, whose configs are the round's `old_alive`) with only the round's `new_alive`,
     laid out as `new`: every SAE's parameters, optimizer and kind state carried bit for bit; pads are copies
     of their stack's first SAE (learning rate 0: they never change anyone)."""
@@ -809,7 +811,8 @@ def train_round(
 
     def like(meta: dict) -> step.GroupState:
         nonlocal layout, compiled, progress
-        progress = Progress.from_json(meta["progress"])
+        if "progress" in meta:  # Snapshots from before halving have none: nothing was pruned then.
+            progress = Progress.from_json(meta["progress"])
         if progress.round is not None:
             layout, compiled = layout_for(full, progress.alive, round_from_json(progress.round)), None
         return layout.abstract_group_state()

@@ -217,9 +217,7 @@ def test_several_devices_chunks_mixed_kinds_and_divergence(tmp_path, shards, n_d
     relu.write_text(sweep_text(shards, tmp_path / "ckpt", extra="sae_chunk = 1").replace(
         f"lr = {list(LRS)}", f"lr = {list(LRS) + [1e30]}"))  # fmt: skip
     topk = tmp_path / "topk.toml"
-    topk.write_text(
-        sweep_text(shards, tmp_path / "ckpt", extra="sae_chunk = 1", sae_extra='kind = "topk"\nk = 4')
-    )
+    topk.write_text(sweep_text(shards, tmp_path / "ckpt", extra="sae_chunk = 1", sae_extra='kind = "topk"\nk = 4'))
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(n_devices), WANDB_MODE="disabled",
                PYTHONPATH=str(pathlib.Path(__file__).parent.parent))  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", SLOW_DEVICES, str(relu), str(topk)], env=env, capture_output=True,
