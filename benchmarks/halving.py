@@ -70,7 +70,32 @@ def run_once(shards: pathlib.Path, tmp: pathlib.Path, args, prune: bool) -> dict
             saes.append({"lr": cfg["lr"], "target_l0": cfg["sae"]["target_l0"], "mse": m["mse"], "l0": m["l0"],
                          "stopped_at_step": m.get("stopped_at_step")})  # fmt: skip
     rungs = [line for line in proc.stderr.splitlines() if "rung " in line]
-    return {"seconds": seconds, "n_checkpoints": len(saes), "saes": saes, "rung_lines": rungs}
+    return {"seconds": seconds, "n_checkpoints": len(saes), "saes": saes, "rung_lines": rungs,
+            "phases": phases(proc.stderr, seconds)}  # fmt: skip
+
+
+def phases(stderr: str, seconds: float) -> dict[str, float]:
+    """Seconds from the first log line to the first compiled step, to the start of evaluation, and the rest,
+    from the log's timestamps (`%(asctime)s`, millisecond resolution)."""
+    import datetime
+
+    stamps = []
+    for line in stderr.replace("\r", "\n").splitlines():
+        try:
+            t = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        except ValueError:
+            continue
+        stamps.append((t, line[24:]))
+    if not stamps:
+        return {}
+    t0 = stamps[0][0]
+
+    def first(text: str) -> float:
+        return next(((t - t0).total_seconds() for t, rest in stamps if text in rest), float("nan"))
+
+    train_start, eval_start = first("Compiled the step"), first("Evaluation:")
+    return {"to_first_compile": train_start, "training": eval_start - train_start, "evaluation_and_after": (stamps[-1][0] - t0).total_seconds() - eval_start,
+            "process": seconds}  # fmt: skip
 
 
 def best_mse(saes: list[dict], target: float) -> float:
@@ -123,9 +148,14 @@ def main() -> None:
         harness.machine_line(results["machine"]), "",
         f"8 ReLU SAEs (lr {list(LRS)} x target_l0 {list(TARGETS)}), d_vit {args.d_vit}, d_sae {args.d_vit * args.exp_factor}, "
         f"{args.n_patches} examples in batches of {args.batch_size}; default rungs (0.25, 0.5), keep 0.5; "
-        f"whole `python -m saev_jax.train` runs, {args.repeats} repeat(s) each, taking turns, medians.", "",
+        f"whole `python -m saev_jax.train` runs, {args.repeats} repeat(s) each, taking turns, medians. "
+        "Phases from the log's timestamps: start to the first compiled step (statistics, planning, compiling), "
+        "training (rungs and their recompiles included), then evaluation and writing.", "",
         *harness.table(["", "full grid", "halving", "ratio (goal <= 0.65)"], [
             ["wall seconds", f"{full_s:.1f}", f"{halving_s:.1f}", f"{halving_s / full_s:.3f}"],
+            *[[f"of which {name.replace('_', ' ')} (last run)", f"{last_full['phases'].get(name, float('nan')):.1f}",
+               f"{last_halving['phases'].get(name, float('nan')):.1f}", ""]
+              for name in ("to_first_compile", "training", "evaluation_and_after")],
             ["checkpoints written", last_full["n_checkpoints"], last_halving["n_checkpoints"], ""],
         ]), "",
         *harness.table(["target_l0", "full grid best eval MSE", "halving best eval MSE", "ratio (goal <= 1.02)"], [
