@@ -439,11 +439,12 @@ class Progress:
 
 
 def rung_steps(cfg: config.Train) -> list[int]:
-    """The steps after which `prune = "halving"` holds its rungs (`int(f * n_steps)`, at least 1); [] without pruning."""
+    """The steps after which `prune = "halving"` holds its rungs (`int(f * n_steps)`, at least 1; two fractions
+    that round to the same step make one rung); [] without pruning."""
     if cfg.prune != "halving":
         return []
     n = n_train_steps(cfg)
-    return [max(1, int(f * n)) for f in cfg.prune_rungs]
+    return sorted({max(1, int(f * n)) for f in cfg.prune_rungs})
 
 
 def subset_round(layout: Layout, keep: list[int], n_devices: int) -> plan.Round:

@@ -183,6 +183,8 @@ def test_rung_steps():
     cfg = config.Train(prune="halving", n_patches=6400, sae_batch_size=64, prune_rungs=(0.25, 0.5))
     assert training.rung_steps(cfg) == [25, 50]
     assert training.rung_steps(config.Train(n_patches=6400, sae_batch_size=64)) == []
+    tiny = config.Train(prune="halving", n_patches=256, sae_batch_size=64, prune_rungs=(0.1, 0.2, 0.6))
+    assert training.rung_steps(tiny) == [1, 3]  # 5 steps: 0.1 and 0.2 both give step 1 (0 and 1; at least 1).
 
 
 def test_a_stopped_sae_is_never_best():
