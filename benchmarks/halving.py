@@ -75,8 +75,9 @@ def run_once(shards: pathlib.Path, tmp: pathlib.Path, args, prune: bool) -> dict
 
 
 def phases(stderr: str, seconds: float) -> dict[str, float]:
-    """Seconds from the first log line to the first compiled step, to the start of evaluation, and the rest,
-    from the log's timestamps (`%(asctime)s`, millisecond resolution)."""
+    """Seconds from the first log line to the first compiled step, then to the start of evaluation (training),
+    from the log's timestamps (`%(asctime)s`, millisecond resolution); the rest of the process's `seconds`
+    (evaluation, writing, the summary, and the interpreter's start before the first log line)."""
     import datetime
 
     stamps = []
@@ -94,7 +95,7 @@ def phases(stderr: str, seconds: float) -> dict[str, float]:
         return next(((t - t0).total_seconds() for t, rest in stamps if text in rest), float("nan"))
 
     train_start, eval_start = first("Compiled the step"), first("Evaluation:")
-    return {"to_first_compile": train_start, "training": eval_start - train_start, "evaluation_and_after": (stamps[-1][0] - t0).total_seconds() - eval_start,
+    return {"to_first_compile": train_start, "training": eval_start - train_start, "evaluation_and_after": seconds - eval_start,
             "process": seconds}  # fmt: skip
 
 
