@@ -11,6 +11,9 @@ healthy (its `note` says why, and it is never starred) when
   data's mean would); when fvu is unknown, `mse > MSE_LIMIT` on normalised data (whose mean
   squared element is about 1, so no usable SAE comes near); or every latent dead.
 
+An SAE that `prune = "halving"` stopped early (`stopped_at_step`) is healthy but never starred:
+it trained on fewer examples than the others, and stopped because it ranked low among its tier.
+
 Qualities are estimates with a standard error (`quality_stderr`): every healthy SAE whose
 quality is within the combined standard error sqrt(se_best^2 + se^2) of the best one's is
 starred too, as a tie the evaluation cannot resolve.
@@ -28,7 +31,7 @@ COLUMNS = (
     "run_id", "kind", "d_sae", "sparsity_coeff", "k", "l0_coefficient", "lr",
     "mse", "fvu", "explained_variance", "l0", "l1", "n_dead", "n_almost_dead", "n_dense",
     "quality", "quality_stderr", "rel_bias", "cos_sim", "dec_redundancy", "target_l0", "final_sparsity_coeff",
-    "diverged_step", "note",
+    "diverged_step", "stopped_at_step", "note",
 )  # fmt: skip
 """Columns of summary.csv, in order. A sparsity setting the row's kind does not read is empty."""
 Entry = tuple[str, config.Train, EvalMetrics | Mapping[str, object]]
@@ -86,6 +89,8 @@ def make_row(run_id: str, cfg: config.Train, metrics: EvalMetrics | Mapping[str,
         row[key] = "" if scalars.get(key) is None else float(scalars[key])
     step = scalars.get("diverged_step")
     row["diverged_step"] = "" if step is None else int(step)
+    stopped = scalars.get("stopped_at_step")
+    row["stopped_at_step"] = "" if stopped is None else int(stopped)
     row["note"] = health(cfg, scalars)
     return {col: row[col] for col in COLUMNS}
 
@@ -94,9 +99,12 @@ def best(rows: list[dict[str, object]]) -> list[int]:
     """Positions of the starred rows: the healthy row of highest quality and every healthy row tied with it.
 
     Tied: its quality is within sqrt(se_best^2 + se^2) of the best's (a NaN stderr counts as 0).
-    Empty when no row is healthy.
+    Rows stopped early (`stopped_at_step`) are never starred. Empty when no row is healthy.
     """
-    healthy = [i for i, r in enumerate(rows) if r["note"] == "" and math.isfinite(r["quality"])]
+    healthy = [
+        i for i, r in enumerate(rows)
+        if r["note"] == "" and math.isfinite(r["quality"]) and r.get("stopped_at_step", "") == ""
+    ]  # fmt: skip
     if not healthy:
         return []
     top = max(healthy, key=lambda i: rows[i]["quality"])

@@ -45,17 +45,29 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def _table_cells(row: dict[str, object]) -> list[str]:
+def _table_cells(row: dict[str, object], columns: tuple[str, ...] = TABLE_COLUMNS) -> list[str]:
     own = config.SETTINGS.get(row["kind"], "sparsity_coeff")
-    shown = row | {"sparsity": row[own], "expl_var": row["explained_variance"]}
-    return [_fmt(shown[c]) for c in TABLE_COLUMNS]
+    shown = row | {
+        "sparsity": row[own],
+        "expl_var": row["explained_variance"],
+        "stopped": row.get("stopped_at_step", ""),
+    }
+    return [_fmt(shown[c]) for c in columns]
+
+
+def _columns(rows: list[dict[str, object]]) -> tuple[str, ...]:
+    """`TABLE_COLUMNS`, with `stopped` (the step prune = halving stopped an SAE at) before `note` when some row has one."""
+    if not any(r.get("stopped_at_step", "") != "" for r in rows):
+        return TABLE_COLUMNS
+    return TABLE_COLUMNS[:-1] + ("stopped", TABLE_COLUMNS[-1])
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
-    """A fixed-width text table of `TABLE_COLUMNS`; the rows of `best` are marked `*`."""
+    """A fixed-width text table of `TABLE_COLUMNS` (and `stopped`, `_columns`); the rows of `best` are marked `*`."""
     starred = set(best(rows))
-    cells = [list(TABLE_COLUMNS)] + [_table_cells(r) for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(TABLE_COLUMNS))]
+    columns = _columns(rows)
+    cells = [list(columns)] + [_table_cells(r, columns) for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = []
     for i, row in enumerate(cells):
         mark = "*" if i - 1 in starred else " "
@@ -76,7 +88,9 @@ def legend(rows: list[dict[str, object]]) -> str:
         "fvu: fraction of variance unexplained, expl_var = 1 - fvu.",
         "sparsity: the kind's own setting: sparsity_coeff (relu), k (topk, batchtopk, matryoshka), l0_coefficient (jumprelu).",
         f"{star}; an SAE with a note (diverged, evaluation failed, broken) is never starred.",
-    ])  # fmt: skip
+    ] + ([
+        "stopped: the step at which prune = halving stopped the SAE (it ranked low in its tier); never starred."
+    ] if _columns(rows) != TABLE_COLUMNS else []))  # fmt: skip
 
 
 def write_summary(ckpt_dpath: str | pathlib.Path, entries: list[Entry], *, file=None) -> pathlib.Path:

@@ -148,7 +148,9 @@ class Layout:
 
     `read_mode` is the data's resolved read mode (None: the config's, `auto` resolved by the
     loader) and `b_dec_seed` keys the b_dec sample (None: the first config's `sae.seed`); the
-    group fixes both once (`GroupPlan`), whatever its rounds.
+    group fixes both once (`GroupPlan`), whatever its rounds. `data_seed` keys the data order
+    (None: the first config's `seed`): a layout repacked at a rung keeps its round's, so the
+    batches do not change with which SAEs are left.
     """
 
     def __init__(
@@ -160,8 +162,10 @@ class Layout:
         *,
         read_mode: str | None = None,
         b_dec_seed: int | None = None,
+        data_seed: int | None = None,
     ):
         self.cfgs = cfgs
+        self.data_seed = cfgs[0].seed if data_seed is None else data_seed
         self.round = rnd
         self.mesh = mesh
         self.limit = limit
@@ -204,7 +208,8 @@ class Layout:
         """This layout with other chunk sizes (same stacks, configs and data settings)."""
         stacks = tuple(dataclasses.replace(st, chunk=c) for st, c in zip(self.round.stacks, chunks, strict=True))
         rnd = dataclasses.replace(self.round, stacks=stacks)
-        return Layout(self.cfgs, rnd, self.mesh, self.limit, read_mode=self.read_mode, b_dec_seed=self.b_dec_seed)
+        return Layout(self.cfgs, rnd, self.mesh, self.limit, read_mode=self.read_mode, b_dec_seed=self.b_dec_seed,
+                      data_seed=self.data_seed)  # fmt: skip
 
     def usable(self) -> int | None:
         """Bytes per device the step may use (None without a limit)."""
@@ -348,29 +353,158 @@ class Snapshots:
         os.replace(tmp, self.dpath / "done.json")
         snapshot.clear(self.dpath)
 
-    def find(self, like: step.GroupState) -> tuple[step.GroupState, dict] | None:
-        """The latest intact snapshot restored onto `like`'s shardings, and its meta; None if none.
+    def find(self, like: Callable[[dict], step.GroupState]) -> tuple[step.GroupState, dict] | None:
+        """The latest intact snapshot restored onto the shardings of `like(meta)`, and its meta; None if none.
 
         Its configs are compared with this round's before any tensor is read, so a changed
-        sweep is refused naming the key that changed.
+        sweep is refused naming the key that changed. `like` gets the snapshot's meta (its
+        `progress` says which SAEs are still training, hence the layout).
         """
         found = snapshot.latest(self.dpath)
         if found is None:
             return None
-        self.check_configs(snapshot.read_meta(found[1])["configs"], f"the snapshot of step {found[0]}")
-        return snapshot.restore(found[1], like)
+        meta = snapshot.read_meta(found[1])
+        self.check_configs(meta["configs"], f"the snapshot of step {found[0]}")
+        return snapshot.restore(found[1], like(meta))
 
-    def save(self, state: step.GroupState, run: wandb_queue.ParallelWandbRun) -> None:
-        """Writes a snapshot of `state` (every process must call: the state is gathered)."""
+    def save(self, state: step.GroupState, run: wandb_queue.ParallelWandbRun, progress: "Progress") -> None:
+        """Writes a snapshot of `state` and `progress` (every process must call: the state is gathered)."""
         host = to_host(state)
         if launch.is_lead():
             step_i = int(host.step)
             meta = {"name": self.name, "step": step_i, "ids": list(run.ids), "configs": self.cfgs,
-                    "journal_positions": run.positions()}  # fmt: skip
+                    "journal_positions": run.positions(), "progress": progress.to_json()}  # fmt: skip
             t0 = time.perf_counter()
             snapshot.save(self.dpath, step_i, host, meta)
             logger.info("Snapshot of %s at step %d written in %.1f s.", self.name, step_i, time.perf_counter() - t0)
         launch.barrier(f"{self.name} snapshot")
+
+
+RUNNING_DECAY = 0.9
+"""Decay per logged step of each SAE's running MSE and L0 (`Progress`): about the last 10 log steps count."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a round keeps on the host beside its `GroupState`, in its snapshots' meta (JSON, exact).
+
+    - `running`: per config of the round, a debiased EMA (decay `RUNNING_DECAY` per log step)
+      of its training MSE and L0, from the metrics the loop already fetches every `log_every`
+      steps (and at the step before each rung): `{"mse": [...], "l0": [...], "weight": [...]}`,
+      the EMA sums not yet divided by `weight` (NaN where an SAE has none yet).
+    - `alive`: the round's config positions still training, in order (`prune = "halving"`
+      shrinks it at its rungs; a diverged SAE leaves it at the next rung).
+    - `retired`: config position (a string, as JSON keys are) -> how it left training:
+      `{"step", "why", "diverged_step", "steering"}` (`why` None for a diverged SAE). Its
+      parameters are in its checkpoint directory since then; it is evaluated with the rest.
+    - `rungs`: one `{"step", "stopped", "diverged"}` per rung passed (config positions).
+    - `round`: the current layout's `plan.Round` (JSON) once repacked, else None: a resume
+      rebuilds exactly that layout.
+    """
+
+    running: dict[str, list[float]]
+    alive: list[int]
+    retired: dict[str, dict]
+    rungs: list[dict]
+    round: dict | None = None
+
+    @classmethod
+    def fresh(cls, n: int) -> "Progress":
+        nan = [float("nan")] * n
+        return cls({"mse": list(nan), "l0": list(nan), "weight": [0.0] * n}, list(range(n)), {}, [], None)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Progress":
+        return cls(d["running"], list(d["alive"]), d["retired"], d["rungs"], d["round"])
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def observe(self, metrics: list[dict[str, object] | None]) -> None:
+        """Adds one log step's metrics (per config of the round; None for one not training) to the EMAs."""
+        for i, m in enumerate(metrics):
+            if m is None or bool(m["diverged"]):
+                continue
+            w = self.running["weight"][i]
+            for key in ("mse", "l0"):
+                old = 0.0 if w == 0.0 else self.running[key][i]
+                self.running[key][i] = RUNNING_DECAY * old + (1 - RUNNING_DECAY) * float(m[key])
+            self.running["weight"][i] = RUNNING_DECAY * w + (1 - RUNNING_DECAY)
+
+    def mean(self, key: str) -> np.ndarray:
+        """The debiased running `key` ("mse" or "l0") per config of the round (NaN where none was seen)."""
+        w = np.asarray(self.running["weight"], np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(w > 0, np.asarray(self.running[key], np.float64) / w, np.nan)
+
+
+def rung_steps(cfg: config.Train) -> list[int]:
+    """The steps after which `prune = "halving"` holds its rungs (`int(f * n_steps)`, at least 1; two fractions
+    that round to the same step make one rung); [] without pruning."""
+    if cfg.prune != "halving":
+        return []
+    n = n_train_steps(cfg)
+    return sorted({max(1, int(f * n)) for f in cfg.prune_rungs})
+
+
+def subset_round(layout: Layout, keep: list[int], n_devices: int) -> plan.Round:
+    """`layout`'s round for only its configs at positions `keep` (renumbered 0..), each stack padded for the
+    devices again and its chunk the largest divisor of its new share no larger than before."""
+    stacks = []
+    position = {j: k for k, j in enumerate(keep)}
+    for s in layout.round.stacks:
+        indices = tuple(position[j] for j in s.cfg_indices if j in position)
+        if not indices:
+            continue
+        n_padded = -(-len(indices) // n_devices) * n_devices
+        chunk = max(c for c in plan.divisors(n_padded // n_devices) if c <= s.chunk)
+        stacks.append(dataclasses.replace(s, cfg_indices=indices, n_padded=n_padded, chunk=chunk))
+    return dataclasses.replace(layout.round, stacks=tuple(stacks))
+
+
+def repacked_round(layout: Layout, keep: list[int]) -> plan.Round:
+    """The round of `layout`'s configs at positions `keep`: the planner's layout of them (it may give larger
+    chunks) when it fits them in one round, else `subset_round` (which fits wherever `layout` did)."""
+    devices = list(layout.mesh.devices.flat)
+    cfgs = [layout.cfgs[j] for j in keep]
+    fallback = subset_round(layout, keep, len(devices))
+    if layout.limit is None:
+        return fallback
+    largest = max(s.n_padded // len(devices) for s in fallback.stacks)
+    if cfgs[0].sae_chunk > largest:  # The planner refuses a chunk larger than any share: clamp it.
+        cfgs = [dataclasses.replace(c, sae_chunk=largest) for c in cfgs]
+    try:
+        planned = plan.make_plan(cfgs, devices, layout.limit, "the round being repacked")
+    except config.InputError:
+        return fallback
+    return planned.rounds[0] if len(planned.rounds) == 1 else fallback
+
+
+def layout_for(layout: Layout, alive: list[int], rnd: plan.Round) -> Layout:
+    """The layout of the round configs `alive` (positions in `layout.cfgs`) laid out as `rnd`, with `layout`'s data settings."""
+    return Layout([layout.cfgs[i] for i in alive], rnd, layout.mesh, layout.limit,
+                  read_mode=layout.read_mode, b_dec_seed=layout.b_dec_seed, data_seed=layout.data_seed)  # fmt: skip
+
+
+def repack_state(
+    old: Layout, old_alive: list[int], state: step.GroupState, new: Layout, new_alive: list[int]
+) -> step.GroupState:
+    """`state` (laid out as `old`, whose configs are the round's `old_alive`) with only the round's `new_alive`,
+    laid out as `new`: every SAE's parameters, optimizer and kind state carried bit for bit; pads are copies
+    of their stack's first SAE (learning rate 0: they never change anyone)."""
+    host = to_host(state)
+    where = {}  # round position -> (old stack, slot)
+    for k, s in enumerate(old.round.stacks):
+        for j, i in enumerate(s.cfg_indices):
+            where[old_alive[i]] = (k, j)
+    stacks = []
+    for s in new.round.stacks:
+        slots = [where[new_alive[i]] for i in s.cfg_indices]
+        (k,) = {k for k, _ in slots}  # One stack per kind and shape, before and after.
+        idx = np.array([j for _, j in slots] + [slots[0][1]] * (s.n_padded - len(slots)))
+        stacks.append(jax.tree.map(lambda leaf, idx=idx: np.asarray(leaf)[idx], host.stacks[k]))
+    out = step.GroupState(stacks=tuple(stacks), step=np.asarray(host.step))
+    return jax.device_put(out, step.group_state_sharding(out, new.mesh))
 
 
 def train(
@@ -385,7 +519,32 @@ def train(
 ) -> step.GroupState:
     """Trains one round of a group from `state` (default: a fresh one); logs through `run`; returns the final state.
 
-    With `snapshots`, the state is saved every `save_every` steps, when training ends, and
+    `train_pruned` with a fresh `Progress` (its final layout dropped): for rounds without
+    `prune = "halving"`, whose layout never changes.
+    """
+    return train_pruned(layout, acts, preprocess, run, state=state, snapshots=snapshots, compiled=compiled)[0]
+
+
+def train_pruned(
+    layout: Layout,
+    acts: data.Activations,
+    preprocess: data.Preprocess,
+    run: wandb_queue.ParallelWandbRun,
+    *,
+    state: step.GroupState | None = None,
+    snapshots: Snapshots | None = None,
+    compiled: Compiled | None = None,
+    progress: Progress | None = None,
+    ckpt_dpath: pathlib.Path | None = None,
+) -> tuple[step.GroupState, Layout]:
+    """Trains one round from `state` (default: a fresh one); logs through `run`; returns the final state and its layout.
+
+    `layout` is the layout `state` has (the SAEs `progress.alive` of the round, `run` holding
+    one wandb run per config of the whole round); `progress` (default: fresh) is updated in
+    place: the running metrics at every log step and, under `prune = "halving"`, the rungs
+    (`hold_rung`: the stopped SAEs are written to `ckpt_dpath / <run id>`, the others repacked
+    into a smaller layout with its own compiled step; the data order is unchanged).
+    With `snapshots`, the state and `progress` are saved every `save_every` steps, when training ends, and
     when SIGTERM or SIGINT arrives (then the wandb runs are suspended, their journals kept for
     the resume, and the process exits with 128 + the signal number).
     `compiled` is `layout.compile_within_limit()`'s result if the caller already has it (its
@@ -396,11 +555,14 @@ def train(
     layout = compiled.layout
     if state is None:
         state = layout.init_group_state(acts, preprocess)
+    progress = progress or Progress.fresh(len(layout.cfgs))
+    n_round = len(progress.running["weight"])
     start = int(to_host(state.step))
     n_steps = n_train_steps(cfg)
+    rungs = rung_steps(cfg)
     B = cfg.sae_batch_size
     loader = data.Loader(
-        acts, batch_size=B, shuffle=True, seed=cfg.seed, n_threads=cfg.n_workers, device=layout.replicated,
+        acts, batch_size=B, shuffle=True, seed=layout.data_seed, n_threads=cfg.n_workers, device=layout.replicated,
         start_batch=start, read_mode=layout.read_mode,
     )  # fmt: skip
     batches = iter(loader)
@@ -419,9 +581,23 @@ def train(
             for i in bar:
                 x_BD, _ = next(batches)
                 state, metrics = compiled.step(state, layout.hparams, preprocess, x_BD)
-                if i % cfg.log_every == 0 or i == n_steps - 1:
-                    metrics = layout.real_metrics(to_host(metrics))  # The one host transfer of a log step.
-                    run.log(_metrics_for_wandb(metrics, n_seen=(i + 1) * B), step=i)
+                rung = len(progress.rungs) < len(rungs) and i + 1 == rungs[len(progress.rungs)]
+                if i % cfg.log_every == 0 or i == n_steps - 1 or rung:
+                    # The one host transfer of a log step; per config of the round (None: not training).
+                    fetched = layout.real_metrics(to_host(metrics))
+                    metrics = [None] * n_round
+                    for k, m in zip(progress.alive, fetched):
+                        metrics[k] = m
+                    progress.observe(metrics)
+                    extra = [{} for _ in range(n_round)]
+                    if rung:
+                        new, state, extra = hold_rung(layout, state, progress, run, i + 1, preprocess, ckpt_dpath)
+                        if new is not layout:  # Fewer SAEs: their own step (the chunks that fit are stored).
+                            compiled = new.compile_within_limit(preprocess)
+                            layout = compiled.layout
+                            progress.round = dataclasses.asdict(layout.round)
+                            bar.set_description(f"train {len(layout.cfgs)} SAEs")
+                    run.log([w | e for w, e in zip(_metrics_for_wandb(metrics, n_seen=(i + 1) * B), extra)], step=i)
                     now = time.perf_counter()
                     rate = (i + 1 - last_step) * B / max(now - last_t, 1e-9)
                     last_t, last_step = now, i + 1
@@ -429,7 +605,7 @@ def train(
                 if snapshots is None:
                     continue
                 if stop.signum is not None or (cfg.save_every and (i + 1) % cfg.save_every == 0 and i + 1 < n_steps):
-                    snapshots.save(state, run)
+                    snapshots.save(state, run, progress)
                 if stop.signum is not None:
                     run.suspend()  # Journals kept, not replayed: the resume continues them.
                     name = signal.Signals(stop.signum).name
@@ -440,20 +616,95 @@ def train(
     finally:
         batches.close()
     if snapshots is not None and start < n_steps:
-        snapshots.save(state, run)  # Evaluation may still fail; the trained state is safe first.
-    return state
+        snapshots.save(state, run, progress)  # Evaluation may still fail; the trained state is safe first.
+    return state, layout
+
+
+def hold_rung(
+    layout: Layout,
+    state: step.GroupState,
+    progress: Progress,
+    run: wandb_queue.ParallelWandbRun,
+    at: int,
+    preprocess: data.Preprocess,
+    ckpt_dpath: pathlib.Path | None,
+) -> tuple[Layout, step.GroupState, list[dict[str, object]]]:
+    """One rung of successive halving after `at` steps: which SAEs stop (`steer.halving_stops` on the running
+    MSE and L0 of the SAEs still training and not diverged), their checkpoints written (parameters only,
+    evaluated with the rest at the end), one log line, and the others repacked (`repack_state`).
+
+    A diverged SAE leaves training here too (it is frozen, so it only costs time), unless no SAE would
+    be left. Returns the new layout (not yet compiled), state, and per config of the round what wandb gets
+    at this step (`progress/stopped_at_step` for the stopped ones). Every process must call it.
+    """
+    cfg = layout.cfgs[0]
+    n_round = len(progress.running["weight"])
+    round_cfgs: list[config.Train | None] = [None] * n_round
+    for k, c in zip(progress.alive, layout.cfgs):
+        round_cfgs[k] = c
+    bundles = layout.real_saes(state)
+    diverged_at: dict[int, int] = {}
+    where: dict[int, tuple[kinds.Inference, int]] = {}
+    for indices, saes, div in bundles:
+        for j, (local, d) in enumerate(zip(indices, div)):
+            k = progress.alive[local]
+            diverged_at[k] = int(d)
+            where[k] = (saes, j)
+    alive = np.zeros(n_round, bool)
+    alive[[k for k in progress.alive if diverged_at[k] < 0]] = True
+    tiers = [steer.tier(c) if c is not None else ("-",) for c in round_cfgs]
+    decided = steer.halving_stops(tiers, progress.mean("mse"), progress.mean("l0"), alive, cfg.prune_keep)
+    stopped = [k for k in progress.alive if decided.stop[k]]
+    diverged = [k for k in progress.alive if diverged_at[k] >= 0]
+    if len(stopped) + len(diverged) == len(progress.alive):
+        diverged = []  # Every SAE left is diverged: keep them, there is nothing to repack into.
+    n_rung = len(progress.rungs) + 1
+    n_rungs = len(rung_steps(cfg))
+    reasons = "; ".join(f"{run.ids[k]}: {decided.why[k]}" for k in stopped)
+    logger.info(
+        "rung %d/%d at step %d: stopping %d of %d SAEs%s%s", n_rung, n_rungs, at, len(stopped), int(alive.sum()),
+        f": {reasons}" if reasons else "",
+        f" (and {len(diverged)} diverged: {', '.join(run.ids[k] for k in diverged)})" if diverged else "",
+    )  # fmt: skip
+    extra: list[dict[str, object]] = [{} for _ in range(n_round)]
+    for k in stopped + diverged:
+        saes, j = where[k]
+        sae, kind_state, hp = jax.tree.map(lambda leaf: leaf[j], (saes.sae, saes.kind_state, saes.hp))
+        progress.retired[str(k)] = {
+            "step": at,
+            "why": decided.why[k] if k in stopped else None,
+            "diverged_step": diverged_at[k] if diverged_at[k] >= 0 else None,
+            "steering": steer.report(hp, kind_state),
+        }
+        if k in stopped:
+            extra[k] = {"progress/stopped_at_step": at}
+        if launch.is_lead() and ckpt_dpath is not None:
+            kind_tensors = jax.device_get(sae.inference_tensors(kind_state))
+            save_checkpoint(sae, ckpt_dpath / run.ids[k], round_cfgs[k], preprocess, kind_tensors)
+    progress.rungs.append({"step": at, "stopped": stopped, "diverged": diverged})
+    del bundles, where
+    if not stopped and not diverged:
+        return layout, state, extra
+    new_alive = [k for k in progress.alive if k not in stopped and k not in diverged]
+    keep = [progress.alive.index(k) for k in new_alive]
+    new = layout_for(layout, keep, repacked_round(layout, keep))
+    state = repack_state(layout, progress.alive, state, new, new_alive)
+    progress.alive = new_alive
+    progress.round = dataclasses.asdict(new.round)
+    return new, state, extra
 
 
 def loss_postfix(metrics: list[dict[str, object]]) -> dict[str, str]:
     """The training bar's loss: the best and median over the SAEs that have not diverged."""
-    live = [float(m["loss"]) for m in metrics if not m["diverged"]]
+    live = [float(m["loss"]) for m in metrics if m is not None and not m["diverged"]]
     if not live:
         return {"loss": "all diverged"}
     return {"best_loss": f"{min(live):.4g}", "median_loss": f"{float(np.median(live)):.4g}"}
 
 
-def _metrics_for_wandb(metrics: list[dict[str, np.ndarray]], *, n_seen: int) -> list[dict[str, object]]:
-    """One wandb dict per SAE with SPEC 3's keys (and `diverged`), from each SAE's host metrics.
+def _metrics_for_wandb(metrics: list[dict[str, np.ndarray] | None], *, n_seen: int) -> list[dict[str, object]]:
+    """One wandb dict per SAE with SPEC 3's keys (and `diverged`), from each SAE's host metrics ({} for None:
+    an SAE that stopped training).
 
     Keys a kind does not have are left out (TopK has no sparsity coefficient); a kind's own
     metrics go under `losses/` (its loss terms) or `metrics/`.
@@ -466,6 +717,9 @@ def _metrics_for_wandb(metrics: list[dict[str, np.ndarray]], *, n_seen: int) -> 
     kind_losses = {"fvu", "recon", "aux_loss"}
     out = []
     for m in metrics:
+        if m is None:
+            out.append({})
+            continue
         dct = {name: float(m[key]) for name, key in keys.items() if key in m}
         dct |= {
             f"{'losses' if key in kind_losses else 'metrics'}/{key}": float(value)
@@ -481,11 +735,6 @@ def open_group(cfgs: list[config.Train]) -> data.Activations:
     config.check_groupable(cfgs)
     for c in cfgs:
         config.validate(c)
-    if cfg.prune != "none":  # Refused rather than ignored: every SAE would silently train to the end.
-        raise config.InputError(
-            f"prune = {cfg.prune!r}: stopping SAEs early is not part of training in this version "
-            '(steer.halving_stops chooses, the loop does not act on it yet); set prune = "none"'
-        )
     acts = data.Activations(cfg.data)
     if acts.d_vit != cfg.sae.d_vit:
         raise config.InputError(
@@ -532,9 +781,12 @@ def train_round(
     what log lines call the round (`group-1`: its place in this run).
 
     The phases, in order: skip if done; compile (within the memory limit) while the
-    statistics are read; find the snapshot to resume from; train; copy the real SAEs off the
-    training state and free it; write the parameters; evaluate (chunks checked against the
-    same limit); write the metrics, log and plot.
+    statistics are read; find the snapshot to resume from (in the layout its `Progress` says);
+    train (`train_pruned`: under `prune = "halving"` the rungs write the SAEs they stop and
+    repack the rest); copy the real SAEs off the training state and free it; write the
+    parameters; evaluate, the stopped SAEs read back from their checkpoints and evaluated with
+    their kind and width (chunks checked against the same limit); write the metrics
+    (`stopped_at_step` for the stopped ones), log and plot.
     """
     cfg = cfgs[0]
     ckpt_dpath = pathlib.Path(cfg.ckpt_path)
@@ -554,8 +806,19 @@ def train_round(
         compiled = compiled if compiling is None else compiling.result()
     layout = compiled.layout  # The chunks that fit: training and evaluation both use these.
 
-    # Resume: configs compared before any tensor is read.
-    found = snapshots.find(layout.abstract_group_state())
+    # Resume: configs compared before any tensor is read; a round that passed a rung resumes in its repacked layout.
+    full = layout
+    progress = Progress.fresh(len(cfgs))
+
+    def like(meta: dict) -> step.GroupState:
+        nonlocal layout, compiled, progress
+        if "progress" in meta:  # Snapshots from before halving have none: nothing was pruned then.
+            progress = Progress.from_json(meta["progress"])
+        if progress.round is not None:
+            layout, compiled = layout_for(full, progress.alive, round_from_json(progress.round)), None
+        return layout.abstract_group_state()
+
+    found = snapshots.find(like)
     state, resume = None, None
     if found is not None:
         state, meta = found
@@ -570,20 +833,20 @@ def train_round(
     )  # fmt: skip
     with run:
         # Train.
-        state = train(
+        state, layout = train_pruned(
             layout, acts, jax.device_put(preprocess, layout.replicated), run,
-            state=state, snapshots=snapshots, compiled=compiled,
+            state=state, snapshots=snapshots, compiled=compiled, progress=progress, ckpt_dpath=ckpt_dpath,
         )  # fmt: skip
         final = int(to_host(state.step))
 
         # Copy the real SAEs off the state, then free it (and the step): evaluation gets its memory.
-        stacks = layout.real_saes(state)
+        stacks = [([progress.alive[j] for j in indices], saes, div) for indices, saes, div in layout.real_saes(state)]
         del state, compiled
         if not lead:
             launch.barrier(f"{name} written")  # Process 0 evaluates and writes meanwhile.
             return []
 
-        # Write the parameters.
+        # Write the parameters (those of SAEs stopped at a rung were written then).
         diverged_at, steering = [-1] * len(cfgs), [{}] * len(cfgs)
         for indices, saes, div in stacks:
             for j, (i, d) in enumerate(zip(indices, div)):
@@ -594,14 +857,27 @@ def train_round(
                 # An earlier attempt of this round (same run ids, from its snapshot) may have been
                 # killed after writing some checkpoints: the resumed state is the same, so rewrite them.
                 save_checkpoint(sae, ckpt_dpath / run.ids[i], cfgs[i], preprocess, kind_tensors)
+        stopped_at: list[int | None] = [None] * len(cfgs)
+        for k, out in progress.retired.items():
+            i = int(k)
+            steering[i] = out["steering"]
+            diverged_at[i] = -1 if out["diverged_step"] is None else out["diverged_step"]
+            stopped_at[i] = out["step"] if out["why"] is not None else None
+        if progress.retired:
+            stacks = with_retired(stacks, progress, cfgs, [ckpt_dpath / r for r in run.ids], full)
 
-        # Evaluate, one stack at a time, each in chunks that fit the round's limit.
+        # Evaluate, one stack at a time, each in chunks that fit the round's limit (the round's first layout's chunks).
+        first_chunks = {(s.kind, s.d_sae): s.chunk for s in full.round.stacks}
         chunks = [
-            eval_chunk(saes, cfg, acts, preprocess, s.chunk, layout.usable())
-            for (_, saes, _), s in zip(stacks, layout.round.stacks)
-        ]
+            eval_chunk(saes, cfg, acts, preprocess, first_chunks[cfgs[indices[0]].sae.kind, cfgs[indices[0]].sae.d_sae],
+                       full.usable())
+            for indices, saes, _ in stacks
+        ]  # fmt: skip
         results = evaluate_round(cfgs, stacks, acts, preprocess, chunks)
         del stacks
+        for i, at in enumerate(stopped_at):
+            if at is not None:
+                steering[i] = steering[i] | {"stopped_at_step": at}
 
         # Write the metrics, log and plot.
         for i, (run_id, result) in enumerate(zip(run.ids, results)):
@@ -626,6 +902,36 @@ def train_round(
     snapshots.mark_done(ids)
     launch.barrier(f"{name} written")
     return ids
+
+
+def round_from_json(d: dict) -> plan.Round:
+    """The `plan.Round` that `dataclasses.asdict` made `d` of."""
+    stacks = tuple(plan.StackPlan(**(s | {"cfg_indices": tuple(s["cfg_indices"])})) for s in d["stacks"])
+    return plan.Round(stacks, d["planned_bytes"])
+
+
+def with_retired(
+    stacks: list[tuple[list[int], kinds.Inference, np.ndarray]],
+    progress: Progress,
+    cfgs: list[config.Train],
+    dpaths: list[pathlib.Path],
+    full: Layout,
+) -> list[tuple[list[int], kinds.Inference, np.ndarray]]:
+    """`stacks` (round positions, SAEs, diverged_at) with the SAEs that left training at a rung put back, so that
+    each kind and shape is still evaluated in one pass: a stack that has any is read back from the checkpoints of
+    all its SAEs (every one is written by now), in round order."""
+    device = jax.local_devices(backend=full.mesh.devices.flat[0].platform)[0]
+    retired = {int(k) for k in progress.retired}
+    out = []
+    for s in full.round.stacks:
+        members = sorted(s.cfg_indices)
+        if not retired & set(members):
+            out.extend(st for st in stacks if st[0] and st[0][0] in members)
+            continue
+        loaded = [checkpoint.load(dpaths[i]).sae for i in members]
+        saes = jax.device_put(jax.tree.map(lambda *leaves: jnp.stack(leaves), *loaded), device)
+        out.append((members, saes, np.full(len(members), -1)))
+    return out
 
 
 def save_checkpoint(sae, dpath: pathlib.Path, cfg: config.Train, preprocess, kind_tensors) -> None:

@@ -355,12 +355,6 @@ def test_halving_rejects_keep_outside_the_open_interval():
             steer.halving_stops([("relu", 8, None)], [0.1], [1.0], [True], keep=keep)
 
 
-def test_prune_halving_is_refused_by_training_until_it_acts(tmp_path):
-    """A valid prune config must not be silently ignored: training refuses it with one line, before reading data."""
-    with pytest.raises(config.InputError, match=r"prune = 'halving': .*set prune = \"none\""):
-        training.main([config.Train(prune="halving", ckpt_path=str(tmp_path / "ckpt"), track=False)])
-
-
 def test_metrics_json_and_summary_report_the_target_and_final_coefficient(tmp_path):
     """Through the CLI: a steered SAE's metrics.json and summary.csv carry its target and final λ; an unsteered one's do not."""
     import csv
