@@ -134,7 +134,7 @@ def main():
         f"Synthetic data: d_vit {synth.d_vit}, {synth.n_features} true features, about {synth.k:g} active per token ({n} examples). "
         f"One stack of {len(cfgs)} ReLU SAEs, d_sae {sae_cfg.d_sae}, every one starting at sparsity_coeff {args.sparsity_coeff:g}; "
         f"lr {args.lr:g} (warm-up {args.n_lr_warmup} steps), batch {B}, {n_steps} steps; controller GAIN {steer.GAIN:g}, "
-        f"MAX_CHANGE {steer.MAX_CHANGE:g}, EMA_DECAY {steer.EMA_DECAY:g}. Train {t_train:.0f} s on {jax.devices()[0].device_kind}.",
+        f"MAX_CHANGE {steer.MAX_CHANGE:g}, MIN_BOUND {steer.MIN_BOUND:g}, EMA_DECAY {steer.EMA_DECAY:g}. Train {t_train:.0f} s on {jax.devices()[0].device_kind}.",
         "",
     ]
     lines += harness.table(
