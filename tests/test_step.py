@@ -79,7 +79,7 @@ def test_each_width_is_trained_as_alone(reference):
         assert_same([reference[i]], run([cfg], xs), exact=False)
 
 
-@pytest.mark.parametrize("chunk", [1, 2])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 2])  # 2 runs fast: it chunks too
 def test_chunks_give_the_same_saes(reference, chunk):
     assert_same(reference, run(group_cfgs(), batches(4), chunk=chunk), exact=False)
 
@@ -89,6 +89,7 @@ def test_four_devices_uneven_stacks_give_the_same_saes(reference):
     assert_same(reference, run(group_cfgs(), batches(4), n_devices=4, poison_pads=True), exact=False)
 
 
+@pytest.mark.slow  # the four-device test above poisons its pads too (to float32 tolerance)
 def test_nan_pads_leave_real_saes_bit_identical():
     cfgs, xs = group_cfgs(), batches(3)
     clean = run(cfgs, xs, n_devices=4, chunk=1)
