@@ -218,7 +218,8 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
     filled, one scatter per (kind, width) labelled `<kind> d_sae=<width>`; the Pareto front of the
     healthy ones is a line (gid `pareto`); `starred` (the best, `rows.best`) get a star (gid
     `best`); unhealthy ones (diverged, broken, ...) are crosses (gid `unhealthy`), drawn at the top
-    edge when their error is off the chart. When some healthy SAE has no fvu, MSE is the y axis.
+    edge when their error is off the chart; healthy SAEs that `prune = "halving"` stopped early are
+    hollow circles (gid `stopped`), off the front. When some healthy SAE has no fvu, MSE is the y axis.
     """
     fig = _figure((7.5, 5.2))
     ax = fig.subplots()
@@ -226,9 +227,11 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
     use_fvu = all(math.isfinite(r["fvu"]) for r in rows if r["note"] == "")
     key = "fvu" if use_fvu else "mse"
     err = np.array([float(r[key]) for r in rows], np.float64)
-    healthy = [
+    shown = [
         i for i, r in enumerate(rows) if r["note"] == "" and np.isfinite(l0[i]) and l0[i] > 0 and np.isfinite(err[i])
     ]
+    stopped = [i for i in shown if rows[i].get("stopped_at_step", "") != ""]
+    healthy = [i for i in shown if i not in stopped]
     widths = sorted({int(r["d_sae"]) for r in rows})
     marker = {w: WIDTH_MARKERS[j % len(WIDTH_MARKERS)] for j, w in enumerate(widths)}
     groups: dict[tuple[str, int], list[int]] = {}
@@ -244,7 +247,11 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
             label=f"{kind} d_sae={width}",
             zorder=3,
         )
-    top = max([err[i] for i in healthy], default=1.0)
+    if stopped:
+        colors = [KIND_COLORS.get(str(rows[i]["kind"]), "C7") for i in stopped]
+        ax.scatter(l0[stopped], err[stopped], marker="o", s=36, facecolors="none", edgecolors=colors, zorder=3,
+                   gid="stopped", label="stopped early (prune = halving)")  # fmt: skip
+    top = max([err[i] for i in shown], default=1.0)
     ymax = 1.1 * top if top > 0 else 1.0
     if healthy:
         front = [healthy[j] for j in pareto_front(l0[healthy], err[healthy])]
@@ -271,7 +278,7 @@ def plot_frontier(rows: list[dict[str, object]], starred: list[int], title: str 
     ax.set_ylabel("FVU: fraction of variance unexplained" if use_fvu else "MSE (no FVU for every SAE)")
     ax.grid(True, which="both", color="0.9", lw=0.6)
     fig.legend(loc="outside right upper", fontsize=8)
-    n_off = len(rows) - len(healthy) - len(sick)
+    n_off = len(rows) - len(shown) - len(sick)
     extra = f"; {n_off} not shown (L0 of 0 or not finite)" if n_off else ""
     fig.suptitle(title or f"{len(rows)} SAEs: lower left is better{extra}", fontsize=11)
     return fig

@@ -47,19 +47,30 @@ def _fmt(value: object) -> str:
 
 def _table_cells(row: dict[str, object], columns: tuple[str, ...] = TABLE_COLUMNS) -> list[str]:
     own = config.SETTINGS.get(row["kind"], "sparsity_coeff")
+    steered = row.get("target_l0", "") not in ("", None) and row.get("final_sparsity_coeff", "") not in ("", None)
     shown = row | {
-        "sparsity": row[own],
+        "sparsity": row["final_sparsity_coeff"] if steered else row[own],
         "expl_var": row["explained_variance"],
         "stopped": row.get("stopped_at_step", ""),
+        "target_l0": row.get("target_l0", "") if steered else "",
     }
     return [_fmt(shown[c]) for c in columns]
 
 
+def _has(rows: list[dict[str, object]], key: str) -> bool:
+    return any(r.get(key, "") not in ("", None) for r in rows)
+
+
 def _columns(rows: list[dict[str, object]]) -> tuple[str, ...]:
-    """`TABLE_COLUMNS`, with `stopped` (the step prune = halving stopped an SAE at) before `note` when some row has one."""
-    if not any(r.get("stopped_at_step", "") != "" for r in rows):
-        return TABLE_COLUMNS
-    return TABLE_COLUMNS[:-1] + ("stopped", TABLE_COLUMNS[-1])
+    """`TABLE_COLUMNS`, with `target_l0` after `sparsity` when some SAE was steered to an L0, and `stopped` (the
+    step prune = halving stopped an SAE at) before `note` when some row has one."""
+    columns = TABLE_COLUMNS
+    if _has(rows, "target_l0"):
+        at = columns.index("sparsity") + 1
+        columns = columns[:at] + ("target_l0",) + columns[at:]
+    if _has(rows, "stopped_at_step"):
+        columns = columns[:-1] + ("stopped", columns[-1])
+    return columns
 
 
 def format_table(rows: list[dict[str, object]]) -> str:
@@ -89,8 +100,10 @@ def legend(rows: list[dict[str, object]]) -> str:
         "sparsity: the kind's own setting: sparsity_coeff (relu), k (topk, batchtopk, matryoshka), l0_coefficient (jumprelu).",
         f"{star}; an SAE with a note (diverged, evaluation failed, broken) is never starred.",
     ] + ([
+        "target_l0: the L0 the SAE was steered to; its sparsity is the coefficient the controller ended at."
+    ] if _has(rows, "target_l0") else []) + ([
         "stopped: the step at which prune = halving stopped the SAE (it ranked low in its tier); never starred."
-    ] if _columns(rows) != TABLE_COLUMNS else []))  # fmt: skip
+    ] if _has(rows, "stopped_at_step") else []))  # fmt: skip
 
 
 def write_summary(ckpt_dpath: str | pathlib.Path, entries: list[Entry], *, file=None) -> pathlib.Path:

@@ -53,6 +53,23 @@ def test_frontier_plots_every_sae_front_star_and_unhealthy():
     assert xy[0, 1] == top and xy[1, 1] == 0.1 and math.isclose(top, 1.1 * 0.5)  # The blown-up one at the top edge.
 
 
+def test_frontier_marks_stopped_saes_off_the_front():
+    rows = [
+        row("r1", "relu", 2, 2.0, 0.5),
+        row("r2", "relu", 2, 8.0, 0.2, quality=3.0),
+        row("s1", "relu", 2, 4.0, 0.1, quality=9.0, stopped_at_step=40),  # Would lead the front and the table.
+    ]
+    fig = plots.plot_frontier(rows, summary.best(rows))
+    (stopped,) = by_gid(fig, "stopped")
+    assert stopped.get_offsets().data.tolist() == [[4.0, 0.1]]
+    (front,) = by_gid(fig, "pareto")
+    assert np.asarray(front.get_xydata()).tolist() == [[2.0, 0.5], [8.0, 0.2]]
+    (best,) = by_gid(fig, "best")
+    assert best.get_offsets().data.tolist() == [[8.0, 0.2]]
+    points = {c.get_label(): c.get_offsets().data.tolist() for c in fig.axes[0].collections if c.get_gid() is None}
+    assert points == {"relu d_sae=16": [[2.0, 0.5], [8.0, 0.2]]}
+
+
 def test_frontier_falls_back_to_mse_and_marks_ties():
     rows = [row("a", "relu", 2, 2.0, 0.4, quality=5.0), row("b", "relu", 2, 4.0, 0.3, quality=5.0)]
     for r in rows:

@@ -134,3 +134,18 @@ def test_columns_show_kind_width_own_sparsity_fvu_and_stderr(tmp_path):
     assert (rows["relu"]["sparsity_coeff"], rows["relu"]["k"]) == ("0.01", "")
     assert float(rows["topk"]["fvu"]) == 0.25 and rows["relu"]["note"] == ""
     assert (tmp_path / plots.FRONTIER_FNAME).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_steered_saes_show_their_target_and_final_coefficient():
+    steered = {"l0": 8.1, "mse": 0.2, "quality": 3.0, "quality_stderr": 0.5, "target_l0": 8.0,
+               "final_sparsity_coeff": 0.0731}  # fmt: skip
+    plain = {"l0": 30.0, "mse": 0.1, "quality": 2.0, "quality_stderr": 0.5}
+    lines, rows = table_of([("steered", cfg(sparsity_coeff=0.01, target_l0=8), steered), ("plain", cfg(), plain)])
+    header = lines[0].split()
+    assert header[header.index("sparsity") + 1] == "target_l0"
+    cells = {line[2:].split()[0]: line[2:].split()[1:] for line in lines[2:]}  # after the star's column
+    at = header.index("sparsity") - 1  # cells start after the run id
+    assert cells["steered"][at : at + 2] == ["0.0731", "8"]  # the coefficient it ended at, not the configured 0.01
+    assert cells["plain"][at] == "0.0004" and cells["plain"][at + 1] == "relu"  # no target: the kind follows
+    assert "target_l0: the L0 the SAE was steered to" in summary.legend(rows)
+    assert "target_l0" not in table_of([("plain", cfg(), plain)])[0][0]
