@@ -83,25 +83,36 @@ def _timed(times: dict, key: str, fn):
     return wrapper
 
 
-def child_jax(args, launched: float) -> dict:
+def time_phases(launched: float) -> tuple[dict, dict]:
+    """Imports saev_jax and wraps its phases to time them: (times by phase, times of the training loop).
+
+    The training loop (`training.train_pruned`, which `train_round` calls) runs the b_dec init
+    too: a phase's `train` is the loop's time less the b_dec init. The step is compiled before
+    the loop, beside the statistics.
+    """
     times = {"imports": time.time() - launched}  # interpreter start-up and imports, as a user waits for them
     t0 = time.perf_counter()
-    from saev_jax import data, evaluation, plots, summary, train, training
-    from saev_jax import sae as sae_lib
+    from saev_jax import checkpoint, data, evaluation, plots, summary, training
 
     times["imports"] += time.perf_counter() - t0
-
-    times_inner = {}
+    loop = {}
     data.make_preprocess = _timed(times, "statistics", data.make_preprocess)
     training.init_b_dec = _timed(times, "b_dec init", training.init_b_dec)
     training.Layout.compile_within_limit = _timed(times, "compile", training.Layout.compile_within_limit)
-    training.train = _timed(times_inner, "train", training.train)
+    training.train_pruned = _timed(loop, "train", training.train_pruned)
     evaluation.accumulate = _timed(times, "eval", evaluation.accumulate)
     evaluation.metrics_from_stats = _timed(times, "quality", evaluation.metrics_from_stats)
     plots.save_plots = _timed(times, "plots", plots.save_plots)
     plots.wandb_images = _timed(times, "plots", plots.wandb_images)
-    sae_lib.save = _timed(times, "writing", sae_lib.save)
+    checkpoint.save = _timed(times, "writing", checkpoint.save)
     summary.summarize = _timed(times, "summary", summary.summarize)
+    return times, loop
+
+
+def child_jax(args, launched: float) -> dict:
+    times, loop = time_phases(launched)
+    from saev_jax import train
+
     sweep = pathlib.Path(args.tmp) / "sweep.toml"
     sweep.write_text(f"lr = {list(LRS)}\n")
     t0 = time.perf_counter()
@@ -111,8 +122,7 @@ def child_jax(args, launched: float) -> dict:
         "--no-track", "--ckpt-path", str(pathlib.Path(args.tmp) / "ckpt-jax"), "--n-workers", "2", "--log-every", "25",
     ])  # fmt: skip
     times["total in cli"] = time.perf_counter() - t0
-    # training.train's time includes the b_dec init it does (the step was compiled before, beside the statistics).
-    times["train"] = times_inner["train"] - times.get("b_dec init", 0.0)
+    times["train"] = loop["train"] - times.get("b_dec init", 0.0)
     return times
 
 

@@ -20,30 +20,16 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import harness  # noqa: E402
-from benchmarks.whole_run import PHASES, _timed  # noqa: E402
+from benchmarks.whole_run import PHASES, time_phases  # noqa: E402
 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 """The 4 SAEs of each sweep."""
 
 
 def child(args) -> dict:
-    times = {"imports": time.time() - args.launched}
-    t0 = time.perf_counter()
-    from saev_jax import data, evaluation, plots, summary, train, training
-    from saev_jax import sae as sae_lib
+    times, loop = time_phases(args.launched)
+    from saev_jax import train
 
-    times["imports"] += time.perf_counter() - t0
-    inner = {}
-    data.make_preprocess = _timed(times, "statistics", data.make_preprocess)
-    training.init_b_dec = _timed(times, "b_dec init", training.init_b_dec)
-    training.Layout.compile_within_limit = _timed(times, "compile", training.Layout.compile_within_limit)
-    training.train = _timed(inner, "train", training.train)
-    evaluation.accumulate = _timed(times, "eval", evaluation.accumulate)
-    evaluation.metrics_from_stats = _timed(times, "quality", evaluation.metrics_from_stats)
-    plots.save_plots = _timed(times, "plots", plots.save_plots)
-    plots.wandb_images = _timed(times, "plots", plots.wandb_images)
-    sae_lib.save = _timed(times, "writing", sae_lib.save)
-    summary.summarize = _timed(times, "summary", summary.summarize)
     sweep = pathlib.Path(args.tmp) / "sweep.toml"
     sweep.write_text(f"lr = {list(LRS)}\n")
     kind = ["--sae.kind", args.child] + (["--sae.k", str(args.k)] if args.child != "relu" else [])
@@ -55,9 +41,7 @@ def child(args) -> dict:
         "--n-workers", "2", "--log-every", "25",
     ])  # fmt: skip
     times["total in cli"] = time.perf_counter() - t0
-    # training.train gets the compiled step from its caller (compiled while the statistics are read),
-    # and calls the b_dec init itself.
-    times["train"] = inner["train"] - times.get("b_dec init", 0.0)
+    times["train"] = loop["train"] - times.get("b_dec init", 0.0)
     return times
 
 
